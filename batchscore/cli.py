@@ -1,0 +1,360 @@
+"""The ``batchscore`` command line: the same ``jobs`` functions that the Airflow DAG calls."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from batchscore.errors import BatchscoreError
+from batchscore.settings import ApiSettings, RunSettings, load_settings
+
+app = typer.Typer(help="Batch scoring on Airflow, MLflow, Dask and a KV store.", no_args_is_help=True)
+model_app = typer.Typer(help="The MLflow model registry: register, promote, list.", no_args_is_help=True)
+step_app = typer.Typer(help="Run one pipeline step on an existing run folder.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(step_app, name="step")
+console = Console(stderr=True)
+out = Console()
+
+StoreOpt = Annotated[
+    str | None, typer.Option("--store", help="lmdb:///path or redis://host:port/db")
+]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s")
+    for name in ("batchscore", "scoring", "kv_export", "registry", "jobs", "lookup"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("distributed", "great_expectations", "mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(exc: BatchscoreError) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(1)
+
+
+def _run_settings(**overrides: Any) -> RunSettings:
+    try:
+        return load_settings(RunSettings, **overrides)
+    except BatchscoreError as exc:
+        _fail(exc)
+        raise
+
+
+@app.command()
+def run(
+    input: Annotated[str, typer.Option("--input", help="Parquet file or folder (partition folders too).")],
+    model: Annotated[str, typer.Option("--model", help="models:/name@alias or models:/name/N")],
+    key_column: Annotated[str, typer.Option("--key-column", help="Column with each row's key.")],
+    namespace: Annotated[str | None, typer.Option(help="Keyspace; default: the model's name.")] = None,
+    store: StoreOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Root of run folders.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    workers: Annotated[int | None, typer.Option(min=1)] = None,
+    features: Annotated[
+        str | None, typer.Option(help="Comma-separated feature columns (tensor-signature models).")
+    ] = None,
+    shard_rows: Annotated[int | None, typer.Option(min=1, help="Target rows per shard.")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Run id; default: derived from the inputs.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Score and validate; publish nothing.")] = False,
+    force: Annotated[bool, typer.Option(help="Re-score shards whose parts exist.")] = False,
+    summary_json: Annotated[Path | None, typer.Option(help="Write the run summary here.")] = None,
+    verbose: bool = False,
+) -> None:
+    """Run the whole pipeline: resolve, plan, score, validate, export, publish."""
+    _setup_logging(verbose)
+    from jobs.pipeline import run_pipeline
+
+    settings = _run_settings(output_dir=output)
+    try:
+        from jobs.steps import make_params
+
+        params = make_params(
+            settings,
+            input_path=input,
+            model_uri=model,
+            key_column=key_column,
+            namespace=namespace,
+            store_url=store,
+            batch_size=batch_size,
+            workers=workers,
+            shard_rows=shard_rows,
+            features=[f.strip() for f in features.split(",") if f.strip()] if features else None,
+            dry_run=dry_run,
+            force=force,
+        )
+        with _score_progress() as on_progress:
+            manifest = run_pipeline(settings, params, run_id=run_id, on_progress=on_progress)
+    except BatchscoreError as exc:
+        _write_summary_of_failure(summary_json, exc)
+        _fail(exc)
+        return
+    summary = manifest.summary()
+    if summary_json:
+        summary_json.write_text(json.dumps(summary, indent=2, default=str))
+    print_summary(summary)
+    if not manifest.published and not params.dry_run:
+        raise typer.Exit(1)
+
+
+def _write_summary_of_failure(path: Path | None, exc: BatchscoreError) -> None:
+    if path:
+        path.write_text(json.dumps({"published": False, "error": exc.to_dict()}, indent=2))
+
+
+class _score_progress:
+    """A live progress bar for the score step: shards done, rows, rows/s."""
+
+    def __enter__(self) -> Any:
+        self._progress = Progress(
+            TextColumn("scoring"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("shards · {task.fields[rows]:,} rows · {task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self._task = None
+        self._started = 0.0
+        return self._update
+
+    def _update(self, done: int, total: int, rows: int) -> None:
+        import time
+
+        if self._task is None:
+            self._progress.start()
+            self._started = time.perf_counter()
+            self._task = self._progress.add_task("score", total=total, rows=0, rate="")
+        elapsed = time.perf_counter() - self._started
+        rate = f"{rows / elapsed:,.0f} rows/s" if elapsed > 0.5 else ""
+        self._progress.update(self._task, completed=done, rows=rows, rate=rate)
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title=f"run {summary['run_id']}", show_header=True)
+    table.add_column("step")
+    table.add_column("seconds", justify="right")
+    table.add_column("rows", justify="right")
+    table.add_column("note")
+    for step, details in summary["steps"].items():
+        seconds = details.get("seconds")
+        note = details.get("note") or details.get("skipped") or ""
+        if step == "score" and details.get("rows_per_second"):
+            note = f"{details['rows_per_second']:,.0f} rows/s"
+        if step == "export" and details.get("version") is not None:
+            note = f"version {details['version']}"
+        table.add_row(
+            step,
+            f"{seconds:.2f}" if isinstance(seconds, int | float) else "",
+            f"{details['rows']:,}" if isinstance(details.get("rows"), int) else "",
+            str(note),
+        )
+    out.print(table)
+    model = summary["model"]
+    state = "published" if summary["published"] else ("dry run" if summary.get("dry_run") else "NOT published")
+    out.print(
+        f"namespace [bold]{summary['namespace']}[/] · model {model['name']} v{model['version']} · "
+        f"{summary['rows']:,} rows · version {summary['version']} [bold]{state}[/]"
+    )
+
+
+@app.command()
+def serve(
+    store: StoreOpt = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Serve the lookup API (FastAPI on uvicorn)."""
+    import uvicorn
+
+    from lookup.app import create_app
+
+    try:
+        settings = load_settings(ApiSettings, store_url=store, host=host, port=port)
+        application = create_app(settings)
+    except BatchscoreError as exc:
+        _fail(exc)
+        return
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="warning")
+
+
+@app.command()
+def rollback(
+    namespace: str,
+    to: Annotated[int | None, typer.Option(help="Version to make live; default: the previous.")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Make the previous kept version (or --to VERSION) live again."""
+    from kv_export.store import open_store
+
+    settings = _run_settings()
+    try:
+        opened = open_store(store or settings.resolved_store_url)
+        before = opened.state(namespace).live
+        info = opened.rollback(namespace, to)
+    except BatchscoreError as exc:
+        _fail(exc)
+        return
+    out.print(f"namespace {namespace}: live version {before} → {info.version} (run {info.run_id})")
+
+
+@app.command()
+def status(namespace: str, store: StoreOpt = None, json_out: bool = typer.Option(False, "--json")) -> None:
+    """Live version, kept versions and the last run's summary of a namespace."""
+    from jobs.status import namespace_status
+
+    settings = _run_settings()
+    try:
+        report = namespace_status(settings, namespace, store)
+    except BatchscoreError as exc:
+        _fail(exc)
+        return
+    if json_out:
+        out.print_json(data=report)
+        return
+    table = Table(title=f"namespace {namespace}: live version {report['live']}")
+    for column in ("version", "live", "state", "keys", "model", "run", "published at"):
+        table.add_column(column)
+    for v in report["versions"]:
+        table.add_row(
+            str(v["version"]), "●" if v["version"] == report["live"] else "", v["state"],
+            f"{v['key_count']:,}", f"{v['model_name']} v{v['model_version']}", v["run_id"],
+            v["published_at"] or "",
+        )
+    out.print(table)
+    if report["last_run"]:
+        print_summary(report["last_run"])
+
+
+@app.command()
+def versions(namespace: str, store: StoreOpt = None) -> None:
+    """List a namespace's versions."""
+    status(namespace, store, json_out=False)
+
+
+@model_app.command("register")
+def model_register(
+    source: Annotated[str, typer.Argument(help="MLflow model folder, or an MLflow model URI.")],
+    name: Annotated[str, typer.Option(help="Registered model name.")],
+    alias: Annotated[str | None, typer.Option(help="Alias to point at the new version.")] = None,
+) -> None:
+    """Register a model and optionally set an alias on the new version."""
+    from registry.mlflow_registry import MlflowRegistry
+
+    settings = _run_settings()
+    try:
+        found = MlflowRegistry(settings.tracking_uri).register(source, name, alias)
+    except BatchscoreError as exc:
+        _fail(exc)
+        return
+    out.print(f"registered {found.name} version {found.version} aliases {list(found.aliases)}")
+
+
+@model_app.command("promote")
+def model_promote(
+    name: str,
+    version: str,
+    alias: Annotated[str, typer.Option(help="Alias to move, e.g. champion.")] = "champion",
+) -> None:
+    """Point an alias at a version (runs already started keep their pin)."""
+    from registry.mlflow_registry import MlflowRegistry
+
+    settings = _run_settings()
+    try:
+        found = MlflowRegistry(settings.tracking_uri).promote(name, version, alias)
+    except BatchscoreError as exc:
+        _fail(exc)
+        return
+    out.print(f"{name}@{alias} → version {found.version}")
+
+
+@model_app.command("list")
+def model_list(name: Annotated[str | None, typer.Argument()] = None) -> None:
+    """List registered models, or the versions and aliases of one."""
+    from registry.mlflow_registry import MlflowRegistry
+
+    settings = _run_settings()
+    registry = MlflowRegistry(settings.tracking_uri)
+    table = Table(title=f"models in {settings.tracking_uri}")
+    for column in ("model", "version", "aliases", "source"):
+        table.add_column(column)
+    for model_name in [name] if name else registry.models():
+        for v in registry.versions(model_name):
+            table.add_row(v.name, v.version, ", ".join(v.aliases), v.source)
+    out.print(table)
+
+
+@step_app.command("plan")
+def step_plan(run_dir: Path) -> None:
+    _one_step("plan", run_dir)
+
+
+@step_app.command("score")
+def step_score(run_dir: Path) -> None:
+    _one_step("score", run_dir)
+
+
+@step_app.command("validate")
+def step_validate(run_dir: Path) -> None:
+    _one_step("validate", run_dir)
+
+
+@step_app.command("export")
+def step_export(run_dir: Path) -> None:
+    _one_step("export", run_dir)
+
+
+@step_app.command("publish")
+def step_publish(run_dir: Path) -> None:
+    _one_step("publish", run_dir)
+
+
+def _one_step(name: str, run_dir: Path) -> None:
+    _setup_logging()
+    from jobs import steps
+
+    try:
+        result = getattr(steps, name)(run_dir)
+    except BatchscoreError as exc:
+        _fail(exc)
+        return
+    out.print_json(data=result)
+
+
+@app.command()
+def demo(
+    rows: Annotated[int, typer.Option(min=1000, help="Rows in the demo dataset.")] = 1_000_000,
+) -> None:
+    """Set up a model, data and Airflow, run the DAG, then query the lookup API."""
+    from batchscore.demo import run_demo
+
+    settings = _run_settings()
+    try:
+        code = run_demo(settings, rows=rows, console=out)
+    except BatchscoreError as exc:
+        _fail(exc)
+        return
+    raise typer.Exit(code)
+
+
+def main() -> None:  # pragma: no cover - console entry for python -m
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Settings, one class per deployable, built once at startup and passed in.
+
+``RunSettings`` is for whatever runs the pipeline (CLI, Airflow tasks);
+``ApiSettings`` for the lookup API. Both read ``BATCHSCORE_*`` variables; a
+``BATCHSCORE_*`` variable that no class knows is rejected, so a typo fails loudly
+instead of being ignored. ``MLFLOW_TRACKING_URI`` is read under MLflow's own name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from batchscore.errors import BatchscoreError
+
+ENV_PREFIX = "BATCHSCORE_"
+
+
+class SettingsError(BatchscoreError):
+    """A setting has a value batchscore cannot use."""
+
+
+class _Common(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    home: Path = Field(
+        default=Path(".batchscore"),
+        description="Where the embedded defaults live: MLflow store, KV store, run outputs.",
+    )
+    store_url: str | None = Field(
+        default=None,
+        description="KV store: lmdb:///path (embedded, the default) or redis://host:port/db.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_variables(cls, data: Any) -> Any:
+        known = {f"{ENV_PREFIX}{name}".upper() for name in _all_field_names()}
+        unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known)
+        if unknown:
+            raise ValueError(
+                f"unknown setting {', '.join(unknown)}; known settings are "
+                f"{', '.join(sorted(known))}"
+            )
+        return data
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"lmdb://{self.home / 'store'}"
+
+
+class RunSettings(_Common):
+    """Settings of a pipeline run (CLI ``batchscore run`` and the Airflow tasks)."""
+
+    output_dir: Path | None = Field(
+        default=None, description="Root of run folders; default HOME/runs."
+    )
+    workers: int = Field(default=2, ge=1, le=1024, description="Dask worker processes.")
+    threads_per_worker: int = Field(default=1, ge=1, le=256)
+    batch_size: int = Field(default=8192, ge=1, description="Rows per forward pass.")
+    shard_rows: int = Field(
+        default=250_000, ge=1, description="Target rows per shard (row groups are packed)."
+    )
+    cluster: str = Field(
+        default="local", description="'local' (a Dask LocalCluster) or a scheduler tcp:// address."
+    )
+    keep_versions: int = Field(default=2, ge=1, description="Published versions kept per namespace.")
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "mlflow_tracking_uri"),
+        description="MLflow tracking URI; default sqlite:///HOME/mlflow.db.",
+    )
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster_value(cls, value: str) -> str:
+        if value != "local" and not value.startswith(("tcp://", "tls://")):
+            raise ValueError("expected 'local' or a scheduler address like tcp://host:8786")
+        return value
+
+    @property
+    def runs_dir(self) -> Path:
+        return (self.output_dir or self.home / "runs").expanduser().absolute()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.home / "mlartifacts"
+
+
+class ApiSettings(_Common):
+    """Settings of the lookup API (``batchscore serve``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    live_cache_seconds: float = Field(
+        default=1.0, ge=0, description="How long the live-version pointer is cached."
+    )
+    store_timeout_seconds: float = Field(default=0.5, gt=0, description="Socket timeout to Redis.")
+    max_batch_keys: int = Field(default=1000, ge=1, description="Most keys in one batch request.")
+    batch_fallback: bool = Field(default=True, description="Answer from the run's Parquet output.")
+
+
+S = TypeVar("S", bound="_Common")
+
+
+def _all_field_names() -> set[str]:
+    names: set[str] = set()
+    for cls in (RunSettings, ApiSettings):
+        names.update(cls.model_fields)
+    return names - {"mlflow_tracking_uri"}
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    """Build settings, turning pydantic's report into one message per bad value."""
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            if not err["loc"]:
+                problems.append(err["msg"].removeprefix("Value error, "))
+                continue
+            variable = ENV_PREFIX + ".".join(str(p) for p in err["loc"]).upper()
+            problems.append(f"{variable}={err.get('input')!r}: {err['msg']}")
+        raise SettingsError(
+            "Invalid settings",
+            found="; ".join(problems),
+            fix="Correct the BATCHSCORE_* environment variables or the command-line options",
+        ) from None
+

@@ -1,0 +1,143 @@
+"""The run's record, ``manifest.json`` in the run folder.
+
+Every step reads it, does its work and writes it back (atomically, by rename),
+so a step needs only the run folder: that is all XCom carries between tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from jobs.errors import RunError
+
+MANIFEST = "manifest.json"
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def safe_run_id(raw: str) -> str:
+    """A run id usable as a folder name: Airflow's ``manual__2026-...+00:00`` included."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", raw).strip("._")
+    if not cleaned:
+        raise RunError(f"Run id '{raw}' has no usable characters", expected="letters or digits")
+    return cleaned[:120]
+
+
+class RunParams(BaseModel):
+    input_path: str
+    model_uri: str
+    key_column: str
+    namespace: str | None = None
+    store_url: str
+    features: list[str] | None = None
+    batch_size: int
+    workers: int
+    threads_per_worker: int = 1
+    shard_rows: int
+    cluster: str = "local"
+    keep_versions: int = 2
+    dry_run: bool = False
+    force: bool = False
+
+
+class ModelRecord(BaseModel):
+    name: str
+    version: str
+    uri: str
+    requested: str
+    alias: str | None = None
+    local_dir: str
+    flavor: str
+    serialization: str | None
+    signature_kind: str
+    features: list[str]
+    outputs: list[str] = Field(default_factory=list)
+
+
+class InputRecord(BaseModel):
+    root: str
+    fingerprint: str
+    rows: int
+    files: int
+    key_type: Literal["int", "string"]
+
+
+class ShardRecord(BaseModel):
+    id: int
+    path: str
+    row_group_start: int
+    row_group_end: int
+    rows: int
+    part: str
+    state: Literal["pending", "done", "failed"] = "pending"
+    error: str | None = None
+    seconds: float | None = None
+    worker: str | None = None
+    min_key: int | str | None = None
+    max_key: int | str | None = None
+
+
+class Manifest(BaseModel):
+    run_id: str
+    namespace: str
+    run_dir: str
+    created_at: str = Field(default_factory=utcnow)
+    params: RunParams
+    model: ModelRecord
+    input: InputRecord | None = None
+    shards: list[ShardRecord] = Field(default_factory=list)
+    steps: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    validation: dict[str, Any] | None = None
+    version: int | None = None
+    published: bool = False
+    published_at: str | None = None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir) / MANIFEST
+
+    @property
+    def parts_dir(self) -> Path:
+        return Path(self.run_dir) / "parts"
+
+    def save(self) -> None:
+        temporary = self.path.with_name(f".{MANIFEST}.{uuid.uuid4().hex}")
+        temporary.write_text(self.model_dump_json(indent=2))
+        os.replace(temporary, self.path)
+
+    def record_step(self, step: str, **details: Any) -> None:
+        self.steps[step] = {"finished_at": utcnow(), **details}
+
+    def summary(self) -> dict[str, Any]:
+        """The ``--summary-json`` document."""
+        return {
+            "run_id": self.run_id,
+            "namespace": self.namespace,
+            "model": {"name": self.model.name, "version": self.model.version},
+            "rows": self.input.rows if self.input else 0,
+            "version": self.version,
+            "published": self.published,
+            "dry_run": self.params.dry_run,
+            "run_dir": self.run_dir,
+            "steps": self.steps,
+        }
+
+
+def load_manifest(run_dir: str | Path) -> Manifest:
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        raise RunError(
+            f"Run folder {run_dir} has no {MANIFEST}",
+            expected="a folder created by the resolve step",
+            fix="Run the resolve step (or the whole pipeline) first",
+        )
+    return Manifest.model_validate_json(path.read_text())

@@ -1,0 +1,406 @@
+"""The pipeline's steps: resolve → plan → score → validate → export → publish.
+
+Each step takes the run folder (and the settings), reads the manifest, does
+one thing, records it, and returns a small dict of pointers and counts, which
+is what Airflow's XCom carries. Steps are idempotent: running one again after
+it succeeded does no work twice and publishes nothing twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from batchscore.settings import RunSettings
+from jobs.errors import RunError
+from jobs.manifest import (
+    InputRecord,
+    Manifest,
+    ModelRecord,
+    RunParams,
+    ShardRecord,
+    load_manifest,
+    safe_run_id,
+)
+
+log = logging.getLogger("batchscore.jobs")
+Progress = Callable[[int, int, int], None]  # (shards done, shards total, rows done)
+
+
+def make_params(settings: RunSettings, **given: Any) -> RunParams:
+    """Run parameters: what the caller gave, settings for the rest."""
+    defaults = {
+        "store_url": settings.resolved_store_url,
+        "batch_size": settings.batch_size,
+        "workers": settings.workers,
+        "threads_per_worker": settings.threads_per_worker,
+        "shard_rows": settings.shard_rows,
+        "cluster": settings.cluster,
+        "keep_versions": settings.keep_versions,
+    }
+    chosen = {k: v for k, v in given.items() if v is not None and v != ""}
+    return RunParams(**(defaults | chosen))
+
+
+def resolve(settings: RunSettings, params: RunParams, run_id: str | None = None) -> dict[str, Any]:
+    """Pin the model alias to one version and create the run folder with its local copy.
+
+    With a given ``run_id`` (an Airflow run) whose folder already exists, the
+    pin recorded there is kept: a retried or cleared run never re-resolves.
+    Without one (the CLI), the run id is derived from the namespace, the model
+    pin and the input's fingerprint, so re-running the same command resumes.
+    """
+    from registry.mlflow_registry import MlflowRegistry
+    from scoring.inputs import discover
+
+    started = time.perf_counter()
+    registry = MlflowRegistry(settings.tracking_uri)
+    pin = registry.resolve(params.model_uri)
+    namespace = params.namespace or pin.name
+    if run_id is None:
+        files = discover(params.input_path)
+        digest = hashlib.sha256(
+            "|".join(
+                [namespace, pin.uri, params.key_column, ",".join(params.features or [])]
+                + [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+            ).encode()
+        ).hexdigest()[:16]
+        run_id = f"run-{digest}"
+    run_id = safe_run_id(run_id)
+    run_dir = settings.runs_dir / namespace / run_id
+    existing = run_dir / "manifest.json"
+    if existing.exists():
+        manifest = load_manifest(run_dir)
+        log.info("run %s exists; keeping its model pin %s", run_id, manifest.model.uri)
+        manifest.params = params.model_copy(update={"namespace": namespace})
+        manifest.save()
+        return _ref(manifest)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = registry.download(pin, run_dir / "model")
+    spec = _model_spec(model_dir, params, pin.uri)
+    manifest = Manifest(
+        run_id=run_id,
+        namespace=namespace,
+        run_dir=str(run_dir),
+        params=params.model_copy(update={"namespace": namespace}),
+        model=ModelRecord(
+            name=pin.name,
+            version=pin.version,
+            uri=pin.uri,
+            requested=pin.requested,
+            alias=pin.alias,
+            local_dir=str(model_dir),
+            flavor=spec.flavor,
+            serialization=spec.serialization,
+            signature_kind=spec.signature_kind,
+            features=list(spec.features),
+            outputs=list(spec.outputs),
+        ),
+    )
+    manifest.record_step(
+        "resolve", seconds=time.perf_counter() - started, model=pin.uri, requested=pin.requested
+    )
+    manifest.save()
+    log.info("resolved %s to %s; run %s in %s", pin.requested, pin.uri, run_id, run_dir)
+    return _ref(manifest)
+
+
+def plan(run_dir: str | Path) -> dict[str, Any]:
+    """Check the input against the model and cut it into shards (footers only)."""
+    from scoring.inputs import inspect_input
+    from scoring.shards import plan_shards
+
+    manifest = load_manifest(run_dir)
+    started = time.perf_counter()
+    params = manifest.params
+    summary = inspect_input(params.input_path, manifest.model.features, params.key_column)
+    shards = plan_shards(summary.files, params.shard_rows)
+    previous = {s.id: s for s in manifest.shards}
+    manifest.input = InputRecord(
+        root=summary.root,
+        fingerprint=summary.fingerprint,
+        rows=summary.rows,
+        files=len(summary.files),
+        key_type=summary.key_type,
+    )
+    manifest.shards = [
+        _shard_record(s, manifest, previous.get(s.id)) for s in shards
+    ]
+    manifest.record_step(
+        "plan", seconds=time.perf_counter() - started, shards=len(shards), rows=summary.rows
+    )
+    manifest.save()
+    log.info("planned %d shards over %d files, %d rows", len(shards), len(summary.files), summary.rows)
+    return {"run_dir": manifest.run_dir, "shards": len(shards), "rows": summary.rows}
+
+
+def score(
+    run_dir: str | Path, *, on_progress: Progress | None = None
+) -> dict[str, Any]:
+    """Score every shard without a complete part on Dask; parts that exist are kept."""
+    from scoring.engine import ScoreJob, dask_client, existing_result, run_shards
+    from scoring.errors import ShardFailed
+    from scoring.model import read_model_spec
+    from scoring.shards import Shard
+
+    manifest = load_manifest(run_dir)
+    if manifest.input is None:
+        raise RunError(f"Run {manifest.run_id} has no plan", fix="Run the plan step first")
+    params = manifest.params
+    started = time.perf_counter()
+    spec = read_model_spec(Path(manifest.model.local_dir), tuple(manifest.model.features))
+    job = ScoreJob(
+        run_id=manifest.run_id,
+        model_dir=manifest.model.local_dir,
+        model_name=manifest.model.name,
+        model_version=manifest.model.version,
+        spec=spec,
+        key_column=params.key_column,
+        parts_dir=str(manifest.parts_dir),
+        batch_size=params.batch_size,
+        force=params.force,
+    )
+    shards = [
+        Shard(s.id, s.path, s.row_group_start, s.row_group_end, s.rows) for s in manifest.shards
+    ]
+    todo = [s for s in shards if params.force or not (manifest.parts_dir / s.part_name).exists()]
+    results = {s.id: existing_result(s, manifest.parts_dir / s.part_name, job) for s in shards if s not in todo}
+    errors: dict[int, str] = {}
+    loads: dict[str, int] = {}
+    rows_done = sum(r.rows for r in results.values())
+    if on_progress:
+        on_progress(len(results), len(shards), rows_done)
+    if todo:
+        def progress(result: Any, done: int, total: int) -> None:
+            nonlocal rows_done
+            rows_done += result.rows
+            if on_progress:
+                on_progress(len(results) + done, len(shards), rows_done)
+
+        with dask_client(params.cluster, params.workers, params.threads_per_worker) as client:
+            log.info(
+                "scoring %d of %d shards on %s (dashboard: %s)",
+                len(todo), len(shards), client.scheduler.address, client.dashboard_link or "off",
+            )
+            scored, errors = run_shards(
+                client, todo, job, threads_per_worker=params.threads_per_worker,
+                on_progress=progress,
+            )
+        for result in scored:
+            results[result.shard_id] = result
+            loads[result.worker] = max(loads.get(result.worker, 0), result.model_loads)
+    for record in manifest.shards:
+        result = results.get(record.id)
+        if result is not None:
+            record.state, record.error = "done", None
+            record.seconds, record.worker = result.seconds, result.worker
+            record.min_key, record.max_key = result.min_key, result.max_key
+        elif record.id in errors:
+            record.state, record.error = "failed", errors[record.id]
+    outputs = {r.outputs for r in results.values()}
+    if len(outputs) == 1:
+        manifest.model.outputs = list(outputs.pop())
+    seconds = time.perf_counter() - started
+    scored_rows = sum(results[s.id].rows for s in todo if s.id in results)
+    manifest.record_step(
+        "score",
+        seconds=seconds,
+        rows=sum(r.rows for r in results.values()),
+        rows_scored=scored_rows,
+        rows_per_second=scored_rows / seconds if seconds else None,
+        shards_scored=len(todo) - len(errors),
+        shards_skipped=len(shards) - len(todo),
+        shards_failed=len(errors),
+        model_loads_per_worker=loads,
+        path=spec.flavor,
+    )
+    manifest.save()
+    if errors:
+        first = next(iter(errors.items()))
+        raise ShardFailed(
+            f"{len(errors)} of {len(shards)} shards failed in run {manifest.run_id}; "
+            f"shard {first[0]}: {first[1]}",
+            fix="Fix the cause and run again: only the missing shards are scored",
+        )
+    return {
+        "run_dir": manifest.run_dir,
+        "rows": manifest.steps["score"]["rows"],
+        "shards_scored": len(todo),
+        "seconds": round(seconds, 3),
+    }
+
+
+def validate(run_dir: str | Path) -> dict[str, Any]:
+    """Gate the run on Great Expectations; a failure stops it before export."""
+    from scoring.errors import ValidationFailed
+    from scoring.validation import validate_output
+
+    manifest = load_manifest(run_dir)
+    _require_scored(manifest)
+    assert manifest.input is not None
+    report = validate_output(
+        [Path(s.part) for s in manifest.shards],
+        manifest.params.key_column,
+        manifest.model.outputs,
+        manifest.input.rows,
+    )
+    manifest.validation = report.to_dict()
+    manifest.record_step(
+        "validate",
+        seconds=report.seconds,
+        rows=report.rows,
+        success=report.success,
+        failed=[o.describe() for o in report.failures],
+    )
+    manifest.save()
+    if not report.success:
+        raise ValidationFailed(
+            f"Output of run {manifest.run_id} failed validation: "
+            + "; ".join(o.describe() for o in report.failures),
+            failures=[o.__dict__ for o in report.failures],
+            fix="Nothing was published; the live version is unchanged",
+        )
+    return {"run_dir": manifest.run_dir, "success": True, "rows": report.rows}
+
+
+def export(run_dir: str | Path) -> dict[str, Any]:
+    """Load the validated output into the store as a new, not yet visible version."""
+    from kv_export.encoding import bucket_count
+    from kv_export.export import export_parts
+    from kv_export.store import NewVersion, PartInfo, open_store
+
+    manifest = load_manifest(run_dir)
+    if manifest.params.dry_run:
+        return _skipped(manifest, "export", "dry run")
+    if not (manifest.validation or {}).get("success"):
+        raise RunError(
+            f"Run {manifest.run_id} has not passed validation",
+            fix="Run the validate step first; only validated output is exported",
+        )
+    assert manifest.input is not None
+    started = time.perf_counter()
+    new = NewVersion(
+        run_id=manifest.run_id,
+        expected_keys=manifest.input.rows,
+        buckets=bucket_count(manifest.input.rows),
+        outputs=manifest.model.outputs,
+        model_name=manifest.model.name,
+        model_version=manifest.model.version,
+        scored_at=manifest.steps["score"]["finished_at"],
+        key_column=manifest.params.key_column,
+        key_type=manifest.input.key_type,
+        output_dir=str(manifest.parts_dir),
+        parts=[
+            PartInfo(path=s.part, rows=s.rows, min_key=s.min_key, max_key=s.max_key)
+            for s in manifest.shards
+        ],
+    )
+    store = open_store(manifest.params.store_url)
+    try:
+        result = export_parts(store, manifest.namespace, new, [Path(s.part) for s in manifest.shards])
+    finally:
+        store.close()
+    seconds = time.perf_counter() - started
+    manifest.version = result.info.version
+    manifest.record_step(
+        "export",
+        seconds=seconds,
+        rows=result.keys,
+        version=result.info.version,
+        reused=result.reused,
+        keys_per_second=result.keys / seconds if seconds and not result.reused else None,
+    )
+    manifest.save()
+    return {"run_dir": manifest.run_dir, "version": result.info.version, "keys": result.keys}
+
+
+def publish(run_dir: str | Path) -> dict[str, Any]:
+    """Flip the namespace's live pointer to this run's version, once."""
+    from kv_export.errors import AlreadyPublished
+    from kv_export.store import open_store
+
+    manifest = load_manifest(run_dir)
+    if manifest.params.dry_run:
+        return _skipped(manifest, "publish", "dry run")
+    if manifest.version is None:
+        raise RunError(f"Run {manifest.run_id} has no exported version", fix="Run export first")
+    started = time.perf_counter()
+    store = open_store(manifest.params.store_url)
+    try:
+        before = store.state(manifest.namespace).live
+        try:
+            info = store.publish(manifest.namespace, manifest.version, manifest.params.keep_versions)
+            note = "already live" if before == manifest.version else "published"
+        except AlreadyPublished as exc:
+            log.warning("%s", exc)
+            note = "published earlier; not published again"
+            info = None
+    finally:
+        store.close()
+    manifest.published = True
+    manifest.published_at = manifest.published_at or (info.published_at if info else None)
+    manifest.record_step(
+        "publish",
+        seconds=time.perf_counter() - started,
+        version=manifest.version,
+        previous=before,
+        note=note,
+    )
+    manifest.save()
+    log.info("namespace %s: version %s %s", manifest.namespace, manifest.version, note)
+    return {"run_dir": manifest.run_dir, "version": manifest.version, "previous": before}
+
+
+def _model_spec(model_dir: Path, params: RunParams, uri: str) -> Any:
+    from scoring.model import check_loadable, read_model_spec
+
+    spec = read_model_spec(model_dir, tuple(params.features) if params.features else None)
+    check_loadable(spec, uri)
+    return spec
+
+
+def _shard_record(shard: Any, manifest: Manifest, previous: ShardRecord | None) -> ShardRecord:
+    record = ShardRecord(
+        id=shard.id,
+        path=shard.path,
+        row_group_start=shard.row_group_start,
+        row_group_end=shard.row_group_end,
+        rows=shard.rows,
+        part=str(manifest.parts_dir / shard.part_name),
+    )
+    same = previous is not None and (previous.path, previous.row_group_start) == (
+        record.path,
+        record.row_group_start,
+    )
+    return previous if same and previous is not None else record
+
+
+def _require_scored(manifest: Manifest) -> None:
+    missing = [s.id for s in manifest.shards if s.state != "done" or not Path(s.part).exists()]
+    if not manifest.shards or missing:
+        raise RunError(
+            f"Run {manifest.run_id} is not completely scored",
+            expected="a complete part for every shard",
+            found=f"shards without a part: {missing[:10]}" if missing else "no shards",
+            fix="Run the score step",
+        )
+
+
+def _skipped(manifest: Manifest, step: str, why: str) -> dict[str, Any]:
+    manifest.record_step(step, seconds=0.0, skipped=why)
+    manifest.save()
+    return {"run_dir": manifest.run_dir, "skipped": why}
+
+
+def _ref(manifest: Manifest) -> dict[str, Any]:
+    return {
+        "run_id": manifest.run_id,
+        "run_dir": manifest.run_dir,
+        "namespace": manifest.namespace,
+        "model_name": manifest.model.name,
+        "model_version": manifest.model.version,
+    }
