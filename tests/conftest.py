@@ -1,0 +1,239 @@
+"""Shared fixtures: a real MLflow registry (SQLite), datasets, a real redis-server, the API."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+N_FEATURES = 8
+KEY = "customer_id"
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Registry:
+    tracking_uri: str
+    artifact_root: Path
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    """A real MLflow tracking store (SQLite) with the models the tests score.
+
+    churn v1 (@champion) and v2: pickled MLPs with a column signature, different weights;
+    churn_pt2 v1 (@champion): the same kind of MLP in MLflow's default pt2 format;
+    broken v1 (@champion): an MLP whose outputs are NaN.
+    """
+    from batchscore.samples import log_and_register, train_model
+
+    root = tmp_path_factory.mktemp("mlflow")
+    found = Registry(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts")
+
+    def register(model: object, name: str, serialization: str = "pickle") -> None:
+        log_and_register(
+            model,
+            tracking_uri=found.tracking_uri,
+            artifact_root=found.artifact_root,
+            name=name,
+            n_features=N_FEATURES,
+            serialization=serialization,  # type: ignore[arg-type]
+            alias="champion",
+        )
+
+    import torch
+
+    first, second = train_model(N_FEATURES, seconds=0.3, seed=1), train_model(N_FEATURES, 0.3, 2)
+    register(first, "churn")
+    register(second, "churn")
+    client_alias("churn", "1", found.tracking_uri)
+    register(train_model(N_FEATURES, seconds=0.3, seed=3), "churn_pt2", "pt2")
+    broken = train_model(N_FEATURES, seconds=0.1, seed=4)
+    with torch.no_grad():
+        for parameter in broken.parameters():  # type: ignore[attr-defined]
+            parameter.fill_(float("nan"))
+    register(broken, "broken")
+    return found
+
+
+def client_alias(name: str, version: str, tracking_uri: str, alias: str = "champion") -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(
+        name, alias, version
+    )
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12,000 rows over 3 files (in dt= partition folders), 4 row groups of 1,000 each."""
+    from batchscore.samples import make_dataset
+
+    folder = tmp_path_factory.mktemp("data")
+    make_dataset(folder, rows=12_000, files=3, row_group_rows=1_000, n_features=N_FEATURES)
+    return folder
+
+
+@pytest.fixture
+def env(registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment of a run: its own BATCHSCORE_HOME, the shared registry."""
+    values = {
+        "BATCHSCORE_HOME": str(tmp_path / "home"),
+        "BATCHSCORE_WORKERS": "2",
+        "BATCHSCORE_SHARD_ROWS": "2000",
+        "MLFLOW_TRACKING_URI": registry.tracking_uri,
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return dict(os.environ)
+
+
+def read_rows(folder: Path, keys: list[int]) -> dict[int, np.ndarray]:
+    """The feature vectors of the given keys, straight from the input files."""
+    from batchscore.samples import feature_names
+
+    names = feature_names(N_FEATURES)
+    table = pq.ParquetDataset(str(folder)).read(columns=[KEY, *names])
+    frame = table.to_pandas().set_index(KEY)
+    return {k: frame.loc[k, names].to_numpy(dtype=np.float32) for k in keys}
+
+
+def direct_forward(tracking_uri: str, model_uri: str, rows: np.ndarray) -> np.ndarray:
+    """What the registered model itself computes for these rows."""
+    import mlflow.pytorch
+    import torch
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    model = mlflow.pytorch.load_model(model_uri)
+    with torch.no_grad():
+        return model(torch.from_numpy(rows)).numpy().reshape(len(rows), -1)
+
+
+class RedisServer:
+    """A real redis-server on a free port, which a test may stop and start again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.folder = folder
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: run `make system-deps`")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis(port=self.port).ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+class ApiProcess:
+    def __init__(self, env: dict[str, str], store_url: str, tmp: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"api-{self.port}.log"
+        self._handle = self.log.open("wb")
+        self.process = subprocess.Popen(
+            [str(BIN / "batchscore"), "serve", "--store", store_url, "--port", str(self.port)],
+            env=env | {"BATCHSCORE_STORE_TIMEOUT_SECONDS": "0.3"},
+            stdout=self._handle,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"API did not start: {self.log.read_text()}")
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.base + path, timeout=10)
+
+    def post(self, path: str, body: object) -> httpx.Response:
+        return httpx.post(self.base + path, json=body, timeout=10)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        self._handle.close()
+
+
+@pytest.fixture
+def start_api(tmp_path: Path) -> Iterator[object]:
+    started: list[ApiProcess] = []
+
+    def start(env: dict[str, str], store_url: str) -> ApiProcess:
+        api = ApiProcess(env, store_url, tmp_path)
+        started.append(api)
+        return api
+
+    yield start
+    for api in started:
+        api.stop()
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The real console script in a subprocess, as a user runs it."""
+    return subprocess.run(
+        [str(BIN / "batchscore"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )

@@ -1,0 +1,139 @@
+"""The lookup API over real HTTP (uvicorn in a subprocess) against both stores."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from batchscore.settings import RunSettings, load_settings
+from jobs import steps
+from jobs.manifest import Manifest
+from jobs.pipeline import run_pipeline
+from tests.conftest import KEY, Registry, RedisServer, direct_forward, read_rows
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+KEYS = [1_000_003, 1_004_321, 1_011_998]
+
+
+def publish_run(dataset: Path, store_url: str, model: str, namespace: str = "api") -> Manifest:
+    settings = load_settings(RunSettings)
+    params = steps.make_params(
+        settings, input_path=str(dataset), model_uri=model, key_column=KEY,
+        namespace=namespace, store_url=store_url,
+    )
+    return run_pipeline(settings, params)
+
+
+def expected(registry: Registry, dataset: Path, model_uri: str, keys: list[int]) -> list[float]:
+    rows = read_rows(dataset, keys)
+    out = direct_forward(registry.tracking_uri, model_uri, np.stack([rows[k] for k in keys]))
+    return [float(v) for v in out[:, 0]]
+
+
+def check_answer(body: dict[str, Any], key: int, value: float, manifest: Manifest, source: str) -> None:
+    assert body["key"] == str(key)
+    assert body["prediction"]["churn_probability"] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    assert body["model"] == {"name": "churn", "version": manifest.model.version}
+    assert body["run_id"] == manifest.run_id
+    assert body["scored_at"] and body["source"] == source and body["stale"] is False
+
+
+def test_lookup_api_on_the_embedded_store(
+    env: dict[str, str], registry: Registry, dataset: Path, start_api: Any
+) -> None:
+    store_url = load_settings(RunSettings).resolved_store_url
+    manifest = publish_run(dataset, store_url, "models:/churn/1")
+    api = start_api(env, store_url)
+    values = expected(registry, dataset, "models:/churn/1", KEYS)
+
+    for key, value in zip(KEYS, values, strict=True):
+        answer = api.get(f"/v1/predictions/api/{key}")
+        assert answer.status_code == 200, answer.text
+        check_answer(answer.json(), key, value, manifest, "kv")
+
+    missing = api.get("/v1/predictions/api/42")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "key_not_found"
+    assert "42" in missing.json()["error"]["message"]
+    unknown = api.get("/v1/predictions/nosuchns/42")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "namespace_not_found"
+
+    batch = api.post("/v1/predictions/api/batch", {"keys": [str(KEYS[0]), "42", str(KEYS[2])]})
+    assert batch.status_code == 200
+    results = batch.json()["results"]
+    assert [r["status"] for r in results] == ["found", "not_found", "found"]
+    check_answer(results[2], KEYS[2], values[2], manifest, "kv")
+    assert results[1]["prediction"] is None
+
+    too_many = api.post("/v1/predictions/api/batch", {"keys": [str(i) for i in range(1001)]})
+    assert too_many.status_code == 413 and "1000" in too_many.json()["error"]["message"]
+    assert api.post("/v1/predictions/api/batch", {"keys": []}).status_code == 422
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert api.get("/readyz").status_code == 200
+    assert api.get("/docs").status_code == 200
+    paths = api.get("/openapi.json").json()["paths"]
+    assert {"/v1/predictions/{namespace}/{key}", "/v1/predictions/{namespace}/batch"} <= set(paths)
+
+
+def test_readers_see_one_version_while_a_new_one_is_published(
+    env: dict[str, str], registry: Registry, dataset: Path, start_api: Any
+) -> None:
+    store_url = load_settings(RunSettings).resolved_store_url
+    publish_run(dataset, store_url, "models:/churn/1")
+    api = start_api(env, store_url)
+    keys = [1_000_000 + i * 397 for i in range(25)]
+    by_version = {v: expected(registry, dataset, f"models:/churn/{v}", keys) for v in ("1", "2")}
+    seen: list[dict[str, Any]] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            body = {"keys": [str(k) for k in keys]}
+            seen.append(api.post("/v1/predictions/api/batch", body).json())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        publish_run(dataset, store_url, "models:/churn/2")
+        deadline = time.monotonic() + 10  # the live pointer is cached for about a second
+        while time.monotonic() < deadline and seen[-1]["results"][0]["model"]["version"] != "2":
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        reader.join()
+    versions = set()
+    for body in seen:
+        results = body["results"]
+        version = {r["model"]["version"] for r in results}
+        assert len(version) == 1, "one answer mixed two versions"
+        got = [r["prediction"]["churn_probability"] for r in results]
+        assert got == pytest.approx(by_version[version.pop()], rel=1e-5, abs=1e-6)
+        versions.add(results[0]["model"]["version"])
+    assert versions == {"1", "2"}
+
+
+@pytest.mark.redis
+def test_batch_fallback_when_redis_is_down(
+    env: dict[str, str], registry: Registry, dataset: Path, start_api: Any,
+    redis_server: RedisServer,
+) -> None:
+    manifest = publish_run(dataset, redis_server.url, "models:/churn/1")
+    api = start_api(env, redis_server.url)
+    values = expected(registry, dataset, "models:/churn/1", KEYS)
+    check_answer(api.get(f"/v1/predictions/api/{KEYS[0]}").json(), KEYS[0], values[0], manifest, "kv")
+
+    redis_server.stop()
+    assert api.get("/readyz").status_code == 503
+    for key, value in zip(KEYS, values, strict=True):
+        answer = api.get(f"/v1/predictions/api/{key}")
+        assert answer.status_code == 200, answer.text
+        check_answer(answer.json(), key, value, manifest, "batch")
+    batch = api.post("/v1/predictions/api/batch", {"keys": [str(KEYS[1]), "42"]}).json()["results"]
+    assert [r["status"] for r in batch] == ["found", "not_found"]
+    assert {r["source"] for r in batch} == {"batch"}
+    assert api.get("/v1/predictions/api/42").status_code == 404
+    assert api.get("/v1/predictions/other/42").status_code == 503

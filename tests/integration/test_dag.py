@@ -1,0 +1,112 @@
+"""The DAG under real Airflow: DagBag parsing and ``airflow dags test`` on a SQLite home."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kv_export.store import open_store
+from tests.conftest import BIN, KEY, REPO, Registry
+
+pytestmark = pytest.mark.airflow
+DAGS = REPO / "dags"
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("airflow")
+    done = subprocess.run(
+        [str(BIN / "airflow"), "db", "migrate"], env=airflow_env(home, {}),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return home
+
+
+def airflow_env(home: Path, base: dict[str, str]) -> dict[str, str]:
+    import os
+
+    return (base or dict(os.environ)) | {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    }
+
+
+def test_dagbag_has_no_import_errors(airflow_home: Path) -> None:
+    code = (
+        "import json; from airflow.dag_processing.dagbag import DagBag; "
+        f"bag = DagBag(dag_folder={str(DAGS)!r}); dag = bag.dags.get('batchscore'); "
+        "print(json.dumps({'errors': {str(k): str(v) for k, v in bag.import_errors.items()}, "
+        "'tasks': [t.task_id for t in dag.topological_sort()] if dag else None, "
+        "'params': sorted(dag.params) if dag else None}))"
+    )
+    done = subprocess.run(
+        [str(BIN / "python"), "-c", code], env=airflow_env(airflow_home, {}),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["errors"] == {}
+    assert found["tasks"] == ["resolve", "plan", "score", "validate", "export", "publish"]
+    assert {
+        "input_path", "model_uri", "key_column", "namespace", "store_url", "batch_size",
+        "dry_run", "force",
+    } <= set(found["params"])
+
+
+def test_dag_file_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, runpy; runpy.run_path(sys.argv[1]); "
+        "heavy = [m for m in ('torch', 'pandas', 'pyarrow', 'mlflow', 'dask', "
+        "'great_expectations') if m in sys.modules]; print(heavy)"
+    )
+    done = subprocess.run(
+        [str(BIN / "python"), "-c", code, str(DAGS / "batchscore_pipeline.py")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def dags_test(home: Path, env: dict[str, str], conf: dict[str, object]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "airflow"), "dags", "test", "batchscore", "-c", json.dumps(conf)],
+        env=airflow_env(home, env), capture_output=True, text=True, timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_airflow_dags_test_runs_the_pipeline(
+    airflow_home: Path, env: dict[str, str], registry: Registry, dataset: Path
+) -> None:
+    conf = {"input_path": str(dataset), "model_uri": "models:/churn@champion",
+            "key_column": KEY, "namespace": "dagged"}
+    done = dags_test(airflow_home, env, conf)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    store = open_store(f"lmdb://{Path(env['BATCHSCORE_HOME']) / 'store'}")
+    live = store.state("dagged").live_info()
+    assert live is not None and live.run_id.startswith("batchscore__manual__")
+    assert live.model_version == "1" and live.key_count == 12_000
+    assert store.get_many("dagged", live, [b"1000000"])[0] is not None
+
+    dry = dags_test(airflow_home, env, conf | {"namespace": "dry", "dry_run": True})
+    assert dry.returncode == 0, (dry.stdout + dry.stderr)[-5000:]
+    assert store.state("dry").versions == {}
+    manifests = list((Path(env["BATCHSCORE_HOME"]) / "runs" / "dry").glob("*/manifest.json"))
+    steps = json.loads(manifests[0].read_text())["steps"]
+    assert steps["validate"]["success"] is True and steps["export"]["skipped"] == "dry run"
+
+
+def test_invalid_params_are_refused_before_any_task(
+    airflow_home: Path, env: dict[str, str], dataset: Path
+) -> None:
+    done = dags_test(airflow_home, env, {"input_path": str(dataset), "batch_size": 0})
+    assert done.returncode != 0
+    assert "batch_size" in done.stdout + done.stderr
