@@ -111,3 +111,32 @@ class LmdbStore(StateBackedStore):
 
     def close(self) -> None:
         """Environments are shared per process and closed at exit."""
+
+
+class LmdbReader:
+    """The async read interface over an ``LmdbStore``.
+
+    LMDB point reads take about a microsecond and never block on writers
+    (MVCC), so they run directly on the event loop; no thread hop.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._store = LmdbStore(path)
+        self.url = self._store.url
+
+    async def state(self, namespace: str) -> NamespaceState:
+        return self._store.state(namespace)
+
+    async def namespaces(self) -> list[str]:
+        return self._store.namespaces()
+
+    async def get_many(
+        self, namespace: str, info: VersionInfo, keys: Sequence[bytes]
+    ) -> list[bytes | None]:
+        return self._store.get_many(namespace, info, keys)
+
+    async def ping(self) -> None:
+        self._store.ping()
+
+    async def close(self) -> None:
+        self._store.close()

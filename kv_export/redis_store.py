@@ -140,3 +140,80 @@ class RedisStore(StateBackedStore):
 
     def close(self) -> None:
         self._client.close()
+
+
+class AsyncRedisReader:
+    """Read-only async access for the lookup API (``redis.asyncio``), with tight timeouts.
+
+    No retries: a failed or slow call raises ``StoreUnavailable`` after at most
+    ``timeout_seconds`` so the caller can fall back at once. A lookup is one
+    round trip: one HGET for one key, one pipeline of HMGETs for a batch.
+    """
+
+    def __init__(self, url: str, *, timeout_seconds: float = 0.5) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.url = url
+        self._client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            retry_on_timeout=False,
+            retry=Retry(NoBackoff(), 0),
+        )
+
+    def _unavailable(self, doing: str, exc: Exception) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"Redis at {redact_url(self.url)} did not answer while {doing}",
+            found=type(exc).__name__,
+            fix="Check that the server runs and the URL, password and TLS settings are right",
+        )
+
+    async def state(self, namespace: str) -> NamespaceState:
+        try:
+            raw = await self._client.get(redis_state_key(namespace))
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(f"reading namespace '{namespace}'", exc) from exc
+        return NamespaceState.model_validate_json(raw) if raw else NamespaceState()
+
+    async def namespaces(self) -> list[str]:
+        try:
+            keys = [k async for k in self._client.scan_iter(match=STATE_PATTERN, count=1000)]
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("listing namespaces", exc) from exc
+        return sorted(k.decode()[len("bs:{") : -len("}:state")] for k in keys)
+
+    async def get_many(
+        self, namespace: str, info: VersionInfo, keys: Sequence[bytes]
+    ) -> list[bytes | None]:
+        try:
+            if len(keys) == 1:
+                name = redis_bucket_key(namespace, info.version, bucket_of(keys[0], info.buckets))
+                return [await self._client.hget(name, keys[0])]  # type: ignore[misc]
+            by_bucket: dict[int, list[int]] = defaultdict(list)
+            for i, key in enumerate(keys):
+                by_bucket[bucket_of(key, info.buckets)].append(i)
+            pipe = self._client.pipeline(transaction=False)
+            for bucket, positions in by_bucket.items():
+                pipe.hmget(
+                    redis_bucket_key(namespace, info.version, bucket), [keys[i] for i in positions]
+                )
+            replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(f"reading '{namespace}'", exc) from exc
+        found: list[bytes | None] = [None] * len(keys)
+        for positions, reply in zip(by_bucket.values(), replies, strict=True):
+            for i, value in zip(positions, reply, strict=True):
+                found[i] = value
+        return found
+
+    async def ping(self) -> None:
+        try:
+            await self._client.ping()  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("checking the connection", exc) from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()

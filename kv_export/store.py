@@ -233,6 +233,28 @@ class PredictionStore(Protocol):
     def close(self) -> None: ...
 
 
+class AsyncPredictionReader(Protocol):
+    """The read-only, async side of a store, for the lookup API's hot path.
+
+    Every method either answers or raises ``StoreUnavailable`` within the
+    store's timeout; ``get_many`` is one round trip whatever the number of keys.
+    """
+
+    url: str
+
+    async def state(self, namespace: str) -> NamespaceState: ...
+
+    async def namespaces(self) -> list[str]: ...
+
+    async def get_many(
+        self, namespace: str, info: VersionInfo, keys: Sequence[bytes]
+    ) -> list[bytes | None]: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 def redact_url(url: str) -> str:
     """The URL with any password replaced, for messages and logs."""
     parts = urlsplit(url)
@@ -263,6 +285,7 @@ def open_store(url: str, *, timeout_seconds: float = 5.0) -> PredictionStore:
 
 
 __all__ = [
+    "AsyncPredictionReader",
     "NamespaceState",
     "NewVersion",
     "PartInfo",

@@ -1,32 +1,54 @@
 """The lookup API: precomputed predictions by key, from the namespace's live version.
 
-The live-version record is cached in the process for ``live_cache_seconds``,
-so a request costs one store round trip (one multi-get for a batch). When the
-store cannot be reached, the API answers from the live run's batch output,
-which it finds from the version record it last read from the store.
+The hot path is async end to end: the namespace state comes from the in-process
+``LiveCache`` (refreshed in the background about every second), a lookup is one
+store round trip through the circuit breaker (one multi-get for a batch), and
+the answer is encoded once with orjson. The fallback chain is in
+``lookup.service``; keys, scopes and rate limits in ``lookup.security``.
+
+Errors: every error answer is ``{"error": {"code", "message"}}`` built in the
+handlers below; an unexpected exception becomes a generic 500 and its text
+never reaches the client.
+
+Run with several workers through the import string ``lookup.app:create_app``
+(``factory=True``); each worker builds its app from the cached ``get_settings()``.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Sequence
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batchscore.errors import BatchscoreError
 from batchscore.settings import ApiSettings, load_settings
 from kv_export.encoding import unpack_value
-from kv_export.errors import StoreUnavailable, VersionNotFound
-from kv_export.store import PredictionStore, VersionInfo, open_store
-from lookup.fallback import BatchOutput
+from kv_export.errors import StoreUnavailable
+from kv_export.store import AsyncPredictionReader, NamespaceState
+from lookup.errors import ApiError
+from lookup.observability import Metrics, ObserveMiddleware, StateCollector, setup_access_log
+from lookup.readers import open_reader
+from lookup.security import ApiKeys, Principal, RateLimiter, presented_key
+from lookup.service import Answer, Lookup
 
 log = logging.getLogger("batchscore.lookup")
+
+KEY_CHARACTERS = "A-Za-z0-9._:@+=~-"
+KEY_RE = re.compile(f"[{KEY_CHARACTERS}]+")
+NAMESPACE_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 class ModelRef(BaseModel):
@@ -63,6 +85,23 @@ class BatchResponse(BaseModel):
     results: list[BatchItem]
 
 
+class NamespaceOut(BaseModel):
+    namespace: str
+    live_version: int
+    model: ModelRef
+    run_id: str
+    scored_at: str
+    published_at: str | None
+    age_seconds: float | None = Field(description="Seconds since the live version was published.")
+    key_count: int
+    kept_versions: list[int]
+
+
+class NamespaceList(BaseModel):
+    namespaces: list[NamespaceOut]
+    source: Literal["store", "cache"]
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str
@@ -72,79 +111,46 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
 
 
-class LiveCache:
-    """The live version of each namespace, re-read from the store at most every ``ttl`` s.
-
-    When the store cannot be reached the last record read stays in use, which is
-    what lets the batch fallback find the live run's output.
-    """
-
-    def __init__(self, store: PredictionStore, ttl: float) -> None:
-        self._store = store
-        self._ttl = ttl
-        self._entries: dict[str, tuple[float, VersionInfo | None]] = {}
-        self._lock = threading.Lock()
-
-    def live(self, namespace: str) -> VersionInfo | None:
-        now = time.monotonic()
-        entry = self._entries.get(namespace)
-        if entry is not None and now - entry[0] < self._ttl:
-            return entry[1]
-        try:
-            info = self._store.state(namespace).live_info()
-        except StoreUnavailable:
-            if entry is None:
-                raise
-            return entry[1]
-        with self._lock:
-            self._entries[namespace] = (now, info)
-        return info
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None
+                   ) -> Response:
+    return json_response({"error": {"code": code, "message": message}}, status, headers)
 
 
-class Lookup:
-    def __init__(self, settings: ApiSettings, store: PredictionStore) -> None:
-        self.settings = settings
-        self.store = store
-        self.cache = LiveCache(store, settings.live_cache_seconds)
-
-    def find(
-        self, namespace: str, keys: Sequence[str]
-    ) -> tuple[VersionInfo, list[bytes | None], Literal["kv", "batch"]]:
-        try:
-            info = self.cache.live(namespace)
-        except StoreUnavailable as exc:
-            log.warning("store unavailable and no cached version for %s: %s", namespace, exc)
-            raise ApiError(503, "store_unavailable", "The prediction store is unavailable") from None
-        if info is None:
-            raise ApiError(
-                404, "namespace_not_found", f"Namespace '{namespace}' has no live version"
-            )
-        try:
-            return info, self.store.get_many(namespace, info, [k.encode() for k in keys]), "kv"
-        except StoreUnavailable as exc:
-            if not self.settings.batch_fallback or not info.parts:
-                raise ApiError(
-                    503, "store_unavailable", "The prediction store is unavailable"
-                ) from None
-            log.warning("store unavailable, answering %s from batch output: %s", namespace, exc)
-            return info, BatchOutput(info).get_many(keys), "batch"
+def answer_body(key: str, answer: Answer) -> dict[str, Any]:
+    info = answer.info
+    return {
+        "key": key,
+        "prediction": unpack_value(answer.value, info.outputs),
+        "model": {"name": info.model_name, "version": info.model_version},
+        "run_id": info.run_id,
+        "scored_at": info.scored_at,
+        "source": answer.source,
+        "stale": answer.stale,
+    }
 
 
-def _model(info: VersionInfo) -> ModelRef:
-    return ModelRef(name=info.model_name, version=info.model_version)
-
-
-def get_lookup(request: Request) -> Lookup:
-    return request.app.state.lookup  # type: ignore[no-any-return]
-
-
-LookupDep = Annotated[Lookup, Depends(get_lookup)]
+def describe(namespace: str, state: NamespaceState) -> dict[str, Any] | None:
+    info = state.live_info()
+    if info is None:
+        return None
+    age = None
+    if info.published_at:
+        age = (datetime.now(UTC) - datetime.fromisoformat(info.published_at)).total_seconds()
+    return {
+        "namespace": namespace,
+        "live_version": info.version,
+        "model": {"name": info.model_name, "version": info.model_version},
+        "run_id": info.run_id,
+        "scored_at": info.scored_at,
+        "published_at": info.published_at,
+        "age_seconds": age,
+        "key_count": info.key_count,
+        "kept_versions": state.history,
+    }
 
 
 @lru_cache
@@ -152,103 +158,256 @@ def get_settings() -> ApiSettings:
     return load_settings(ApiSettings)
 
 
-def create_app(settings: ApiSettings | None = None, store: PredictionStore | None = None) -> FastAPI:
+class Guard:
+    """Authentication, per-key namespace scope, rate limit and input checks."""
+
+    def __init__(self, settings: ApiSettings) -> None:
+        self.settings = settings
+        self.keys = ApiKeys.from_settings(settings)
+        rate = settings.rate_limit_per_second
+        self.limiter = RateLimiter(rate, settings.rate_limit_burst) if rate > 0 else None
+
+    def caller(self, request: Request, presented: str | None) -> Principal:
+        principal = self.keys.authenticate(presented)
+        request.state.key_id = principal.key_id
+        if self.limiter is not None:
+            client = request.client.host if request.client else "unknown"
+            self.limiter.check(principal.key_id if self.keys.enabled else client)
+        return principal
+
+    def namespace(self, principal: Principal, namespace: str) -> None:
+        if not NAMESPACE_RE.fullmatch(namespace):
+            raise ApiError(422, "invalid_namespace",
+                           "A namespace is 1-128 characters of A-Z a-z 0-9 . _ -")
+        if not principal.may_read(namespace):
+            raise ApiError(403, "forbidden", f"This API key may not read namespace '{namespace}'")
+
+    def key(self, key: str) -> None:
+        if len(key) > self.settings.max_key_length or not KEY_RE.fullmatch(key):
+            raise ApiError(
+                422, "invalid_key",
+                f"A key is 1-{self.settings.max_key_length} characters of {KEY_CHARACTERS}",
+            )
+
+
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+SECURED: dict[str, Any] = {"security": [{"bearer": []}, {"apiKey": []}]}
+
+
+def caller(request: Request) -> Principal:
+    """The request's principal (auth and rate limit). A plain call, not a FastAPI dependency:
+    dependency resolution costs more than the rest of a lookup."""
+    guard: Guard = request.app.state.guard
+    headers = request.headers
+    return guard.caller(
+        request, presented_key(headers.get("authorization"), headers.get("x-api-key"))
+    )
+
+
+def lookup_of(request: Request) -> Lookup:
+    return request.app.state.lookup  # type: ignore[no-any-return]
+
+
+def _document_security(app: FastAPI) -> None:
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 403, 404, 422, 429, 503)
+}
+
+
+def create_app(
+    settings: ApiSettings | None = None, reader: AsyncPredictionReader | None = None
+) -> FastAPI:
+    """Build the API; with no arguments (uvicorn ``factory=True``) from ``get_settings()``."""
     settings = settings or get_settings()
-    store = store or open_store(
+    reader = reader or open_reader(
         settings.resolved_store_url, timeout_seconds=settings.store_timeout_seconds
     )
+    metrics = Metrics()
+    lookup = Lookup(settings, reader, metrics)
+    guard = Guard(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await lookup.warm()
+        yield
+        await reader.close()
+
     app = FastAPI(
         title="batchscore lookup API",
         version="1",
         description="Precomputed predictions by key, from the live version of each namespace.",
+        lifespan=lifespan,
     )
-    app.state.lookup = Lookup(settings, store)
+    app.state.lookup, app.state.guard = lookup, guard
+    metrics.registry.register(StateCollector(lambda: lookup.breaker.state, lookup.cache.cached))
+    if settings.access_log:
+        setup_access_log()
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+        )
+    app.add_middleware(ObserveMiddleware, metrics=metrics, log_requests=settings.access_log)
+    _add_error_handlers(app, metrics)
+    _add_ops_routes(app)
+    _add_prediction_routes(app, settings)
+    _add_namespace_routes(app)
+    _document_security(app)
+    return app
 
-    errors: dict[int | str, dict[str, Any]] = {
-        404: {"model": ErrorBody}, 503: {"model": ErrorBody}
-    }
 
+def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, exc.status)
+    async def _api_error(_: Request, exc: ApiError) -> Response:
+        metrics.errors.labels(exc.code).inc()
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+        metrics.errors.labels("invalid_request").inc()
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}"
+            for e in exc.errors()[:10]
+        )
+        return error_response(422, "invalid_request", f"Invalid request: {problems}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+        return error_response(exc.status_code, f"http_{exc.status_code}", message, exc.headers)
 
     @app.exception_handler(BatchscoreError)
-    async def _domain_error(_: Request, exc: BatchscoreError) -> JSONResponse:
-        status = 404 if isinstance(exc, VersionNotFound) else 503
-        code = "not_found" if status == 404 else "unavailable"
-        return JSONResponse({"error": {"code": code, "message": exc.what}}, status)
+    async def _domain(_: Request, exc: BatchscoreError) -> Response:
+        log.warning("store error: %s", exc)
+        metrics.errors.labels("store_error").inc()
+        return error_response(503, "store_unavailable", "The prediction store is unavailable")
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error", exc_info=exc)
-        return JSONResponse({"error": {"code": "internal", "message": "Internal error"}}, 500)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)
+        metrics.errors.labels("internal").inc()
+        return error_response(500, "internal", "Internal error")
+
+
+def _add_ops_routes(app: FastAPI) -> None:
+    ok = orjson.dumps({"status": "ok"})
 
     @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz() -> Response:
+        """The process is alive (and the cheapest route of this stack)."""
+        return Response(ok, media_type="application/json")
 
     @app.get("/readyz", tags=["ops"], responses={503: {"model": ErrorBody}})
-    def readyz(lookup: LookupDep) -> Any:
-        try:
-            lookup.store.ping()
-        except StoreUnavailable:
-            return JSONResponse(
-                {"error": {"code": "store_unavailable", "message": "Store unreachable"}}, 503
-            )
-        return {"status": "ready"}
+    async def readyz(request: Request) -> Response:
+        """Ready: the store answers ("ready"), or a batch fallback can ("degraded")."""
+        return json_response(await lookup_of(request).ready())
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    async def metrics_route(request: Request) -> Response:
+        registry = request.app.state.lookup.metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_prediction_routes(app: FastAPI, settings: ApiSettings) -> None:
+    guard: Guard = app.state.guard
 
     @app.get(
-        "/v1/predictions/{namespace}/{key}",
-        response_model=PredictionOut,
-        responses=errors,
-        tags=["predictions"],
+        "/v1/predictions/{namespace}/{key}", response_model=PredictionOut, responses=ERRORS,
+        tags=["predictions"], openapi_extra=SECURED,
     )
-    def get_prediction(namespace: str, key: str, lookup: LookupDep) -> PredictionOut:
-        info, values, source = lookup.find(namespace, [key])
-        if values[0] is None:
+    async def get_prediction(namespace: str, key: str, request: Request) -> Response:
+        guard.namespace(caller(request), namespace)
+        lookup = lookup_of(request)
+        guard.key(key)
+        info, source, answers = await lookup.find(namespace, [key])
+        answer = answers[0]
+        request.state.source = source if answer is None else (
+            "stale" if answer.stale else answer.source
+        )
+        if answer is None:
             raise ApiError(
-                404,
-                "key_not_found",
+                404, "key_not_found",
                 f"Key '{key}' is not in the live version {info.version} of namespace "
                 f"'{namespace}'",
             )
-        return PredictionOut(
-            key=key,
-            prediction=unpack_value(values[0], info.outputs),
-            model=_model(info),
-            run_id=info.run_id,
-            scored_at=info.scored_at,
-            source=source,
-        )
+        return json_response(answer_body(key, answer))
 
     @app.post(
-        "/v1/predictions/{namespace}/batch",
-        response_model=BatchResponse,
-        responses=errors | {413: {"model": ErrorBody}},
-        tags=["predictions"],
+        "/v1/predictions/{namespace}/batch", response_model=BatchResponse,
+        responses=ERRORS | {413: {"model": ErrorBody}}, tags=["predictions"],
+        openapi_extra=SECURED,
     )
-    def get_batch(namespace: str, body: BatchRequest, lookup: LookupDep) -> BatchResponse:
+    async def get_batch(namespace: str, body: BatchRequest, request: Request) -> Response:
+        guard.namespace(caller(request), namespace)
+        lookup = lookup_of(request)
         if len(body.keys) > settings.max_batch_keys:
             raise ApiError(
-                413,
-                "too_many_keys",
+                413, "too_many_keys",
                 f"A batch holds at most {settings.max_batch_keys} keys; got {len(body.keys)}",
             )
-        info, values, source = lookup.find(namespace, body.keys)
-        model = _model(info)
-        return BatchResponse(
-            results=[
-                BatchItem(
-                    key=key,
-                    status="found" if value is not None else "not_found",
-                    prediction=unpack_value(value, info.outputs) if value is not None else None,
-                    model=model,
-                    run_id=info.run_id,
-                    scored_at=info.scored_at,
-                    source=source,
-                )
-                for key, value in zip(body.keys, values, strict=True)
-            ]
-        )
+        for key in body.keys:
+            guard.key(key)
+        info, source, answers = await lookup.find(namespace, body.keys)
+        request.state.source = source
+        missing = {
+            "prediction": None, "model": {"name": info.model_name, "version": info.model_version},
+            "run_id": info.run_id, "scored_at": info.scored_at, "source": source, "stale": False,
+        }
+        results = [
+            {"status": "found", **answer_body(key, a)} if a is not None
+            else {"key": key, "status": "not_found", **missing}
+            for key, a in zip(body.keys, answers, strict=True)
+        ]
+        return json_response({"results": results})
 
-    return app
+
+def _add_namespace_routes(app: FastAPI) -> None:
+    guard: Guard = app.state.guard
+
+    @app.get("/v1/namespaces", response_model=NamespaceList, responses=ERRORS,
+             tags=["namespaces"], openapi_extra=SECURED)
+    async def list_namespaces(request: Request) -> Response:
+        """Namespaces this key may read that have a live version (from the cache if the
+        store is down)."""
+        principal, lookup = caller(request), lookup_of(request)
+        try:
+            names = await lookup.breaker.call(lookup.reader.namespaces)
+            source = "store"
+        except StoreUnavailable:
+            names, source = sorted(lookup.cache.cached()), "cache"
+        described = []
+        for name in names[:1000]:
+            if not principal.may_read(name):
+                continue
+            try:
+                found = describe(name, await lookup.cache.state(name))
+            except StoreUnavailable:
+                continue
+            if found is not None:
+                described.append(found)
+        return json_response({"namespaces": described, "source": source})
+
+    @app.get("/v1/namespaces/{namespace}", response_model=NamespaceOut, responses=ERRORS,
+             tags=["namespaces"], openapi_extra=SECURED)
+    async def get_namespace(namespace: str, request: Request) -> Response:
+        guard.namespace(caller(request), namespace)
+        found = describe(namespace, await lookup_of(request).state(namespace))
+        if found is None:
+            raise ApiError(404, "namespace_not_found",
+                           f"Namespace '{namespace}' has no live version")
+        return json_response(found)

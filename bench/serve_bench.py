@@ -1,0 +1,380 @@
+"""``make bench-serve``: the lookup API under load on loopback (wrk), against its limits.
+
+One run measures, at the same connection count: the cheapest route of the same
+stack (``/healthz``: same app, middleware, uvicorn settings) as the limit;
+single-key lookups through Redis, through the embedded store (LMDB) and through
+the batch fallback (Redis stopped, breaker open); 100-key batches through Redis;
+and Feast's feature server (``feast serve``, its own venv) on the same Redis and
+keys. It writes the table into docs/benchmarks.md under its own section.
+
+Data: a version of ``--keys`` keys written through ``kv_export`` (sorted Parquet
+parts, ``export_parts``, ``publish``), exactly as the pipeline's export step does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kv_export.encoding import bucket_count
+from kv_export.export import export_parts
+from kv_export.store import NewVersion, PartInfo, open_store, utcnow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NS = "bench"
+FIRST_KEY = 1_000_000
+SECTION = "## Lookup API (make bench-serve)"
+FEAST_VENV = REPO / ".bench-venvs" / "feast"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def write_data(folder: Path, keys: int) -> tuple[list[Path], list[PartInfo], np.ndarray]:
+    """Sorted parts of (customer_id, churn_probability), 10,000-row row groups."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = np.arange(FIRST_KEY, FIRST_KEY + keys, dtype=np.int64)
+    values = np.random.default_rng(0).random(keys, dtype=np.float32)
+    paths, parts = [], []
+    for i, rows in enumerate(np.array_split(np.arange(keys), 4)):
+        path = folder / f"part-{i:04d}.parquet"
+        pq.write_table(pa.table({"customer_id": ids[rows], "churn_probability": values[rows]}),
+                       path, row_group_size=10_000)
+        paths.append(path)
+        parts.append(PartInfo(path=str(path), rows=len(rows), min_key=int(ids[rows][0]),
+                              max_key=int(ids[rows][-1])))
+    return paths, parts, values
+
+
+def publish(store_url: str, folder: Path, paths: list[Path], parts: list[PartInfo]) -> None:
+    store = open_store(store_url)
+    rows = sum(p.rows for p in parts)
+    new = NewVersion(
+        run_id="bench-run", expected_keys=rows, buckets=bucket_count(rows),
+        outputs=["churn_probability"], model_name="churn", model_version="1",
+        scored_at=utcnow(), key_column="customer_id", key_type="int", output_dir=str(folder),
+        parts=parts,
+    )
+    exported = export_parts(store, NS, new, paths)
+    store.publish(NS, exported.info.version, keep=2)
+    store.close()
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    note: str = ""
+
+
+def lua_single(prefix: str, keys: int) -> str:
+    return textwrap.dedent(f"""
+        math.randomseed(os.time())
+        request = function()
+          return wrk.format("GET", "{prefix}" .. math.random({FIRST_KEY}, {FIRST_KEY + keys - 1}))
+        end
+    """)
+
+
+def lua_post(path: str, body_head: str, body_tail: str, keys: int, per_request: int,
+             quote: bool) -> str:
+    q = '"' if quote else ""
+    return textwrap.dedent(f"""
+        math.randomseed(os.time())
+        wrk.method = "POST"
+        wrk.headers["Content-Type"] = "application/json"
+        request = function()
+          local ks = {{}}
+          for i = 1, {per_request} do
+            ks[i] = '{q}' .. math.random({FIRST_KEY}, {FIRST_KEY + keys - 1}) .. '{q}'
+          end
+          local body = '{body_head}' .. table.concat(ks, ",") .. '{body_tail}'
+          return wrk.format(nil, "{path}", nil, body)
+        end
+    """)
+
+
+def to_ms(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(name: str, url: str, script: str | None, args: argparse.Namespace, tmp: Path) -> Result:
+    command = ["wrk", f"-t{args.threads}", f"-c{args.connections}", "--latency", "--timeout", "5s"]
+    if script:
+        path = tmp / f"{re.sub(r'[^a-z0-9]+', '_', name.lower())}.lua"
+        path.write_text(script)
+        command += ["-s", str(path)]
+    subprocess.run([*command, "-d2s", url], capture_output=True)  # warm-up, not reported
+    out = subprocess.run([*command, f"-d{args.seconds}s", url], capture_output=True, text=True,
+                         check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = to_ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = to_ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    note = f"{errors.group(1)} non-2xx" if errors else ""
+    print(f"{name:42s} {rps:10.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms {note}", flush=True)
+    return Result(name, rps, p50, p99, note)
+
+
+class Redis:
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def serve(store_url: str, home: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSCORE_")}
+    env |= {"BATCHSCORE_HOME": str(home)}
+    process = subprocess.Popen(
+        [str(BIN / "batchscore"), "serve", "--store", store_url, "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base + "/healthz")
+    return process, base
+
+
+FEAST_REPO = """
+from datetime import timedelta
+from feast import Entity, FeatureView, Field, FileSource, ValueType
+from feast.types import Float32, Int64
+customer = Entity(name="customer", join_keys=["customer_id"], value_type=ValueType.INT64)
+source = FileSource(path="{data}", timestamp_field="event_timestamp")
+churn = FeatureView(name="churn_fv", entities=[customer], ttl=timedelta(days=3650),
+                    schema=[Field(name="customer_id", dtype=Int64),
+                            Field(name="churn_probability", dtype=Float32)], source=source)
+"""
+FEAST_LOAD = """
+import pandas as pd
+from feast import FeatureStore
+store = FeatureStore(repo_path=".")
+frame = pd.read_parquet("{data}")
+store.write_to_online_store("churn_fv", frame)
+"""
+
+
+def run_feast(redis: Redis, keys: int, values: np.ndarray, tmp: Path,
+              args: argparse.Namespace) -> Result:
+    """Feast's feature server on the same Redis and keys, or why it could not run."""
+    feast = FEAST_VENV / "bin" / "feast"
+    if not feast.exists():
+        return Result("Feast feature server (feast serve)", None, None, None,
+                      f"not run: {feast} missing (make bench-serve installs it)")
+    repo = tmp / "feast_repo"
+    repo.mkdir()
+    data = repo / "churn.parquet"
+    ids = np.arange(FIRST_KEY, FIRST_KEY + keys, dtype=np.int64)
+    stamp = pa.array(np.full(keys, np.datetime64("2026-11-01T00:00:00", "us")))
+    pq.write_table(pa.table({"customer_id": ids, "churn_probability": values,
+                             "event_timestamp": stamp}), data)
+    (repo / "feature_store.yaml").write_text(textwrap.dedent(f"""
+        project: bench
+        registry: {repo / 'registry.db'}
+        provider: local
+        online_store:
+          type: redis
+          connection_string: "127.0.0.1:{redis.port}"
+        offline_store:
+          type: file
+        entity_key_serialization_version: 3
+    """))
+    (repo / "repo.py").write_text(FEAST_REPO.format(data=data))
+    loader = tmp / "feast_load.py"  # outside the repo: `feast apply` imports every .py in it
+    loader.write_text(FEAST_LOAD.format(data=data))
+    python = FEAST_VENV / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSCORE_")}
+    env["FEAST_USAGE"] = "False"
+    for step in ([str(feast), "apply"], [str(python), str(loader)]):
+        done = subprocess.run(step, cwd=repo, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            why = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            return Result("Feast feature server (feast serve)", None, None, None,
+                          f"not run: `{' '.join(step[-2:])}` failed: {why[0][:200]}")
+    port = free_port()
+    server = subprocess.Popen([str(feast), "serve", "-h", "127.0.0.1", "-p", str(port)],
+                              cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                              stderr=(tmp / "feast.log").open("wb"))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/health", 120)
+        probe = httpx.post(base + "/get-online-features", timeout=10, json={
+            "features": ["churn_fv:churn_probability"], "entities": {"customer_id": [FIRST_KEY]}})
+        assert probe.status_code == 200, probe.text
+        head = '{"features": ["churn_fv:churn_probability"], "entities": {"customer_id": ['
+        script = lua_post("/get-online-features", head, "]}}", keys, 1, quote=False)
+        return wrk("Feast feature server (feast serve), 1 key", base, script, args, tmp)
+    finally:
+        server.terminate()
+        server.wait(20)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def report(results: dict[str, Result], args: argparse.Namespace, seconds: float) -> str:
+    empty, redis, lmdb = results["empty"], results["redis"], results["lmdb"]
+    fallback, feast = results["fallback"], results["feast"]
+
+    def fmt(x: float | None, spec: str = ".2f") -> str:
+        return "—" if x is None else format(x, spec)
+
+    rows = [
+        "| load | req/s | p50 ms | p99 ms | note |", "|---|---:|---:|---:|---|",
+        *(f"| {r.name} | {fmt(r.rps, ',.0f')} | {fmt(r.p50_ms)} | {fmt(r.p99_ms)} | {r.note} |"
+          for r in results.values()),
+    ]
+    checks = []
+    for label, primary in (("Redis", redis), ("embedded (LMDB)", lmdb)):
+        rps_ratio = ratio(primary.rps, empty.rps)
+        p99_ratio = ratio(primary.p99_ms, empty.p99_ms)
+        checks.append(
+            f"| single key via {label}: req/s ≥ 0.7× empty | {fmt(rps_ratio)}× | "
+            f"{'met' if rps_ratio and rps_ratio >= 0.7 else 'NOT met'} |")
+        checks.append(
+            f"| single key via {label}: p99 ≤ 3× empty | {fmt(p99_ratio)}× | "
+            f"{'met' if p99_ratio and p99_ratio <= 3 else 'NOT met'} |")
+    for label, mine in (("Redis", redis), ("LMDB", lmdb)):
+        for stat in ("p50_ms", "p99_ms"):
+            ours, theirs = getattr(mine, stat), getattr(feast, stat)
+            verdict = "not measured" if theirs is None else (
+                "met" if ours < theirs else "NOT met")
+            checks.append(f"| {label} {stat[:3]} < Feast {stat[:3]} | "
+                          f"{fmt(ratio(ours, theirs))}× | {verdict} |")
+    fb = ratio(fallback.p99_ms, redis.p99_ms)
+    checks.append(f"| fallback p99 ≤ 2× Redis p99 | {fmt(fb)}× | "
+                  f"{'met' if fb is not None and fb <= 2 else 'NOT met'} |")
+    return "\n".join([
+        SECTION, "",
+        f"Command: `make bench-serve` (`{' '.join(sys.argv)}`), measured "
+        f"{time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'}: "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, loopback, "
+        f"wrk -t{args.threads} -c{args.connections} -d{args.seconds}s (after a 2 s warm-up), "
+        f"random keys out of {args.keys:,}; one API worker (`batchscore serve`, default "
+        "settings: access log on, metrics on, auth off), the load generator on the same "
+        f"CPUs. The whole run took {seconds:.0f} s.", "",
+        *rows, "",
+        "| target | ratio | verdict |", "|---|---:|---|", *checks, "",
+        "The empty endpoint is `/healthz` of the same app (same middleware, same uvicorn "
+        "settings). The fallback row is the Redis-backed API with Redis stopped: the breaker "
+        "is open and keys are answered from the live run's Parquet parts through the "
+        "row-group index (decoded row groups cached in memory after the warm-up).", "",
+    ])
+
+
+def write_section(section: str) -> None:
+    doc = REPO / "docs" / "benchmarks.md"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
+    start = text.find(SECTION)
+    if start == -1:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        following = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + ("" if following == -1 else text[following + 1:])
+    doc.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--keys", type=int, default=200_000)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="Do not touch docs/")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (make bench-serve installs the Debian package)")
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    redis = Redis(tmp)
+    processes: list[subprocess.Popen[bytes]] = []
+    results: dict[str, Result] = {}
+    try:
+        paths, parts, values = write_data(tmp / "parts", args.keys)
+        publish(redis.url, tmp / "parts", paths, parts)
+        publish(f"lmdb://{tmp / 'store'}", tmp / "parts", paths, parts)
+        on_redis, redis_base = serve(redis.url, tmp / "home", tmp / "api-redis.log")
+        on_lmdb, lmdb_base = serve(f"lmdb://{tmp / 'store'}", tmp / "home", tmp / "api-lmdb.log")
+        processes += [on_redis, on_lmdb]
+        single = f"/v1/predictions/{NS}/"
+        results["empty"] = wrk("empty endpoint (/healthz, same stack)", redis_base + "/healthz",
+                               None, args, tmp)
+        results["redis"] = wrk("single key, Redis", redis_base,
+                               lua_single(single, args.keys), args, tmp)
+        results["lmdb"] = wrk("single key, embedded (LMDB)", lmdb_base,
+                              lua_single(single, args.keys), args, tmp)
+        results["batch"] = wrk("100-key batch, Redis", redis_base, lua_post(
+            f"/v1/predictions/{NS}/batch", '{"keys": [', "]}", args.keys, 100, quote=True),
+            args, tmp)
+        results["feast"] = run_feast(redis, args.keys, values, tmp, args)
+        redis.stop()
+        for _ in range(20):  # open the breaker and warm the row-group cache
+            httpx.get(redis_base + f"{single}{FIRST_KEY}", timeout=5)
+        assert httpx.get(redis_base + f"{single}{FIRST_KEY}").json()["source"] == "batch"
+        results["fallback"] = wrk("single key, batch fallback (Redis stopped)", redis_base,
+                                  lua_single(single, args.keys), args, tmp)
+        results = {k: results[k] for k in ("empty", "redis", "lmdb", "fallback", "batch", "feast")}
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)
+        redis.stop()
+    section = report(results, args, time.monotonic() - started)
+    print(section)
+    if not args.no_write:
+        write_section(section)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The namespace state (live pointer and version records) cached in the process.
+
+Invariants:
+
+- A request never waits for the state read except the first one for a
+  namespace: after ``ttl`` seconds the cached state is still served and one
+  background refresh is started (single flight per namespace), so a publish
+  is seen within about ``ttl`` plus one round trip.
+- When a refresh fails the last state read stays in use; that is what lets the
+  batch fallback find the live run's output while the store is down.
+- At most ``max_namespaces`` entries are kept (unknown namespaces are cached
+  too, as "no live version", so probing random names cannot hammer the store).
+- Everything runs on the event loop thread: no locks are needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from kv_export.errors import StoreUnavailable
+from kv_export.store import NamespaceState
+
+log = logging.getLogger("batchscore.lookup")
+
+ReadState = Callable[[str], Awaitable[NamespaceState]]
+OnChange = Callable[[str, NamespaceState], None]
+
+
+@dataclass
+class Entry:
+    fetched: float
+    state: NamespaceState
+
+
+class LiveCache:
+    def __init__(
+        self, read: ReadState, ttl: float, on_change: OnChange | None = None,
+        max_namespaces: int = 10_000,
+    ) -> None:
+        self._read = read
+        self._ttl = ttl
+        self._on_change = on_change
+        self._max = max_namespaces
+        self._entries: dict[str, Entry] = {}
+        self._inflight: dict[str, asyncio.Task[NamespaceState]] = {}
+
+    async def state(self, namespace: str) -> NamespaceState:
+        """The namespace's state; raises ``StoreUnavailable`` only if it was never read."""
+        entry = self._entries.get(namespace)
+        if entry is None:
+            return await self._refresh(namespace)
+        if time.monotonic() - entry.fetched >= self._ttl:
+            self._refresh(namespace)
+        return entry.state
+
+    def cached(self) -> dict[str, NamespaceState]:
+        return {ns: entry.state for ns, entry in self._entries.items()}
+
+    def _refresh(self, namespace: str) -> asyncio.Task[NamespaceState]:
+        task = self._inflight.get(namespace)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch(namespace))
+            self._inflight[namespace] = task
+            task.add_done_callback(lambda t: self._done(namespace, t))
+        return task
+
+    def _done(self, namespace: str, task: asyncio.Task[NamespaceState]) -> None:
+        self._inflight.pop(namespace, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here; whoever awaited it got it too
+
+    async def _fetch(self, namespace: str) -> NamespaceState:
+        previous = self._entries.get(namespace)
+        try:
+            state = await self._read(namespace)
+        except StoreUnavailable as exc:
+            if previous is None:
+                raise
+            previous.fetched = time.monotonic()  # try again after another ttl
+            log.debug("keeping the cached state of %s: %s", namespace, exc.what)
+            return previous.state
+        if previous is None and len(self._entries) >= self._max:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[namespace] = Entry(time.monotonic(), state)
+        if self._on_change and (previous is None or previous.state.live != state.live):
+            self._on_change(namespace, state)
+        return state

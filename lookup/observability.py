@@ -1,0 +1,142 @@
+"""Prometheus metrics (one registry per app) and the JSON-lines access log.
+
+The ASGI middleware here is the only place that times requests: it labels the
+latency histogram with the matched route template (bounded cardinality, never
+the raw path) and the answer's ``source`` (``kv``, ``batch``, ``stale``,
+``none``), which handlers leave in ``request.state.source``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kv_export.store import NamespaceState
+
+access_log = logging.getLogger("batchscore.access")
+BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.latency = Histogram(
+            "batchscore_lookup_request_seconds", "Request latency by route and answer source.",
+            ["route", "source"], buckets=BUCKETS, registry=self.registry,
+        )
+        self.responses = Counter(
+            "batchscore_lookup_responses", "Responses by route and status code.",
+            ["route", "status"], registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "batchscore_lookup_fallbacks",
+            "Lookups answered by a fallback, by fallback and reason.",
+            ["fallback", "reason"], registry=self.registry,
+        )
+        self.errors = Counter(
+            "batchscore_lookup_errors", "Error answers by code.", ["code"], registry=self.registry
+        )
+
+
+class StateCollector(Collector):
+    """Breaker state and the live version's age per namespace, computed at scrape time."""
+
+    def __init__(
+        self, breaker_state: Callable[[], str], states: Callable[[], dict[str, NamespaceState]]
+    ) -> None:
+        self._breaker_state = breaker_state
+        self._states = states
+
+    def collect(self) -> Iterator[Metric]:
+        breaker = GaugeMetricFamily(
+            "batchscore_store_circuit_state",
+            "Store circuit breaker: 1 for the current state.", labels=["state"],
+        )
+        current = self._breaker_state()
+        for state in ("closed", "half-opened", "opened"):
+            breaker.add_metric([state], 1.0 if state == current else 0.0)
+        yield breaker
+        age = GaugeMetricFamily(
+            "batchscore_live_version_age_seconds",
+            "Seconds since the live version of a namespace was published.", labels=["namespace"],
+        )
+        version = GaugeMetricFamily(
+            "batchscore_live_version", "The live version number of a namespace.",
+            labels=["namespace"],
+        )
+        now = datetime.now(UTC)
+        for namespace, state in sorted(self._states().items()):
+            info = state.live_info()
+            if info is None:
+                continue
+            version.add_metric([namespace], float(info.version))
+            if info.published_at:
+                published = datetime.fromisoformat(info.published_at)
+                age.add_metric([namespace], (now - published).total_seconds())
+        yield age
+        yield version
+
+
+def setup_access_log() -> None:
+    """JSON lines on stderr, one per request; the logger does not propagate."""
+    if not access_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+
+
+class ObserveMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware overhead): times, counts and logs every request."""
+
+    def __init__(self, app: Any, metrics: Metrics, log_requests: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.log_requests = log_requests
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_see(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_see)
+        finally:
+            self._record(scope, status, time.perf_counter() - started)
+
+    def _record(self, scope: dict[str, Any], status: int, seconds: float) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        state = scope.get("state") or {}
+        source = state.get("source", "none")
+        self.metrics.latency.labels(template, source).observe(seconds)
+        self.metrics.responses.labels(template, str(status)).inc()
+        if self.log_requests:
+            access_log.info(orjson.dumps({
+                "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "method": scope.get("method"),
+                "route": template,
+                "status": status,
+                "ms": round(seconds * 1000, 3),
+                "source": source,
+                "key_id": state.get("key_id"),
+                "client": (scope.get("client") or ("", 0))[0],
+            }).decode())

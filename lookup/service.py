@@ -1,0 +1,163 @@
+"""The fallback chain: KV live version → the live run's batch output → (optionally) the
+previous published version, marked stale → not found.
+
+Invariants:
+
+- One store round trip per request for the live version (a multi-get for a
+  batch); the namespace state comes from ``LiveCache``, never per request.
+- Every answer names the version it came from (model, run, scored_at) and its
+  ``source``; an answer from another version than the live one is ``stale``.
+- The store is only called through the circuit breaker, so a dead store costs
+  nothing per request while the breaker is open.
+- The batch fallback is used only when the store fails, never for keys the live
+  version simply lacks (those go to the stale fallback, if enabled, or 404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from batchscore.settings import ApiSettings
+from kv_export.errors import StoreUnavailable
+from kv_export.store import AsyncPredictionReader, NamespaceState, VersionInfo
+from lookup.breaker import StoreBreaker
+from lookup.errors import ApiError, CircuitOpen
+from lookup.fallback import BatchFallback
+from lookup.live import LiveCache
+from lookup.observability import Metrics
+
+log = logging.getLogger("batchscore.lookup")
+Source = Literal["kv", "batch"]
+
+
+@dataclass(frozen=True)
+class Answer:
+    value: bytes
+    info: VersionInfo
+    source: Source
+    stale: bool
+
+
+class Lookup:
+    def __init__(
+        self, settings: ApiSettings, reader: AsyncPredictionReader, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.reader = reader
+        self.metrics = metrics
+        self.breaker = StoreBreaker(settings.breaker_failures, settings.breaker_reset_seconds)
+        self.batch = BatchFallback(settings.fallback_cache_row_groups)
+        self.cache = LiveCache(self._read_state, settings.live_cache_seconds, self._new_live)
+        self._background: set[asyncio.Task[object]] = set()
+
+    async def _read_state(self, namespace: str) -> NamespaceState:
+        return await self.breaker.call(self.reader.state, namespace)
+
+    def _new_live(self, namespace: str, state: NamespaceState) -> None:
+        """Build the batch index of a newly seen live version ahead of any outage."""
+        info = state.live_info()
+        if self.settings.batch_fallback and info is not None and self.batch.available(info):
+            task = asyncio.get_running_loop().create_task(self._prebuild(namespace, info))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _prebuild(self, namespace: str, info: VersionInfo) -> None:
+        try:
+            await self.batch.index(namespace, info)
+        except Exception as exc:  # an unreadable part must not take the API down
+            log.warning("cannot index the batch output of %s v%s: %s", namespace,
+                        info.version, type(exc).__name__)
+
+    async def warm(self) -> None:
+        """Read every namespace's state once at startup; a dead store is not fatal here."""
+        try:
+            names = await self.breaker.call(self.reader.namespaces)
+            await asyncio.gather(*(self.cache.state(n) for n in names[:1000]))
+        except StoreUnavailable as exc:
+            log.warning("store unavailable at startup: %s", exc.what)
+
+    async def state(self, namespace: str) -> NamespaceState:
+        try:
+            return await self.cache.state(namespace)
+        except StoreUnavailable:
+            self.metrics.errors.labels("store_unavailable").inc()
+            raise ApiError(503, "store_unavailable", "The prediction store is unavailable and "
+                           "no live version of this namespace is known") from None
+
+    async def find(self, namespace: str, keys: Sequence[str]) -> tuple[
+        VersionInfo, Source, list[Answer | None]
+    ]:
+        """The live version, where it was read from, and one answer (or None) per key."""
+        state = await self.state(namespace)
+        info = state.live_info()
+        if info is None:
+            raise ApiError(404, "namespace_not_found",
+                           f"Namespace '{namespace}' has no live version")
+        values, source = await self._read(namespace, info, keys)
+        answers = [Answer(v, info, source, False) if v is not None else None for v in values]
+        if self.settings.stale_fallback and None in values:
+            await self._fill_stale(namespace, state, keys, answers)
+        return info, source, answers
+
+    async def _read(
+        self, namespace: str, info: VersionInfo, keys: Sequence[str]
+    ) -> tuple[list[bytes | None], Source]:
+        try:
+            raw = [k.encode() for k in keys]
+            return await self.breaker.call(self.reader.get_many, namespace, info, raw), "kv"
+        except StoreUnavailable as exc:
+            return await self._from_batch(namespace, info, keys, exc), "batch"
+
+    async def _from_batch(
+        self, namespace: str, info: VersionInfo, keys: Sequence[str], cause: StoreUnavailable
+    ) -> list[bytes | None]:
+        if not self.settings.batch_fallback or not self.batch.available(info):
+            self.metrics.errors.labels("store_unavailable").inc()
+            raise ApiError(503, "store_unavailable", "The prediction store is unavailable")
+        reason = "circuit_open" if isinstance(cause, CircuitOpen) else "store_error"
+        try:
+            values = await self.batch.get_many(namespace, info, keys)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("batch output of %s v%s unreadable: %s", namespace, info.version,
+                        type(exc).__name__)
+            self.metrics.errors.labels("fallback_unavailable").inc()
+            raise ApiError(503, "store_unavailable",
+                           "The prediction store and the batch output are unavailable") from None
+        self.metrics.fallbacks.labels("batch", reason).inc()
+        return values
+
+    async def _fill_stale(
+        self, namespace: str, state: NamespaceState, keys: Sequence[str],
+        answers: list[Answer | None],
+    ) -> None:
+        """Answer keys the live version lacks from the previous published version."""
+        previous = state.versions.get(state.history[-2]) if len(state.history) >= 2 else None
+        if previous is None or previous.state != "complete":
+            return
+        todo = [i for i, a in enumerate(answers) if a is None]
+        try:
+            values, source = await self._read(namespace, previous, [keys[i] for i in todo])
+        except ApiError:
+            return
+        for i, value in zip(todo, values, strict=True):
+            if value is not None:
+                answers[i] = Answer(value, previous, source, True)
+                self.metrics.fallbacks.labels("stale", source).inc()
+
+    async def ready(self) -> dict[str, str]:
+        """Ready when the store answers, or when a batch fallback can answer instead."""
+        try:
+            await self.breaker.call(self.reader.ping)
+            return {"status": "ready", "store": "up"}
+        except StoreUnavailable:
+            pass
+        if self.settings.batch_fallback and any(
+            info is not None and self.batch.available(info)
+            for info in (s.live_info() for s in self.cache.cached().values())
+        ):
+            return {"status": "degraded", "store": "down", "fallback": "batch"}
+        raise ApiError(503, "not_ready", "The store is unreachable and no fallback is available")

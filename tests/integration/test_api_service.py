@@ -1,0 +1,319 @@
+"""The lookup API as a client sees it, over real HTTP (``batchscore serve`` in a subprocess),
+against a real redis-server and the embedded store.
+
+Versions are written straight through ``kv_export`` (sorted Parquet parts, then
+``export_parts`` and ``publish``, as the pipeline's export step does), so these
+tests need no MLflow or Dask and run in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kv_export.encoding import bucket_count
+from kv_export.export import export_parts
+from kv_export.store import NewVersion, PartInfo, VersionInfo, open_store, utcnow
+from tests.conftest import ApiProcess, RedisServer
+
+pytestmark = [pytest.mark.slow]
+NS = "churn"
+KEYS = np.arange(1_000_000, 1_006_000, dtype=np.int64)
+
+
+def score(keys: np.ndarray, model_version: str) -> np.ndarray:
+    """What 'model version N' predicts for a key: a pure function the tests can check."""
+    return ((keys % 997) / 997 + int(model_version)).astype(np.float32)
+
+
+def write_version(
+    store_url: str, folder: Path, keys: np.ndarray, model_version: str, namespace: str = NS,
+) -> VersionInfo:
+    """Publish a version of ``keys`` (parts sorted by key, 500-row row groups)."""
+    store = open_store(store_url)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = np.sort(keys)
+    values = score(keys, model_version)
+    parts, paths = [], []
+    for i, rows in enumerate(np.array_split(np.arange(len(keys)), 3)):
+        path = folder / f"part-{i:04d}.parquet"
+        table = pa.table({"customer_id": keys[rows], "churn_probability": values[rows]})
+        pq.write_table(table, path, row_group_size=500)
+        paths.append(path)
+        parts.append(PartInfo(path=str(path), rows=len(rows), min_key=int(keys[rows][0]),
+                              max_key=int(keys[rows][-1])))
+    new = NewVersion(
+        run_id=f"run-{namespace}-{model_version}", expected_keys=len(keys),
+        buckets=bucket_count(len(keys)), outputs=["churn_probability"], model_name="churn",
+        model_version=model_version, scored_at=utcnow(), key_column="customer_id",
+        key_type="int", output_dir=str(folder), parts=parts,
+    )
+    exported = export_parts(store, namespace, new, paths)
+    info = store.publish(namespace, exported.info.version, keep=2)
+    store.close()
+    return info
+
+
+class PersistentRedis(RedisServer):
+    """A redis-server that keeps its data across stop/start (AOF, fsync on every write).
+
+    The shared fixture's server has no persistence, so a restarted one is empty:
+    the API would then rightly see no live version. A production Redis persists
+    (or is replicated); recovery is tested against that.
+    """
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed: run `make system-deps`"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(port=self.port).ping():
+                    return
+            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
+    server = PersistentRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def api_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSCORE_")}
+    return env | {"BATCHSCORE_HOME": str(tmp_path / "home")}
+
+
+Start = Callable[[dict[str, str], str], ApiProcess]
+
+
+def get(api: ApiProcess, path: str, **headers: str) -> httpx.Response:
+    return httpx.get(api.base + path, headers=headers, timeout=10)
+
+
+def check(body: dict[str, Any], key: int, version: str, source: str, stale: bool = False) -> None:
+    assert body["key"] == str(key)
+    assert body["prediction"]["churn_probability"] == pytest.approx(
+        float(score(np.array([key]), version)[0])
+    )
+    assert body["model"] == {"name": "churn", "version": version}
+    assert body["run_id"] == f"run-{NS}-{version}"
+    assert body["scored_at"] and body["source"] == source and body["stale"] is stale
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+@pytest.mark.redis
+def test_redis_dies_and_returns_no_5xx_for_live_keys_and_kv_again_after(
+    api_env: dict[str, str], persistent_redis: PersistentRedis, start_api: Start, tmp_path: Path
+) -> None:
+    write_version(persistent_redis.url, tmp_path / "v1", KEYS, "1")
+    api = start_api(api_env, persistent_redis.url)
+    sample = [int(k) for k in KEYS[::997]]
+    check(get(api, f"/v1/predictions/{NS}/{sample[0]}").json(), sample[0], "1", "kv")
+
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(base_url=api.base, timeout=10) as client:
+            while not stop.is_set():
+                for key in sample:
+                    statuses.append(client.get(f"/v1/predictions/{NS}/{key}").status_code)
+
+    readers = [threading.Thread(target=hammer) for _ in range(4)]
+    for reader in readers:
+        reader.start()
+    try:
+        time.sleep(0.5)
+        persistent_redis.stop()
+        wait_for(lambda: get(api, f"/v1/predictions/{NS}/{sample[1]}").json()["source"] == "batch")
+        for key in sample:
+            check(get(api, f"/v1/predictions/{NS}/{key}").json(), key, "1", "batch")
+        batch = httpx.post(api.base + f"/v1/predictions/{NS}/batch",
+                           json={"keys": [str(sample[2]), "42"]}, timeout=10).json()["results"]
+        assert [r["status"] for r in batch] == ["found", "not_found"]
+        assert {r["source"] for r in batch} == {"batch"}
+        assert get(api, f"/v1/predictions/{NS}/42").status_code == 404
+        ready = get(api, "/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+        metrics = get(api, "/metrics").text
+        assert 'batchscore_store_circuit_state{state="opened"} 1.0' in metrics
+        assert 'batchscore_lookup_fallbacks_total{fallback="batch"' in metrics
+
+        persistent_redis.start()
+        wait_for(lambda: get(api, f"/v1/predictions/{NS}/{sample[1]}").json()["source"] == "kv")
+        assert get(api, "/readyz").json()["status"] == "ready"
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+    assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
+    check(get(api, f"/v1/predictions/{NS}/{sample[3]}").json(), sample[3], "1", "kv")
+
+
+@pytest.mark.redis
+def test_keys_the_live_version_lacks_come_from_the_previous_one_marked_stale(
+    api_env: dict[str, str], redis_server: RedisServer, start_api: Start, tmp_path: Path
+) -> None:
+    write_version(redis_server.url, tmp_path / "v1", KEYS, "1")
+    write_version(redis_server.url, tmp_path / "v2", KEYS[:3000], "2")
+    old_only, both = int(KEYS[4000]), int(KEYS[10])
+    plain = start_api(api_env, redis_server.url)
+    assert get(plain, f"/v1/predictions/{NS}/{old_only}").status_code == 404
+
+    api = start_api(api_env | {"BATCHSCORE_STALE_FALLBACK": "true"}, redis_server.url)
+    check(get(api, f"/v1/predictions/{NS}/{both}").json(), both, "2", "kv")
+    check(get(api, f"/v1/predictions/{NS}/{old_only}").json(), old_only, "1", "kv", stale=True)
+    results = httpx.post(api.base + f"/v1/predictions/{NS}/batch", timeout=10,
+                         json={"keys": [str(both), str(old_only), "42"]}).json()["results"]
+    assert [(r["status"], r["stale"], r["model"]["version"]) for r in results] == [
+        ("found", False, "2"), ("found", True, "1"), ("not_found", False, "2")
+    ]
+    assert get(api, f"/v1/predictions/{NS}/42").status_code == 404
+
+    redis_server.stop()  # the stale answer then comes from the previous run's batch output
+    wait_for(lambda: get(api, f"/v1/predictions/{NS}/{both}").json()["source"] == "batch")
+    check(get(api, f"/v1/predictions/{NS}/{old_only}").json(), old_only, "1", "batch", stale=True)
+
+
+def test_api_keys_scopes_and_namespaces(
+    api_env: dict[str, str], start_api: Start, tmp_path: Path
+) -> None:
+    store_url = f"lmdb://{tmp_path / 'store'}"
+    write_version(store_url, tmp_path / "churn", KEYS, "1")
+    write_version(store_url, tmp_path / "fraud", KEYS[:100], "1", namespace="fraud")
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("# analysts\nchurn-reader: churn\n\nadmin-key: *\n")
+    api = start_api(api_env | {
+        "BATCHSCORE_API_KEYS_FILE": str(keys_file),
+        "BATCHSCORE_API_KEYS": json.dumps({"fraud-reader": ["fraud"]}),
+    }, store_url)
+    key = int(KEYS[5])
+    path = f"/v1/predictions/{NS}/{key}"
+
+    missing = get(api, path)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "unauthenticated"
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert get(api, path, authorization="Bearer wrong").status_code == 401
+    assert get(api, path, **{"x-api-key": "churn-reader-and-more"}).status_code == 401
+    check(get(api, path, authorization="Bearer churn-reader").json(), key, "1", "kv")
+    check(get(api, path, **{"x-api-key": "admin-key"}).json(), key, "1", "kv")
+    forbidden = get(api, path, **{"x-api-key": "fraud-reader"})
+    assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "forbidden"
+    assert httpx.post(api.base + f"/v1/predictions/{NS}/batch", json={"keys": [str(key)]},
+                      headers={"x-api-key": "fraud-reader"}).status_code == 403
+
+    listed = get(api, "/v1/namespaces", **{"x-api-key": "fraud-reader"}).json()["namespaces"]
+    assert [n["namespace"] for n in listed] == ["fraud"]
+    everything = get(api, "/v1/namespaces", **{"x-api-key": "admin-key"}).json()
+    assert [n["namespace"] for n in everything["namespaces"]] == ["churn", "fraud"]
+    churn = get(api, f"/v1/namespaces/{NS}", authorization="Bearer churn-reader").json()
+    assert churn["live_version"] == 1 and churn["key_count"] == len(KEYS)
+    assert churn["model"] == {"name": "churn", "version": "1"} and churn["age_seconds"] >= 0
+    assert get(api, "/v1/namespaces/fraud", authorization="Bearer churn-reader").status_code == 403
+    assert get(api, "/v1/namespaces/nope", **{"x-api-key": "admin-key"}).status_code == 404
+    assert get(api, "/healthz").status_code == 200  # probes need no key
+    assert get(api, "/readyz").status_code == 200
+    assert "churn-reader" not in api.log.read_text()  # keys never reach the logs
+
+
+def test_limits_413_422_429(api_env: dict[str, str], start_api: Start, tmp_path: Path) -> None:
+    store_url = f"lmdb://{tmp_path / 'store'}"
+    write_version(store_url, tmp_path / "v1", KEYS, "1")
+    api = start_api(api_env | {
+        "BATCHSCORE_MAX_BATCH_KEYS": "5", "BATCHSCORE_MAX_KEY_LENGTH": "16",
+    }, store_url)
+    batch = api.base + f"/v1/predictions/{NS}/batch"
+    too_many = httpx.post(batch, json={"keys": [str(k) for k in KEYS[:6]]})
+    assert too_many.status_code == 413 and "5" in too_many.json()["error"]["message"]
+    assert httpx.post(batch, json={"keys": [str(k) for k in KEYS[:5]]}).status_code == 200
+    for bad in ("a b", "x" * 17, "é", "<script>"):
+        answer = get(api, f"/v1/predictions/{NS}/{bad}")
+        assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_key", bad
+        assert httpx.post(batch, json={"keys": ["1000001", bad]}).status_code == 422
+    for body in ({"keys": []}, {"keys": "1000001"}, {}, [1, 2]):
+        answer = httpx.post(batch, json=body)
+        assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_request"
+    assert httpx.post(batch, content=b"{not json", headers={"content-type": "application/json"}
+                      ).status_code == 422
+    assert get(api, "/v1/predictions/bad%7Bns%7D/1").status_code == 422
+
+    limited = start_api(api_env | {
+        "BATCHSCORE_API_KEYS": json.dumps({"k1": ["*"], "k2": ["*"]}),
+        "BATCHSCORE_RATE_LIMIT_PER_SECOND": "0.2", "BATCHSCORE_RATE_LIMIT_BURST": "3",
+    }, store_url)
+    path = f"/v1/predictions/{NS}/{int(KEYS[0])}"
+    statuses = [get(limited, path, **{"x-api-key": "k1"}).status_code for _ in range(5)]
+    assert statuses[:3] == [200, 200, 200] and statuses[3:] == [429, 429]
+    refused = get(limited, path, **{"x-api-key": "k1"})
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert get(limited, path, **{"x-api-key": "k2"}).status_code == 200  # per key
+
+
+def test_errors_are_json_and_leak_nothing(
+    api_env: dict[str, str], start_api: Start, tmp_path: Path
+) -> None:
+    store_url = f"lmdb://{tmp_path / 'store'}"
+    write_version(store_url, tmp_path / "v1", KEYS, "1")
+    for part in (tmp_path / "v1").glob("*.parquet"):
+        part.unlink()  # the batch output is gone; the store still answers
+    api = start_api(api_env | {"BATCHSCORE_CORS_ORIGINS": '["https://app.example"]'}, store_url)
+    assert get(api, f"/v1/predictions/{NS}/{int(KEYS[1])}").status_code == 200
+    for answer in (get(api, "/nope"), httpx.delete(api.base + f"/v1/predictions/{NS}/1")):
+        body = answer.json()
+        assert answer.status_code in (404, 405) and set(body) == {"error"}
+    unknown = get(api, "/v1/predictions/other/1")
+    assert unknown.status_code == 404 and str(tmp_path) not in unknown.text
+    cors = get(api, "/healthz", origin="https://app.example")
+    assert cors.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in get(api, "/healthz", origin="https://evil").headers
+    metrics = get(api, "/metrics").text
+    assert 'route="/v1/predictions/{namespace}/{key}",source="kv"' in metrics
+    assert 'batchscore_live_version_age_seconds{namespace="churn"}' in metrics
+    log_lines = [json.loads(line) for line in api.log.read_text().splitlines()
+                 if line.startswith("{")]
+    assert {"route", "status", "ms", "source", "method"} <= set(log_lines[-1])
+
+
+def test_serve_with_several_workers(
+    api_env: dict[str, str], start_api: Start, tmp_path: Path
+) -> None:
+    store_url = f"lmdb://{tmp_path / 'store'}"
+    write_version(store_url, tmp_path / "v1", KEYS, "1")
+    api = start_api(api_env | {"BATCHSCORE_API_WORKERS": "2"}, store_url)
+    key = int(KEYS[7])
+    with httpx.Client(base_url=api.base, timeout=10) as client:
+        for _ in range(20):
+            check(client.get(f"/v1/predictions/{NS}/{key}").json(), key, "1", "kv")
