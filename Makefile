@@ -8,6 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 
 .PHONY: install demo test test-unit test-integration lint format typecheck check system-deps clean
+.PHONY: bench-serve bench-score
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +51,19 @@ check: lint typecheck test
 
 clean:
 	rm -rf $(VENV) .batchscore .pytest_cache .ruff_cache .mypy_cache
+
+# The lookup API under load (wrk on loopback) against an empty endpoint of the same stack,
+# the embedded store, the batch fallback and Feast's feature server (own venv, gitignored).
+FEAST_VENV := .bench-venvs/feast
+bench-serve: $(STAMP)
+	@command -v redis-server >/dev/null 2>&1 && command -v wrk >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server wrk; }
+	@test -x $(FEAST_VENV)/bin/feast || { $(PYTHON) -m venv $(FEAST_VENV) && \
+		$(FEAST_VENV)/bin/pip install --quiet 'feast[redis]==0.67.0' || \
+		echo "Feast could not be installed; the benchmark records why"; }
+	$(BIN)/python bench/serve_bench.py
+
+# Scoring against the machine's limits and peers (pyfunc loop, dask.dataframe, Ray Data in
+# its own venv under .bench-venvs/); writes its table to docs/benchmarks.md.
+bench-score: $(STAMP)
+	$(BIN)/python bench/score_bench.py

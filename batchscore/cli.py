@@ -60,8 +60,18 @@ def run(
     namespace: Annotated[str | None, typer.Option(help="Keyspace; default: the model's name.")] = None,
     store: StoreOpt = None,
     output: Annotated[Path | None, typer.Option("--output", help="Root of run folders.")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    batch_size: Annotated[
+        str | None, typer.Option(help="Rows per forward pass, or 'auto' (the largest that fits).")
+    ] = None,
     workers: Annotated[int | None, typer.Option(min=1)] = None,
+    cluster: Annotated[
+        str | None, typer.Option(help="local, cuda (dask-cuda), auto, or tcp://scheduler:8786")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (autocast)")] = None,
+    max_failed_shards: Annotated[
+        int | None, typer.Option(min=0, help="Shards allowed to fail; their rows are left out.")
+    ] = None,
     features: Annotated[
         str | None, typer.Option(help="Comma-separated feature columns (tensor-signature models).")
     ] = None,
@@ -76,7 +86,10 @@ def run(
     _setup_logging(verbose)
     from jobs.pipeline import run_pipeline
 
-    settings = _run_settings(output_dir=output)
+    settings = _run_settings(
+        output_dir=output, batch_size=batch_size, cluster=cluster, device=device,
+        precision=precision, max_failed_shards=max_failed_shards, workers=workers,
+    )
     try:
         from jobs.steps import make_params
 
@@ -87,8 +100,6 @@ def run(
             key_column=key_column,
             namespace=namespace,
             store_url=store,
-            batch_size=batch_size,
-            workers=workers,
             shard_rows=shard_rows,
             features=[f.strip() for f in features.split(",") if f.strip()] if features else None,
             dry_run=dry_run,
@@ -178,19 +189,37 @@ def serve(
     store: StoreOpt = None,
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, max=64, help="uvicorn worker processes.")
+    ] = None,
 ) -> None:
     """Serve the lookup API (FastAPI on uvicorn)."""
+    import os
+
     import uvicorn
 
     from lookup.app import create_app
 
     try:
-        settings = load_settings(ApiSettings, store_url=store, host=host, port=port)
-        application = create_app(settings)
+        settings = load_settings(
+            ApiSettings, store_url=store, host=host, port=port, api_workers=workers
+        )
+        application = create_app(settings)  # fails here, before binding, on a bad setting
     except BatchscoreError as exc:
         _fail(exc)
         return
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level="warning")
+    common: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "log_level": "warning", "access_log": False
+    }
+    if settings.api_workers == 1:
+        uvicorn.run(application, **common)
+        return
+    # Workers are separate processes that build the app from the cached get_settings(),
+    # i.e. from the environment: hand them the command-line overrides through it.
+    overrides = {"STORE_URL": settings.resolved_store_url, "HOST": settings.host,
+                 "PORT": str(settings.port), "API_WORKERS": str(settings.api_workers)}
+    os.environ.update({f"BATCHSCORE_{name}": value for name, value in overrides.items()})
+    uvicorn.run("lookup.app:create_app", factory=True, workers=settings.api_workers, **common)
 
 
 @app.command()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,12 +66,24 @@ class RunSettings(_Common):
     )
     workers: int = Field(default=2, ge=1, le=1024, description="Dask worker processes.")
     threads_per_worker: int = Field(default=1, ge=1, le=256)
-    batch_size: int = Field(default=8192, ge=1, description="Rows per forward pass.")
+    batch_size: int | Literal["auto"] = Field(
+        default="auto", description="Rows per forward pass, or 'auto': the largest that fits."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where workers run the model; auto: the worker's GPU if any."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="Autocast precision of the forward pass."
+    )
+    max_failed_shards: int = Field(
+        default=0, ge=0, description="Shards allowed to fail before the run fails."
+    )
     shard_rows: int = Field(
         default=250_000, ge=1, description="Target rows per shard (row groups are packed)."
     )
     cluster: str = Field(
-        default="local", description="'local' (a Dask LocalCluster) or a scheduler tcp:// address."
+        default="local",
+        description="local (LocalCluster), cuda (dask-cuda), auto, or a scheduler tcp:// address.",
     )
     keep_versions: int = Field(default=2, ge=1, description="Published versions kept per namespace.")
     mlflow_tracking_uri: str | None = Field(
@@ -83,9 +95,25 @@ class RunSettings(_Common):
     @field_validator("cluster")
     @classmethod
     def _cluster_value(cls, value: str) -> str:
-        if value != "local" and not value.startswith(("tcp://", "tls://")):
-            raise ValueError("expected 'local' or a scheduler address like tcp://host:8786")
+        if value not in ("local", "cuda", "auto") and not value.startswith(("tcp://", "tls://")):
+            raise ValueError(
+                "expected local, cuda, auto or a scheduler address like tcp://host:8786"
+            )
         return value
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size_value(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and value < 1:
+            raise ValueError("expected a positive number of rows or 'auto'")
+        return value
+
+    @property
+    def batch_rows(self) -> int:
+        """The batch size as run parameters carry it: 0 means auto."""
+        return 0 if self.batch_size == "auto" else int(self.batch_size)
 
     @property
     def runs_dir(self) -> Path:
@@ -111,6 +139,40 @@ class ApiSettings(_Common):
     store_timeout_seconds: float = Field(default=0.5, gt=0, description="Socket timeout to Redis.")
     max_batch_keys: int = Field(default=1000, ge=1, description="Most keys in one batch request.")
     batch_fallback: bool = Field(default=True, description="Answer from the run's Parquet output.")
+    stale_fallback: bool = Field(
+        default=False,
+        description="Answer keys the live version lacks from the previous published version "
+        "(marked stale).",
+    )
+    max_key_length: int = Field(default=256, ge=1, le=4096, description="Longest key accepted.")
+    api_workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes.")
+    api_keys: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description='API keys and the namespaces each may read, JSON: {"key": ["ns", ...]}; '
+        '"*" means every namespace. No keys (and no keys file): authentication is off.',
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="File of API keys, one 'key: ns1,ns2' (or 'key: *') a line."
+    )
+    rate_limit_per_second: float = Field(
+        default=0, ge=0, description="Requests per second per API key (0: no limit)."
+    )
+    rate_limit_burst: int = Field(
+        default=0, ge=0, description="Token bucket size; 0: one second's worth."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS; empty: CORS off."
+    )
+    breaker_failures: int = Field(
+        default=3, ge=1, description="Consecutive store failures that open the circuit breaker."
+    )
+    breaker_reset_seconds: float = Field(
+        default=2.0, gt=0, description="How long the breaker stays open before one probe."
+    )
+    fallback_cache_row_groups: int = Field(
+        default=256, ge=1, description="Decoded batch-output row groups kept for the fallback."
+    )
+    access_log: bool = Field(default=True, description="One JSON line per request on stderr.")
 
 
 S = TypeVar("S", bound="_Common")

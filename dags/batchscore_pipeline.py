@@ -49,7 +49,7 @@ PARAMS = {
     ),
     "batch_size": Param(
         None, type=["null", "integer"], minimum=1, title="Batch size",
-        description="Rows per forward pass; empty means BATCHSCORE_BATCH_SIZE.",
+        description="Rows per forward pass; empty means BATCHSCORE_BATCH_SIZE (default: auto).",
     ),
     "dry_run": Param(
         False, type="boolean", title="Dry run",

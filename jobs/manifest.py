@@ -39,11 +39,14 @@ class RunParams(BaseModel):
     namespace: str | None = None
     store_url: str
     features: list[str] | None = None
-    batch_size: int
+    batch_size: int  # 0: auto, the largest batch that fits the device
     workers: int
     threads_per_worker: int = 1
     shard_rows: int
     cluster: str = "local"
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_failed_shards: int = 0
     keep_versions: int = 2
     dry_run: bool = False
     force: bool = False
@@ -71,11 +74,16 @@ class InputRecord(BaseModel):
     key_type: Literal["int", "string"]
 
 
-class ShardRecord(BaseModel):
-    id: int
+class PieceRecord(BaseModel):
     path: str
     row_group_start: int
     row_group_end: int
+    rows: int
+
+
+class ShardRecord(BaseModel):
+    id: int
+    pieces: list[PieceRecord]
     rows: int
     part: str
     state: Literal["pending", "done", "failed"] = "pending"
@@ -126,6 +134,11 @@ class Manifest(BaseModel):
             "rows": self.input.rows if self.input else 0,
             "version": self.version,
             "published": self.published,
+            "failed_shards": [
+                {"id": s.id, "rows": s.rows, "error": s.error}
+                for s in self.shards
+                if s.state == "failed"
+            ],
             "dry_run": self.params.dry_run,
             "run_dir": self.run_dir,
             "steps": self.steps,

@@ -21,6 +21,7 @@ from jobs.manifest import (
     InputRecord,
     Manifest,
     ModelRecord,
+    PieceRecord,
     RunParams,
     ShardRecord,
     load_manifest,
@@ -35,14 +36,19 @@ def make_params(settings: RunSettings, **given: Any) -> RunParams:
     """Run parameters: what the caller gave, settings for the rest."""
     defaults = {
         "store_url": settings.resolved_store_url,
-        "batch_size": settings.batch_size,
+        "batch_size": settings.batch_rows,
         "workers": settings.workers,
+        "device": settings.device,
+        "precision": settings.precision,
+        "max_failed_shards": settings.max_failed_shards,
         "threads_per_worker": settings.threads_per_worker,
         "shard_rows": settings.shard_rows,
         "cluster": settings.cluster,
         "keep_versions": settings.keep_versions,
     }
     chosen = {k: v for k, v in given.items() if v is not None and v != ""}
+    if chosen.get("batch_size") == "auto":
+        chosen["batch_size"] = 0
     return RunParams(**(defaults | chosen))
 
 
@@ -145,7 +151,7 @@ def score(
     from scoring.engine import ScoreJob, dask_client, existing_result, run_shards
     from scoring.errors import ShardFailed
     from scoring.model import read_model_spec
-    from scoring.shards import Shard
+    from scoring.shards import Piece, Shard
 
     manifest = load_manifest(run_dir)
     if manifest.input is None:
@@ -163,14 +169,24 @@ def score(
         parts_dir=str(manifest.parts_dir),
         batch_size=params.batch_size,
         force=params.force,
+        device=params.device,
+        precision=params.precision,
     )
     shards = [
-        Shard(s.id, s.path, s.row_group_start, s.row_group_end, s.rows) for s in manifest.shards
+        Shard(s.id, tuple(Piece(**p.model_dump()) for p in s.pieces)) for s in manifest.shards
     ]
     todo = [s for s in shards if params.force or not (manifest.parts_dir / s.part_name).exists()]
-    results = {s.id: existing_result(s, manifest.parts_dir / s.part_name, job) for s in shards if s not in todo}
+    todo_ids = {s.id for s in todo}
+    results = {
+        s.id: existing_result(s, manifest.parts_dir / s.part_name, job)
+        for s in shards
+        if s.id not in todo_ids
+    }
     errors: dict[int, str] = {}
     loads: dict[str, int] = {}
+    paths: set[str] = set()
+    batch_sizes: set[int] = set()
+    peak_rss: dict[str, int] = {}
     rows_done = sum(r.rows for r in results.values())
     if on_progress:
         on_progress(len(results), len(shards), rows_done)
@@ -183,8 +199,9 @@ def score(
 
         with dask_client(params.cluster, params.workers, params.threads_per_worker) as client:
             log.info(
-                "scoring %d of %d shards on %s (dashboard: %s)",
-                len(todo), len(shards), client.scheduler.address, client.dashboard_link or "off",
+                "scoring %d of %d shards on %s (%d workers; dashboard: %s)",
+                len(todo), len(shards), client.scheduler.address,
+                len(client.scheduler_info()["workers"]), client.dashboard_link or "off",
             )
             scored, errors = run_shards(
                 client, todo, job, threads_per_worker=params.threads_per_worker,
@@ -193,6 +210,9 @@ def score(
         for result in scored:
             results[result.shard_id] = result
             loads[result.worker] = max(loads.get(result.worker, 0), result.model_loads)
+            peak_rss[result.worker] = max(peak_rss.get(result.worker, 0), result.peak_rss_bytes)
+            paths.add(result.path)
+            batch_sizes.add(result.batch_size)
     for record in manifest.shards:
         result = results.get(record.id)
         if result is not None:
@@ -216,14 +236,19 @@ def score(
         shards_skipped=len(shards) - len(todo),
         shards_failed=len(errors),
         model_loads_per_worker=loads,
-        path=spec.flavor,
+        peak_rss_bytes_per_worker=peak_rss,
+        path=", ".join(sorted(paths)) or spec.flavor,
+        batch_size=sorted(batch_sizes),
+        failed_shards={str(k): v for k, v in errors.items()},
     )
     manifest.save()
-    if errors:
+    for shard_id, error in errors.items():
+        log.error("shard %d failed: %s", shard_id, error)
+    if len(errors) > params.max_failed_shards:
         first = next(iter(errors.items()))
         raise ShardFailed(
-            f"{len(errors)} of {len(shards)} shards failed in run {manifest.run_id}; "
-            f"shard {first[0]}: {first[1]}",
+            f"{len(errors)} of {len(shards)} shards failed in run {manifest.run_id} "
+            f"(at most {params.max_failed_shards} may); shard {first[0]}: {first[1]}",
             fix="Fix the cause and run again: only the missing shards are scored",
         )
     return {
@@ -242,11 +267,13 @@ def validate(run_dir: str | Path) -> dict[str, Any]:
     manifest = load_manifest(run_dir)
     _require_scored(manifest)
     assert manifest.input is not None
+    done = [s for s in manifest.shards if s.state == "done"]
+    missing_rows = sum(s.rows for s in manifest.shards if s.state == "failed")
     report = validate_output(
-        [Path(s.part) for s in manifest.shards],
+        [Path(s.part) for s in done],
         manifest.params.key_column,
         manifest.model.outputs,
-        manifest.input.rows,
+        manifest.input.rows - missing_rows,
     )
     manifest.validation = report.to_dict()
     manifest.record_step(
@@ -255,6 +282,7 @@ def validate(run_dir: str | Path) -> dict[str, Any]:
         rows=report.rows,
         success=report.success,
         failed=[o.describe() for o in report.failures],
+        rows_of_failed_shards=missing_rows,
     )
     manifest.save()
     if not report.success:
@@ -283,10 +311,12 @@ def export(run_dir: str | Path) -> dict[str, Any]:
         )
     assert manifest.input is not None
     started = time.perf_counter()
+    done = [s for s in manifest.shards if s.state == "done"]
+    rows = sum(s.rows for s in done)
     new = NewVersion(
         run_id=manifest.run_id,
-        expected_keys=manifest.input.rows,
-        buckets=bucket_count(manifest.input.rows),
+        expected_keys=rows,
+        buckets=bucket_count(rows),
         outputs=manifest.model.outputs,
         model_name=manifest.model.name,
         model_version=manifest.model.version,
@@ -296,12 +326,12 @@ def export(run_dir: str | Path) -> dict[str, Any]:
         output_dir=str(manifest.parts_dir),
         parts=[
             PartInfo(path=s.part, rows=s.rows, min_key=s.min_key, max_key=s.max_key)
-            for s in manifest.shards
+            for s in done
         ],
     )
     store = open_store(manifest.params.store_url)
     try:
-        result = export_parts(store, manifest.namespace, new, [Path(s.part) for s in manifest.shards])
+        result = export_parts(store, manifest.namespace, new, [Path(s.part) for s in done])
     finally:
         store.close()
     seconds = time.perf_counter() - started
@@ -366,21 +396,21 @@ def _model_spec(model_dir: Path, params: RunParams, uri: str) -> Any:
 def _shard_record(shard: Any, manifest: Manifest, previous: ShardRecord | None) -> ShardRecord:
     record = ShardRecord(
         id=shard.id,
-        path=shard.path,
-        row_group_start=shard.row_group_start,
-        row_group_end=shard.row_group_end,
+        pieces=[PieceRecord(**vars(p)) for p in shard.pieces],
         rows=shard.rows,
         part=str(manifest.parts_dir / shard.part_name),
     )
-    same = previous is not None and (previous.path, previous.row_group_start) == (
-        record.path,
-        record.row_group_start,
-    )
-    return previous if same and previous is not None else record
+    if previous is not None and previous.pieces == record.pieces:
+        return previous
+    return record
 
 
 def _require_scored(manifest: Manifest) -> None:
-    missing = [s.id for s in manifest.shards if s.state != "done" or not Path(s.part).exists()]
+    missing = [
+        s.id
+        for s in manifest.shards
+        if s.state == "pending" or (s.state == "done" and not Path(s.part).exists())
+    ]
     if not manifest.shards or missing:
         raise RunError(
             f"Run {manifest.run_id} is not completely scored",

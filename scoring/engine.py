@@ -21,13 +21,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from distributed import Client, LocalCluster, as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from scoring.errors import ShardFailed
-from scoring.model import ModelSpec, Predictor
+from scoring.model import ModelSpec, Predictor, pick_device
+from scoring.reader import prefetch, read_row_groups
 from scoring.shards import Shard
 
 PLUGIN_NAME = "batchscore-model"
@@ -46,8 +48,11 @@ class ScoreJob:
     spec: ModelSpec
     key_column: str
     parts_dir: str
-    batch_size: int
+    batch_size: int  # 0: the largest that fits (see Predictor.auto_batch_size)
     force: bool = False
+    device: str = "auto"
+    precision: str = "fp32"
+    prefetch: int = 2
 
 
 @dataclass(frozen=True)
@@ -62,42 +67,71 @@ class ShardResult:
     skipped: bool
     worker: str
     model_loads: int
+    path: str = ""
+    batch_size: int = 0
+    peak_rss_bytes: int = 0
 
 
 class ModelPlugin(WorkerPlugin):
-    """Holds one loaded model per worker process."""
+    """Holds one loaded model per worker process, on the worker's device."""
 
-    def __init__(self, model_dir: str, spec: ModelSpec, threads: int) -> None:
+    def __init__(
+        self, model_dir: str, spec: ModelSpec, threads: int, device: str, precision: str
+    ) -> None:
         self.model_dir = model_dir
         self.spec = spec
         self.threads = threads
+        self.device = device
+        self.precision = precision
         self._predictor: Predictor | None = None
+        self._batch_size = 0
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, object]:
-        return {"model_dir": self.model_dir, "spec": self.spec, "threads": self.threads}
+        keep = ("model_dir", "spec", "threads", "device", "precision")
+        return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._predictor = None
+        self._batch_size = 0
         self._lock = threading.Lock()
 
     def setup(self, worker: object) -> None:
+        """Load the model as the plugin arrives, on every worker at once, before any task."""
         import torch
 
         torch.set_num_threads(self.threads)
+        self.predictor()
 
     def predictor(self) -> Predictor:
         global _model_loads
         with self._lock:
             if self._predictor is None:
-                self._predictor = Predictor(Path(self.model_dir), self.spec)
+                self._predictor = Predictor(
+                    Path(self.model_dir), self.spec, pick_device(self.device),
+                    self.precision,  # type: ignore[arg-type]
+                )
                 _model_loads += 1
             return self._predictor
 
+    def batch_size(self, requested: int) -> int:
+        if requested > 0:
+            return requested
+        with self._lock:
+            if not self._batch_size:
+                assert self._predictor is not None
+                self._batch_size = self._predictor.auto_batch_size()
+            return self._batch_size
+
 
 def score_shard(shard: Shard, job: ScoreJob) -> ShardResult:
-    """Score one shard into its part; skip it when the part already exists."""
+    """Score one shard into its part; skip it when the part already exists.
+
+    Row groups are decoded one at a time, ahead of compute, so a worker holds
+    at most ``job.prefetch + 1`` row groups of features plus the shard's keys
+    and predictions, however large the input is.
+    """
     started = time.perf_counter()
     part = Path(job.parts_dir) / shard.part_name
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -105,21 +139,59 @@ def score_shard(shard: Shard, job: ScoreJob) -> ShardResult:
         return existing_result(shard, part, job, worker, started)
     plugin = get_worker().plugins[PLUGIN_NAME]
     assert isinstance(plugin, ModelPlugin)
+    predictor = plugin.predictor()
+    batch_size = plugin.batch_size(job.batch_size)
     columns = [job.key_column, *job.spec.features]
-    table = pq.ParquetFile(shard.path).read_row_groups(shard.row_groups, columns=columns)
-    predictions = plugin.predictor().predict(table, job.batch_size)
-    if len(predictions) != table.num_rows:
+    keys: list[pa.ChunkedArray] = []
+    predictions: list[np.ndarray] = []
+    try:
+        for table in prefetch(read_row_groups(shard.pieces, columns), job.prefetch):
+            keys.append(table.column(job.key_column))
+            predictions.append(predictor.predict(table, batch_size))
+    except (OSError, pa.ArrowException) as exc:
         raise ShardFailed(
-            f"Model returned {len(predictions)} predictions for {table.num_rows} rows of "
-            f"{shard.path} (row groups {shard.row_group_start}-{shard.row_group_end - 1})",
+            f"Shard {shard.id} ({shard.describe()}) could not be read",
+            found=f"{type(exc).__name__}: {exc}",
+            fix="Rewrite the file; the other shards' parts are kept",
+        ) from None
+    output = _output_table(shard, job, keys, predictions)
+    write_part(output, part)
+    sorted_keys = output.column(job.key_column)
+    return ShardResult(
+        shard_id=shard.id,
+        part=str(part),
+        rows=output.num_rows,
+        outputs=tuple(n for n in output.column_names if n != job.key_column),
+        min_key=sorted_keys[0].as_py() if len(sorted_keys) else None,
+        max_key=sorted_keys[-1].as_py() if len(sorted_keys) else None,
+        seconds=time.perf_counter() - started,
+        skipped=False,
+        worker=worker,
+        model_loads=_model_loads,
+        path=predictor.path,
+        batch_size=batch_size,
+        peak_rss_bytes=peak_rss_bytes(),
+    )
+
+
+def _output_table(
+    shard: Shard, job: ScoreJob, keys: list[pa.ChunkedArray], predictions: list[np.ndarray]
+) -> pa.Table:
+    matrix = np.concatenate(predictions) if predictions else np.empty((0, 1), np.float32)
+    rows = sum(len(k) for k in keys)
+    if len(matrix) != rows:
+        raise ShardFailed(
+            f"Model returned {len(matrix)} predictions for {rows} rows of shard {shard.id} "
+            f"({shard.describe()})",
             expected="one prediction per input row",
         )
-    names = job.spec.output_names(predictions.shape[1])
-    output = pa.table(
-        {job.key_column: table.column(job.key_column)}
-        | {name: predictions[:, i] for i, name in enumerate(names)}
-    ).sort_by(job.key_column)
-    output = output.replace_schema_metadata(
+    names = job.spec.output_names(matrix.shape[1])
+    key_column = pa.chunked_array([c for k in keys for c in k.chunks], type=keys[0].type)
+    output = _sorted_by_key(
+        pa.table({job.key_column: key_column} | {n: matrix[:, i] for i, n in enumerate(names)}),
+        job.key_column,
+    )
+    return output.replace_schema_metadata(
         {
             "batchscore.run_id": job.run_id,
             "batchscore.model_name": job.model_name,
@@ -127,20 +199,21 @@ def score_shard(shard: Shard, job: ScoreJob) -> ShardResult:
             "batchscore.shard": str(shard.id),
         }
     )
-    write_part(output, part)
-    keys = output.column(job.key_column)
-    return ShardResult(
-        shard_id=shard.id,
-        part=str(part),
-        rows=output.num_rows,
-        outputs=names,
-        min_key=keys[0].as_py() if len(keys) else None,
-        max_key=keys[-1].as_py() if len(keys) else None,
-        seconds=time.perf_counter() - started,
-        skipped=False,
-        worker=worker,
-        model_loads=_model_loads,
-    )
+
+
+def _sorted_by_key(table: pa.Table, key: str) -> pa.Table:
+    """Sort a part by key; integer keys take numpy's radix sort, several times Arrow's."""
+    column = table.column(key)
+    if pa.types.is_integer(column.type) and column.null_count == 0:
+        return table.take(np.argsort(column.to_numpy(), kind="stable"))
+    return table.sort_by(key)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def write_part(table: pa.Table, part: Path) -> None:
@@ -178,24 +251,51 @@ def existing_result(
     )
 
 
+def resolve_cluster(cluster: str) -> str:
+    """``auto`` picks ``cuda`` when this machine has a GPU, else ``local``."""
+    if cluster != "auto":
+        return cluster
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "local"
+
+
 @contextmanager
 def dask_client(cluster: str, workers: int, threads_per_worker: int) -> Iterator[Client]:
-    """A client on a LocalCluster, or on an existing scheduler (``tcp://host:8786``)."""
-    if cluster != "local":
+    """A client on a LocalCluster, a dask-cuda LocalCUDACluster, or an existing scheduler.
+
+    ``cuda`` starts one worker per visible GPU (``CUDA_VISIBLE_DEVICES`` is
+    respected) and imports dask-cuda only then: the CPU path never needs it.
+    """
+    cluster = resolve_cluster(cluster)
+    if cluster.startswith(("tcp://", "tls://")):
         with Client(cluster) as client:
             yield client
         return
     dashboard = ":0" if importlib.util.find_spec("bokeh") else None
-    with (
-        LocalCluster(
+    if cluster == "cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as exc:
+            raise ShardFailed(
+                "The cuda cluster needs dask-cuda",
+                found=str(exc),
+                fix="pip install 'batchscore[gpu]', or use --cluster local",
+            ) from None
+        local_cluster = LocalCUDACluster(
+            threads_per_worker=threads_per_worker,
+            dashboard_address=dashboard,
+            silence_logs=logging.ERROR,
+        )
+    else:
+        local_cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=threads_per_worker,
             processes=True,
             dashboard_address=dashboard,
             silence_logs=logging.ERROR,
-        ) as local,
-        Client(local) as client,
-    ):
+        )
+    with local_cluster, Client(local_cluster) as client:
         yield client
 
 
@@ -208,11 +308,19 @@ def run_shards(
     job: ScoreJob,
     *,
     threads_per_worker: int = 1,
+    torch_threads: int | None = None,
     on_progress: Progress | None = None,
 ) -> tuple[list[ShardResult], dict[int, str]]:
-    """Score every shard; return the results and the errors of shards that failed."""
+    """Score every shard; return the results and the errors of shards that failed.
+
+    Each result is released on the cluster as soon as it is gathered, so a
+    worker lost later costs only the shards it was still scoring.
+    """
     client.register_plugin(
-        ModelPlugin(job.model_dir, job.spec, threads_per_worker), name=PLUGIN_NAME
+        ModelPlugin(
+            job.model_dir, job.spec, torch_threads or threads_per_worker, job.device, job.precision
+        ),
+        name=PLUGIN_NAME,
     )
     futures = client.map(
         score_shard,
@@ -228,11 +336,13 @@ def run_shards(
     for done, future in enumerate(as_completed(futures), start=1):
         shard = shard_of[future.key]
         if future.status == "error":
-            errors[shard.id] = f"{type(future.exception()).__name__}: {future.exception()}"
-            log.error("shard %d (%s) failed: %s", shard.id, shard.path, errors[shard.id])
-            continue
-        result = future.result()
-        results.append(result)
-        if on_progress:
-            on_progress(result, done, len(shards))
+            error = future.exception()
+            errors[shard.id] = f"{type(error).__name__}: {error}"
+            log.error("shard %d (%s) failed: %s", shard.id, shard.describe(), errors[shard.id])
+        else:
+            result = future.result()
+            results.append(result)
+            if on_progress:
+                on_progress(result, done, len(shards))
+        future.release()
     return sorted(results, key=lambda r: r.shard_id), errors

@@ -6,9 +6,10 @@ per run); nothing talks to a tracking server, so Dask workers can load it.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -116,36 +117,139 @@ def check_loadable(spec: ModelSpec, model_uri: str) -> None:
         )
 
 
-class Predictor:
-    """A loaded model: Arrow table of features in, (rows, outputs) float32 out."""
+Precision = Literal["fp32", "bf16", "fp16"]
+AUTO_BATCH_CAP = 1 << 20
+CPU_AUTO_BATCH = 32_768  # measured: larger CPU batches gain nothing (docs/benchmarks.md)
 
-    def __init__(self, model_dir: Path, spec: ModelSpec, device: str = "cpu") -> None:
+
+def pick_device(requested: str = "auto") -> str:
+    """``auto`` means the worker's GPU when it has one (dask-cuda sets CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+class Predictor:
+    """A loaded model: Arrow table of features in, (rows, outputs) float32 out.
+
+    Torch models run under ``inference_mode`` on ``device``; on CUDA the
+    features go through a reused pinned host buffer and non-blocking copies,
+    and an out-of-memory batch is halved and retried instead of failing.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        spec: ModelSpec,
+        device: str = "cpu",
+        precision: Precision = "fp32",
+    ) -> None:
         self.spec = spec
         self.device = device
+        self.precision = precision
+        self._local = threading.local()  # one host buffer per worker thread
         if spec.flavor == "pytorch":
             import mlflow.pytorch
 
-            self._torch = mlflow.pytorch.load_model(str(model_dir))
+            self._torch = mlflow.pytorch.load_model(str(model_dir)).to(device)
+            if hasattr(self._torch, "eval") and spec.serialization == "pickle":
+                self._torch.eval()
         else:
             import mlflow.pyfunc
 
             self._pyfunc = mlflow.pyfunc.load_model(str(model_dir))
 
+    @property
+    def path(self) -> str:
+        """Which path scores: 'torch-cpu', 'torch-cuda' or 'pyfunc' (the slower, generic one)."""
+        return f"torch-{self.device}" if self.spec.flavor == "pytorch" else "pyfunc"
+
+    def auto_batch_size(self) -> int:
+        """The largest batch that fits: on CUDA measured from a probe's peak memory."""
+        if self.spec.flavor != "pytorch" or self.device != "cuda":
+            return CPU_AUTO_BATCH
+        import torch
+
+        probe = 4096
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.inference_mode(), self._autocast():
+            self._torch(torch.zeros(probe, len(self.spec.features), device=self.device))
+        per_row = max((torch.cuda.max_memory_allocated() - base) / probe, 1.0)
+        free, _ = torch.cuda.mem_get_info()
+        fits = int(free * 0.5 / per_row)
+        return max(1024, min(AUTO_BATCH_CAP, 1 << (fits.bit_length() - 1)))
+
     def predict(self, table: pa.Table, batch_size: int) -> np.ndarray:
-        if self.spec.flavor == "pytorch":
+        if self.spec.flavor != "pytorch":
+            frame = table.select(list(self.spec.features)).to_pandas()
+            return score_in_batches(
+                lambda rows: as_matrix(self._pyfunc.predict(frame.iloc[rows[:, 0]])),
+                np.arange(len(frame)).reshape(-1, 1),
+                batch_size,
+            )
+        if self.device == "cpu" and self.precision == "fp32":
             features = feature_matrix(table, self.spec.features)
             return score_in_batches(lambda x: score_batch(self._torch, x), features, batch_size)
-        frame = table.select(list(self.spec.features)).to_pandas()
-        return score_in_batches(
-            lambda rows: as_matrix(self._pyfunc.predict(frame.iloc[rows[:, 0]])),
-            np.arange(len(frame)).reshape(-1, 1),
-            batch_size,
-        )
+        return self._predict_on_device(table, batch_size)
+
+    def _predict_on_device(self, table: pa.Table, batch_size: int) -> np.ndarray:
+        import torch
+
+        host = self._host_buffer(table.num_rows)
+        feature_matrix(table, self.spec.features, out=host.numpy())
+        outputs = []
+        start, size = 0, batch_size
+        with torch.inference_mode(), self._autocast():
+            while start < table.num_rows:
+                try:
+                    batch = host[start : start + size].to(self.device, non_blocking=True)
+                    outputs.append(self._torch(batch).float())
+                except torch.cuda.OutOfMemoryError:
+                    if size == 1:
+                        raise
+                    size //= 2  # halve and retry the same rows
+                    torch.cuda.empty_cache()
+                    continue
+                start += size
+        return as_matrix(torch.cat(outputs))  # .cpu() inside synchronises: the buffer is free
+
+    def _host_buffer(self, rows: int) -> Any:
+        import torch
+
+        pinned = getattr(self._local, "pinned", None)
+        if pinned is None or pinned.shape[0] < rows:
+            pinned = torch.empty(
+                (rows, len(self.spec.features)),
+                dtype=torch.float32,
+                pin_memory=self.device == "cuda",
+            )
+            self._local.pinned = pinned
+        return pinned[:rows]
+
+    def _autocast(self) -> Any:
+        import contextlib
+
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device, dtype=dtype)
 
 
-def feature_matrix(table: pa.Table, features: tuple[str, ...]) -> np.ndarray:
-    """Arrow columns -> one C-contiguous, writable float32 matrix (one deliberate copy)."""
-    matrix = np.empty((table.num_rows, len(features)), dtype=np.float32)
+def feature_matrix(
+    table: pa.Table, features: tuple[str, ...], out: np.ndarray | None = None
+) -> np.ndarray:
+    """Arrow columns -> one C-contiguous, writable float32 matrix (one deliberate copy).
+
+    pandas 3 and Arrow hand out read-only buffers; copying each column once into
+    ``out`` (a pinned host buffer on CUDA) is the only copy before the model.
+    """
+    matrix = np.empty((table.num_rows, len(features)), dtype=np.float32) if out is None else out
     for j, name in enumerate(features):
         column = table.column(name)
         matrix[:, j] = column.to_numpy() if column.null_count == 0 else _with_nan(column)

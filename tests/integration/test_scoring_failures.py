@@ -1,0 +1,128 @@
+"""Scoring survives losing a worker, and a bounded number of failed shards when asked to."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchscore.samples import feature_names
+from batchscore.settings import RunSettings, load_settings
+from jobs import steps
+from jobs.manifest import load_manifest
+from jobs.pipeline import run_pipeline
+from kv_export.store import open_store
+from scoring.engine import ScoreJob, ShardResult, dask_client, run_shards
+from scoring.errors import ShardFailed
+from scoring.inputs import inspect_input
+from scoring.model import read_model_spec
+from scoring.shards import plan_shards
+from tests.conftest import KEY, N_FEATURES
+from tests.slow_model import SlowMLP
+
+pytestmark = [pytest.mark.slow]
+
+
+def write_input(folder: Path, files: int = 3, rows: int = 4000, group: int = 1000) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(files):
+        columns = {KEY: np.arange(rows, dtype=np.int64) + i * rows}
+        columns |= {f: rng.standard_normal(rows).astype(np.float32) for f in feature_names(N_FEATURES)}
+        pq.write_table(pa.table(columns), folder / f"{i}.parquet", row_group_size=group,
+                       compression="snappy")
+    return folder
+
+
+def slow_model(folder: Path) -> Path:
+    import mlflow.pytorch
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("float", n) for n in feature_names(N_FEATURES)]),
+        outputs=Schema([ColSpec("float", "p")]),
+    )
+    path = folder / "slow-model"
+    mlflow.pytorch.save_model(
+        SlowMLP(N_FEATURES, seconds_per_call=0.15).eval(), str(path), signature=signature,
+        serialization_format="pickle", pip_requirements=["torch"],
+    )
+    return path
+
+
+def test_a_killed_worker_costs_only_its_own_shards(tmp_path: Path) -> None:
+    data = write_input(tmp_path / "in", files=3, rows=4000, group=500)
+    model_dir = slow_model(tmp_path)
+    spec = read_model_spec(model_dir)
+    shards = plan_shards(inspect_input(data, spec.features, KEY).files, 1000)  # 12 shards
+    parts = tmp_path / "parts"
+    job = ScoreJob(
+        run_id="kill", model_dir=str(model_dir), model_name="slow", model_version="1",
+        spec=spec, key_column=KEY, parts_dir=str(parts), batch_size=500, device="cpu",
+    )
+    done_before_kill: dict[str, int] = {}
+    killed: list[int] = []
+
+    def kill_one_worker(result: ShardResult, done: int, total: int) -> None:
+        if killed:
+            return
+        for part in parts.glob("part-*.parquet"):
+            done_before_kill[part.name] = part.stat().st_mtime_ns
+        pid = int(result.worker.rsplit(":", 1)[1])
+        os.kill(pid, signal.SIGKILL)  # the nanny restarts it; its shards go elsewhere
+        killed.append(pid)
+
+    with dask_client("local", 2, 1) as client:
+        results, errors = run_shards(client, shards, job, on_progress=kill_one_worker)
+    assert killed and errors == {}
+    assert sorted(r.shard_id for r in results) == [s.id for s in shards]
+    table = pq.ParquetDataset(str(parts)).read(columns=[KEY])
+    assert sorted(table.column(KEY).to_pylist()) == list(range(12_000))  # each row once
+    for name, mtime in done_before_kill.items():
+        assert (parts / name).stat().st_mtime_ns == mtime, f"{name} was scored again"
+    assert len(done_before_kill) < len(shards)
+
+
+def corrupt_a_row_group(path: Path, row_group: int) -> None:
+    """Garble one column chunk's pages; the footer stays readable."""
+    column = pq.ParquetFile(path).metadata.row_group(row_group).column(3)
+    data = bytearray(path.read_bytes())
+    start, size = column.data_page_offset, column.total_compressed_size
+    data[start + 20 : start + size - 4] = np.random.default_rng(1).bytes(size - 24)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.e2e
+def test_max_failed_shards_lets_a_run_finish_without_them(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    data = write_input(tmp_path / "in", files=3, rows=4000, group=1000)
+    corrupt_a_row_group(data / "1.parquet", 2)
+    settings = load_settings(RunSettings)
+    strict = steps.make_params(
+        settings, input_path=str(data), model_uri="models:/churn/1", key_column=KEY,
+        namespace="partial",
+    )
+    with pytest.raises(ShardFailed, match=r"1 of 6 shards failed.*1\.parquet row groups 2-3"):
+        run_pipeline(settings, strict)
+    store = open_store(settings.resolved_store_url)
+    assert store.state("partial").versions == {}
+
+    lenient = strict.model_copy(update={"max_failed_shards": 1})
+    manifest = run_pipeline(settings, lenient)  # the same run, resumed: 5 parts exist
+    assert manifest.published
+    score = manifest.steps["score"]
+    assert (score["shards_skipped"], score["shards_failed"]) == (5, 1)  # only it was retried
+    failed = manifest.summary()["failed_shards"]
+    assert len(failed) == 1 and failed[0]["rows"] == 2000 and "could not be read" in failed[0]["error"]
+    assert manifest.steps["validate"]["rows"] == 10_000
+    assert manifest.steps["validate"]["rows_of_failed_shards"] == 2000
+    live = store.state("partial").live_info()
+    assert live is not None and live.key_count == 10_000
+    assert load_manifest(manifest.run_dir).validation["success"] is True
