@@ -11,15 +11,22 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from batchscore.errors import BatchscoreError
 from batchscore.settings import ApiSettings, RunSettings, load_settings
 
-app = typer.Typer(help="Batch scoring on Airflow, MLflow, Dask and a KV store.", no_args_is_help=True)
-model_app = typer.Typer(help="The MLflow model registry: register, promote, list.", no_args_is_help=True)
-step_app = typer.Typer(help="Run one pipeline step on an existing run folder.", no_args_is_help=True)
+app = typer.Typer(
+    help="Batch scoring on Airflow, MLflow, Dask and a KV store.", no_args_is_help=True
+)
+model_app = typer.Typer(
+    help="The MLflow model registry: register, promote, list.", no_args_is_help=True
+)
+step_app = typer.Typer(
+    help="Run one pipeline step on an existing run folder.", no_args_is_help=True
+)
 app.add_typer(model_app, name="model")
 app.add_typer(step_app, name="step")
 console = Console(stderr=True)
@@ -40,7 +47,8 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _fail(exc: BatchscoreError) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    # No wrapping and no markup: the message is one greppable line, brackets included.
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
     raise typer.Exit(1)
 
 
@@ -54,10 +62,14 @@ def _run_settings(**overrides: Any) -> RunSettings:
 
 @app.command()
 def run(
-    input: Annotated[str, typer.Option("--input", help="Parquet file or folder (partition folders too).")],
+    input: Annotated[
+        str, typer.Option("--input", help="Parquet file or folder (partition folders too).")
+    ],
     model: Annotated[str, typer.Option("--model", help="models:/name@alias or models:/name/N")],
     key_column: Annotated[str, typer.Option("--key-column", help="Column with each row's key.")],
-    namespace: Annotated[str | None, typer.Option(help="Keyspace; default: the model's name.")] = None,
+    namespace: Annotated[
+        str | None, typer.Option(help="Keyspace; default: the model's name.")
+    ] = None,
     store: StoreOpt = None,
     output: Annotated[Path | None, typer.Option("--output", help="Root of run folders.")] = None,
     batch_size: Annotated[
@@ -76,7 +88,9 @@ def run(
         str | None, typer.Option(help="Comma-separated feature columns (tensor-signature models).")
     ] = None,
     shard_rows: Annotated[int | None, typer.Option(min=1, help="Target rows per shard.")] = None,
-    run_id: Annotated[str | None, typer.Option(help="Run id; default: derived from the inputs.")] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Run id; default: derived from the inputs.")
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Score and validate; publish nothing.")] = False,
     force: Annotated[bool, typer.Option(help="Re-score shards whose parts exist.")] = False,
     summary_json: Annotated[Path | None, typer.Option(help="Write the run summary here.")] = None,
@@ -87,8 +101,13 @@ def run(
     from jobs.pipeline import run_pipeline
 
     settings = _run_settings(
-        output_dir=output, batch_size=batch_size, cluster=cluster, device=device,
-        precision=precision, max_failed_shards=max_failed_shards, workers=workers,
+        output_dir=output,
+        batch_size=batch_size,
+        cluster=cluster,
+        device=device,
+        precision=precision,
+        max_failed_shards=max_failed_shards,
+        workers=workers,
     )
     try:
         from jobs.steps import make_params
@@ -177,7 +196,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         )
     out.print(table)
     model = summary["model"]
-    state = "published" if summary["published"] else ("dry run" if summary.get("dry_run") else "NOT published")
+    state = (
+        "published"
+        if summary["published"]
+        else ("dry run" if summary.get("dry_run") else "NOT published")
+    )
     out.print(
         f"namespace [bold]{summary['namespace']}[/] · model {model['name']} v{model['version']} · "
         f"{summary['rows']:,} rows · version {summary['version']} [bold]{state}[/]"
@@ -209,15 +232,22 @@ def serve(
         _fail(exc)
         return
     common: dict[str, Any] = {
-        "host": settings.host, "port": settings.port, "log_level": "warning", "access_log": False
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": "warning",
+        "access_log": False,
     }
     if settings.api_workers == 1:
         uvicorn.run(application, **common)
         return
     # Workers are separate processes that build the app from the cached get_settings(),
     # i.e. from the environment: hand them the command-line overrides through it.
-    overrides = {"STORE_URL": settings.resolved_store_url, "HOST": settings.host,
-                 "PORT": str(settings.port), "API_WORKERS": str(settings.api_workers)}
+    overrides = {
+        "STORE_URL": settings.resolved_store_url,
+        "HOST": settings.host,
+        "PORT": str(settings.port),
+        "API_WORKERS": str(settings.api_workers),
+    }
     os.environ.update({f"BATCHSCORE_{name}": value for name, value in overrides.items()})
     uvicorn.run("lookup.app:create_app", factory=True, workers=settings.api_workers, **common)
 
@@ -225,7 +255,9 @@ def serve(
 @app.command()
 def rollback(
     namespace: str,
-    to: Annotated[int | None, typer.Option(help="Version to make live; default: the previous.")] = None,
+    to: Annotated[
+        int | None, typer.Option(help="Version to make live; default: the previous.")
+    ] = None,
     store: StoreOpt = None,
 ) -> None:
     """Make the previous kept version (or --to VERSION) live again."""
@@ -243,7 +275,9 @@ def rollback(
 
 
 @app.command()
-def status(namespace: str, store: StoreOpt = None, json_out: bool = typer.Option(False, "--json")) -> None:
+def status(
+    namespace: str, store: StoreOpt = None, json_out: bool = typer.Option(False, "--json")
+) -> None:
     """Live version, kept versions and the last run's summary of a namespace."""
     from jobs.status import namespace_status
 
@@ -261,8 +295,12 @@ def status(namespace: str, store: StoreOpt = None, json_out: bool = typer.Option
         table.add_column(column)
     for v in report["versions"]:
         table.add_row(
-            str(v["version"]), "●" if v["version"] == report["live"] else "", v["state"],
-            f"{v['key_count']:,}", f"{v['model_name']} v{v['model_version']}", v["run_id"],
+            str(v["version"]),
+            "●" if v["version"] == report["live"] else "",
+            v["state"],
+            f"{v['key_count']:,}",
+            f"{v['model_name']} v{v['model_version']}",
+            v["run_id"],
             v["published_at"] or "",
         )
     out.print(table)

@@ -58,8 +58,11 @@ def run_demo(settings: RunSettings, *, rows: int, console: Console) -> int:
     timings["airflow db"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    conf = {"input_path": str(data), "model_uri": f"models:/{MODEL_NAME}@{ALIAS}",
-            "key_column": KEY_COLUMN}
+    conf = {
+        "input_path": str(data),
+        "model_uri": f"models:/{MODEL_NAME}@{ALIAS}",
+        "key_column": KEY_COLUMN,
+    }
     _airflow_dags_test(env, conf, home, console)
     timings["airflow dags test"] = time.perf_counter() - started
 
@@ -172,9 +175,12 @@ def _airflow_dags_test(
     log = home / "logs" / "airflow-dags-test.log"
     console.print(f"[bold]running the DAG '{DAG_ID}' with airflow dags test[/] (full log: {log})")
     command = ["airflow", "dags", "test", DAG_ID, "-c", json.dumps(conf)]
-    with log.open("w") as handle, subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as process:
+    with (
+        log.open("w") as handle,
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as process,
+    ):
         assert process.stdout is not None
         for line in process.stdout:
             handle.write(line)
@@ -186,7 +192,8 @@ def _airflow_dags_test(
                 console.print(f"    [red]{line.strip()[:300]}[/]")
     if process.returncode != 0 or "state=failed" in log.read_text().split("DagRun Finished")[-1]:
         raise DemoFailed(
-            "The DAG run failed", found=f"airflow dags test exit {process.returncode}",
+            "The DAG run failed",
+            found=f"airflow dags test exit {process.returncode}",
             fix=f"Read {log}",
         )
     console.print("[green]✓[/] DAG run succeeded")
@@ -217,7 +224,9 @@ def _query_api(
     command = [sys.executable, "-m", "batchscore.cli", "serve", "--port", str(port)]
     keys = _sample_keys(manifest)
     base = f"http://127.0.0.1:{port}"
-    with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as api:
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    ) as api:
         try:
             _wait_ready(base, api)
             console.print(f"[bold]lookup API on {base}[/] (OpenAPI: {base}/docs)")
@@ -265,7 +274,8 @@ def _print_summary(
     for step, details in steps.items():
         detail = ""
         if step == "score":
-            detail = f"{details.get('rows_per_second') or 0:,.0f} rows/s, {details.get('shards_scored')} shards"
+            rate = details.get("rows_per_second") or 0
+            detail = f"{rate:,.0f} rows/s, {details.get('shards_scored')} shards"
         elif step == "resolve":
             detail = f"{details.get('requested')} → {details.get('model')}"
         elif step in ("export", "publish"):

@@ -33,7 +33,10 @@ def main() -> None:
     started = time.perf_counter()
     data = ray.data.read_parquet(folder, columns=["id", *NAMES])
     scored = data.map_batches(
-        Predict, fn_constructor_args=(model_dir,), batch_size=32_768, concurrency=workers,
+        Predict,
+        fn_constructor_args=(model_dir,),
+        batch_size=32_768,
+        concurrency=workers,
         batch_format="numpy",
     )
     scored.write_parquet(out)

@@ -56,9 +56,14 @@ def dataset(cache: Path, rows: int) -> Path:
         log(f"writing {files_needed * FILE_ROWS:,} rows of Parquet into {pool}")
         shutil.rmtree(pool, ignore_errors=True)
         make_dataset(
-            pool, rows=files_needed * FILE_ROWS, files=files_needed,
-            row_group_rows=ROW_GROUP_ROWS, n_features=N_FEATURES, key_column=KEY,
-            partitioned=False, seed=11,
+            pool,
+            rows=files_needed * FILE_ROWS,
+            files=files_needed,
+            row_group_rows=ROW_GROUP_ROWS,
+            n_features=N_FEATURES,
+            key_column=KEY,
+            partitioned=False,
+            seed=11,
         )
         have = sorted(pool.glob("*.parquet"))
     view = cache / f"rows-{rows}"
@@ -82,8 +87,14 @@ def register_models(cache: Path) -> tuple[str, dict[str, str]]:
         torch.manual_seed(0)
         model = MLP(N_FEATURES, hidden=hidden, n_outputs=1, sigmoid=False).eval()
         registered = log_and_register(
-            model, tracking_uri=tracking, artifact_root=cache / "artifacts", name=name,
-            n_features=N_FEATURES, serialization="pickle", alias="bench", output_name="score",
+            model,
+            tracking_uri=tracking,
+            artifact_root=cache / "artifacts",
+            name=name,
+            n_features=N_FEATURES,
+            serialization="pickle",
+            alias="bench",
+            output_name="score",
         )
         uris[name] = registered.uri
     return tracking, uris
@@ -141,7 +152,11 @@ def batchscore_run(
     shutil.rmtree(home, ignore_errors=True)
     settings = RunSettings(home=home, mlflow_tracking_uri=tracking)
     params = steps.make_params(
-        settings, input_path=str(folder), model_uri=uri, key_column=KEY, namespace="bench",
+        settings,
+        input_path=str(folder),
+        model_uri=uri,
+        key_column=KEY,
+        namespace="bench",
         **options,
     )
     ref = steps.resolve(settings, params)
@@ -212,7 +227,7 @@ def dask_dataframe(folder: Path, model_dir: Path, out: Path, workers: int) -> fl
     with LocalCluster(n_workers=workers, threads_per_worker=1) as cluster, Client(cluster):
         started = time.perf_counter()
         frame = dd.read_parquet(str(folder), columns=[KEY, *names])
-        meta = pd.DataFrame({KEY: pd.Series([], dtype="int64"), "score": pd.Series([], "float32")})
+        meta = pd.DataFrame({KEY: pd.Series([], dtype="int64"), "score": pd.Series([], dtype="float32")})
         scored = frame.map_partitions(_dask_predict, str(model_dir), names, meta=meta)
         scored.to_parquet(str(out), write_index=False)
         rows = len(dd.read_parquet(str(out)))
@@ -226,18 +241,36 @@ def ray_data(folder: Path, model_dir: Path, out: Path, venv: Path, workers: int)
         log(f"installing Ray Data into {venv}")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         done = subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "ray[data]", "torch==2.13.0",
-             "pyarrow", "pandas"],
-            capture_output=True, text=True,
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "ray[data]",
+                "torch==2.13.0",
+                "pyarrow",
+                "pandas",
+            ],
+            capture_output=True,
+            text=True,
         )
         if done.returncode != 0:
             shutil.rmtree(venv, ignore_errors=True)
             return f"not measured: ray did not install ({done.stderr.strip()[-200:]})"
     shutil.rmtree(out, ignore_errors=True)
     done = subprocess.run(
-        [str(python), str(REPO / "bench" / "ray_peer.py"), str(folder), str(model_dir), str(out),
-         str(workers)],
-        capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(REPO)},
+        [
+            str(python),
+            str(REPO / "bench" / "ray_peer.py"),
+            str(folder),
+            str(model_dir),
+            str(out),
+            str(workers),
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
     )
     if done.returncode != 0:
         return f"not measured: ray failed ({done.stderr.strip()[-300:]})"
@@ -270,11 +303,18 @@ def cpu_bench(args: argparse.Namespace) -> None:
         rows = args.rows if name == next(iter(uris)) else min(args.rows, args.wide_rows)
         log(f"{name}: batchscore score step over {rows:,} rows")
         ours = batchscore_run(
-            folder if rows == args.rows else dataset(cache, rows), uri, tracking,
-            cache / "home", workers=args.workers, shard_rows=args.shard_rows,
+            folder if rows == args.rows else dataset(cache, rows),
+            uri,
+            tracking,
+            cache / "home",
+            workers=args.workers,
+            shard_rows=args.shard_rows,
         )
         entry: dict[str, Any] = {
-            "compute": compute, "decode": decode, "serial": serial, "batchscore": ours,
+            "compute": compute,
+            "decode": decode,
+            "serial": serial,
+            "batchscore": ours,
             "peers": {},
         }
         if name == next(iter(uris)) and not args.skip_peers:
@@ -296,8 +336,12 @@ def cpu_bench(args: argparse.Namespace) -> None:
         for size in args.rss_rows:
             log(f"peak RSS at {size:,} rows")
             rss[size] = batchscore_run(
-                dataset(cache, size), next(iter(uris.values())), tracking, cache / "home-rss",
-                workers=args.workers, shard_rows=args.shard_rows,
+                dataset(cache, size),
+                next(iter(uris.values())),
+                tracking,
+                cache / "home-rss",
+                workers=args.workers,
+                shard_rows=args.shard_rows,
             )
     results["rss"] = rss
     results["seconds"] = time.perf_counter() - started
@@ -311,20 +355,28 @@ def render_cpu(results: dict[str, Any], args: argparse.Namespace) -> str:
     for name, entry in results["models"].items():
         ours = entry["batchscore"]
         rate = ours["rows_per_second"]
-        best_peer = max(
-            (v for v in entry["peers"].values() if isinstance(v, float)), default=None
+        best_peer = max((v for v in entry["peers"].values() if isinstance(v, float)), default=None)
+        rows.append(
+            [
+                name,
+                f"{ours['rows']:,}",
+                f"{entry['compute']:,.0f}",
+                f"{entry['decode']:,.0f}",
+                f"{entry['serial']:,.0f}",
+                f"{rate:,.0f}",
+                f"{rate / entry['serial']:.2f}",
+                f"{rate / best_peer:.2f}" if best_peer else "n/a",
+            ]
         )
-        rows.append([
-            name, f"{ours['rows']:,}", f"{entry['compute']:,.0f}", f"{entry['decode']:,.0f}", f"{entry['serial']:,.0f}",
-            f"{rate:,.0f}", f"{rate / entry['serial']:.2f}",
-            f"{rate / best_peer:.2f}" if best_peer else "n/a",
-        ])
         for peer, value in entry["peers"].items():
-            peer_rows.append([
-                name, peer,
-                f"{value:,.0f}" if isinstance(value, float) else value,
-                f"{rate / value:.2f}" if isinstance(value, float) else "n/a",
-            ])
+            peer_rows.append(
+                [
+                    name,
+                    peer,
+                    f"{value:,.0f}" if isinstance(value, float) else value,
+                    f"{rate / value:.2f}" if isinstance(value, float) else "n/a",
+                ]
+            )
     text = [
         f"Command: `make bench-score` (`python bench/score_bench.py --rows {args.rows}`), "
         f"{time.strftime('%Y-%m-%d')}, {machine()}. Dataset: {args.rows:,} rows "
@@ -338,8 +390,16 @@ def render_cpu(results: dict[str, Any], args: argparse.Namespace) -> str:
         "worker within 10% between the two sizes.",
         "",
         table(
-            ["model", "rows", "compute limit rows/s", "decode limit rows/s", "serial limit rows/s",
-             "batchscore rows/s", "× serial limit", "× best peer"],
+            [
+                "model",
+                "rows",
+                "compute limit rows/s",
+                "decode limit rows/s",
+                "serial limit rows/s",
+                "batchscore rows/s",
+                "× serial limit",
+                "× best peer",
+            ],
             rows,
         ),
         "",
@@ -387,9 +447,16 @@ def gpu_bench(args: argparse.Namespace) -> None:
             parts = cache / f"parts-{name}-{precision}-{threads}"
             shutil.rmtree(parts, ignore_errors=True)
             job = ScoreJob(
-                run_id=f"gpu-{precision}-{threads}", model_dir=str(model_dir), model_name=name,
-                model_version="1", spec=spec, key_column=KEY, parts_dir=str(parts),
-                batch_size=0, device="cuda", precision=precision,
+                run_id=f"gpu-{precision}-{threads}",
+                model_dir=str(model_dir),
+                model_name=name,
+                model_version="1",
+                spec=spec,
+                key_column=KEY,
+                parts_dir=str(parts),
+                batch_size=0,
+                device="cuda",
+                precision=precision,
             )
             cluster_started = time.perf_counter()
             with dask_client("cuda", 1, threads) as client:
@@ -408,8 +475,11 @@ def gpu_bench(args: argparse.Namespace) -> None:
             rows = sum(r.rows for r in scored)
             total = rows + shards[0].rows
             entry["runs"][f"{precision}, {threads} threads"] = {
-                "rows_per_second": rows / seconds, "seconds": seconds, "workers": workers,
-                "threads_per_worker": threads, "cluster_start_seconds": startup,
+                "rows_per_second": rows / seconds,
+                "seconds": seconds,
+                "workers": workers,
+                "threads_per_worker": threads,
+                "cluster_start_seconds": startup,
                 "first_shard_seconds": first_shard,
                 "end_to_end_rows_per_second": total / (seconds + first_shard + startup),
                 "batch_size": sorted({r.batch_size for r in scored}),
@@ -427,37 +497,55 @@ def render_gpu(results: dict[str, Any], command: str) -> str:
             continue
         limit = min(entry["decode"], entry["gpu_forward"])
         for run, r in entry["runs"].items():
-            rows.append([
-                name, run, f"{entry['gpu_forward']:,.0f}", f"{entry['decode']:,.0f}",
-                f"{r['rows_per_second']:,.0f}", f"{r['rows_per_second'] / limit:.2f}",
-                f"{r['end_to_end_rows_per_second']:,.0f}",
-                f"{r['end_to_end_rows_per_second'] / limit:.2f}",
-                f"{r['cluster_start_seconds']:.1f} + {r['first_shard_seconds']:.1f}",
-            ])
-    return "\n".join([
-        f"Command: `{command}` on the lent GPU machine ({results['device']}, 16 cores), "
-        f"{results['rows']:,} rows, shards of 500,000 rows, one dask-cuda worker "
-        "(`LocalCUDACluster`, one per GPU) with N threads sharing one model; batch size auto "
-        "(the largest power of two that fits half the free GPU memory, capped at 2^20).",
-        "",
-        "Target: score rows/s ≥ 0.8 × min(decode, GPU forward), both measured in the same run. "
-        "The decode limit is one Python loop reading row groups into a float32 matrix "
-        "(Arrow's own threads inside each read); the worker's threads decode several shards at "
-        "once, which is why the steady rate passes it.",
-        "",
-        table(
-            ["model", "run", "GPU forward rows/s", "decode rows/s", "steady rows/s",
-             "× limit", "end-to-end rows/s", "× limit", "start-up s (cluster + first shard)"],
-            rows,
-        ),
-        "",
-        "Steady: after the first shard (which loads the model: mlflow import, CUDA and cuBLAS "
-        "start-up, about 12-14 s). End-to-end: from cluster start to the last part written. "
-        "The run is decode-bound: the GPU forward pass is 10-100× faster than decoding, so bf16 "
-        "changes little. The GPU tests (`tests/integration/test_gpu.py`, pickle and pt2 models "
-        "on CUDA equal to CPU, dask-cuda cluster scoring every row once, OOM halving) passed "
-        "on the same machine: 6 passed, 1 skipped (the no-dask-cuda case).",
-    ])
+            rows.append(
+                [
+                    name,
+                    run,
+                    f"{entry['gpu_forward']:,.0f}",
+                    f"{entry['decode']:,.0f}",
+                    f"{r['rows_per_second']:,.0f}",
+                    f"{r['rows_per_second'] / limit:.2f}",
+                    f"{r['end_to_end_rows_per_second']:,.0f}",
+                    f"{r['end_to_end_rows_per_second'] / limit:.2f}",
+                    f"{r['cluster_start_seconds']:.1f} + {r['first_shard_seconds']:.1f}",
+                ]
+            )
+    return "\n".join(
+        [
+            f"Command: `{command}` on the lent GPU machine ({results['device']}, 16 cores), "
+            f"{results['rows']:,} rows, shards of 500,000 rows, one dask-cuda worker "
+            "(`LocalCUDACluster`, one per GPU) with N threads sharing one model; batch size auto "
+            "(the largest power of two that fits half the free GPU memory, capped at 2^20).",
+            "",
+            "Target: score rows/s ≥ 0.8 × min(decode, GPU forward), both measured in the same run. "
+            "The decode limit is one Python loop reading row groups into a float32 matrix "
+            "(Arrow's own threads inside each read); the worker's threads decode several shards at "
+            "once, which is why the steady rate passes it.",
+            "",
+            table(
+                [
+                    "model",
+                    "run",
+                    "GPU forward rows/s",
+                    "decode rows/s",
+                    "steady rows/s",
+                    "× limit",
+                    "end-to-end rows/s",
+                    "× limit",
+                    "start-up s (cluster + first shard)",
+                ],
+                rows,
+            ),
+            "",
+            "Steady: after the first shard (which loads the model: mlflow import, CUDA and "
+            "cuBLAS start-up, about 12-14 s). End-to-end: from cluster start to the last part "
+            "written. The run is decode-bound: the GPU forward pass is 10-100× faster than "
+            "decoding, so bf16 changes little. The GPU tests (`tests/integration/test_gpu.py`, "
+            "pickle and pt2 models on CUDA equal to CPU, dask-cuda cluster scoring every row "
+            "once, OOM halving) passed on the same machine: 6 passed, 1 skipped (the "
+            "no-dask-cuda case).",
+        ]
+    )
 
 
 def model_dirs_for_gpu(cache: Path) -> dict[str, Path]:
@@ -480,8 +568,11 @@ def model_dirs_for_gpu(cache: Path) -> dict[str, Path]:
                 outputs=Schema([ColSpec("float", "score")]),
             )
             mlflow.pytorch.save_model(
-                MLP(N_FEATURES, hidden=hidden, sigmoid=False).eval(), str(path),
-                signature=signature, serialization_format="pickle", pip_requirements=["torch"],
+                MLP(N_FEATURES, hidden=hidden, sigmoid=False).eval(),
+                str(path),
+                signature=signature,
+                serialization_format="pickle",
+                pip_requirements=["torch"],
             )
         found[name] = path
     return found

@@ -70,11 +70,20 @@ def write_data(folder: Path, keys: int) -> tuple[list[Path], list[PartInfo], np.
     paths, parts = [], []
     for i, rows in enumerate(np.array_split(np.arange(keys), 4)):
         path = folder / f"part-{i:04d}.parquet"
-        pq.write_table(pa.table({"customer_id": ids[rows], "churn_probability": values[rows]}),
-                       path, row_group_size=10_000)
+        pq.write_table(
+            pa.table({"customer_id": ids[rows], "churn_probability": values[rows]}),
+            path,
+            row_group_size=10_000,
+        )
         paths.append(path)
-        parts.append(PartInfo(path=str(path), rows=len(rows), min_key=int(ids[rows][0]),
-                              max_key=int(ids[rows][-1])))
+        parts.append(
+            PartInfo(
+                path=str(path),
+                rows=len(rows),
+                min_key=int(ids[rows][0]),
+                max_key=int(ids[rows][-1]),
+            )
+        )
     return paths, parts, values
 
 
@@ -82,9 +91,16 @@ def publish(store_url: str, folder: Path, paths: list[Path], parts: list[PartInf
     store = open_store(store_url)
     rows = sum(p.rows for p in parts)
     new = NewVersion(
-        run_id="bench-run", expected_keys=rows, buckets=bucket_count(rows),
-        outputs=["churn_probability"], model_name="churn", model_version="1",
-        scored_at=utcnow(), key_column="customer_id", key_type="int", output_dir=str(folder),
+        run_id="bench-run",
+        expected_keys=rows,
+        buckets=bucket_count(rows),
+        outputs=["churn_probability"],
+        model_name="churn",
+        model_version="1",
+        scored_at=utcnow(),
+        key_column="customer_id",
+        key_type="int",
+        output_dir=str(folder),
         parts=parts,
     )
     exported = export_parts(store, NS, new, paths)
@@ -110,8 +126,9 @@ def lua_single(prefix: str, keys: int) -> str:
     """)
 
 
-def lua_post(path: str, body_head: str, body_tail: str, keys: int, per_request: int,
-             quote: bool) -> str:
+def lua_post(
+    path: str, body_head: str, body_tail: str, keys: int, per_request: int, quote: bool
+) -> str:
     q = '"' if quote else ""
     return textwrap.dedent(f"""
         math.randomseed(os.time())
@@ -140,8 +157,9 @@ def wrk(name: str, url: str, script: str | None, args: argparse.Namespace, tmp: 
         path.write_text(script)
         command += ["-s", str(path)]
     subprocess.run([*command, "-d2s", url], capture_output=True)  # warm-up, not reported
-    out = subprocess.run([*command, f"-d{args.seconds}s", url], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [*command, f"-d{args.seconds}s", url], capture_output=True, text=True, check=True
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = to_ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = to_ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -155,9 +173,21 @@ class Redis:
     def __init__(self, folder: Path) -> None:
         self.port = free_port()
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(folder)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         time.sleep(0.5)
 
@@ -177,7 +207,9 @@ def serve(store_url: str, home: Path, log: Path) -> tuple[subprocess.Popen[bytes
     env |= {"BATCHSCORE_HOME": str(home)}
     process = subprocess.Popen(
         [str(BIN / "batchscore"), "serve", "--store", store_url, "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
     )
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/healthz")
@@ -203,23 +235,31 @@ store.write_to_online_store("churn_fv", frame)
 """
 
 
-def run_feast(redis: Redis, keys: int, values: np.ndarray, tmp: Path,
-              args: argparse.Namespace) -> Result:
+def run_feast(
+    redis: Redis, keys: int, values: np.ndarray, tmp: Path, args: argparse.Namespace
+) -> Result:
     """Feast's feature server on the same Redis and keys, or why it could not run."""
     feast = FEAST_VENV / "bin" / "feast"
     if not feast.exists():
-        return Result("Feast feature server (feast serve)", None, None, None,
-                      f"not run: {feast} missing (make bench-serve installs it)")
+        return Result(
+            "Feast feature server (feast serve)",
+            None,
+            None,
+            None,
+            f"not run: {feast} missing (make bench-serve installs it)",
+        )
     repo = tmp / "feast_repo"
     repo.mkdir()
     data = repo / "churn.parquet"
     ids = np.arange(FIRST_KEY, FIRST_KEY + keys, dtype=np.int64)
     stamp = pa.array(np.full(keys, np.datetime64("2026-11-01T00:00:00", "us")))
-    pq.write_table(pa.table({"customer_id": ids, "churn_probability": values,
-                             "event_timestamp": stamp}), data)
-    (repo / "feature_store.yaml").write_text(textwrap.dedent(f"""
+    pq.write_table(
+        pa.table({"customer_id": ids, "churn_probability": values, "event_timestamp": stamp}), data
+    )
+    (repo / "feature_store.yaml").write_text(
+        textwrap.dedent(f"""
         project: bench
-        registry: {repo / 'registry.db'}
+        registry: {repo / "registry.db"}
         provider: local
         online_store:
           type: redis
@@ -227,7 +267,8 @@ def run_feast(redis: Redis, keys: int, values: np.ndarray, tmp: Path,
         offline_store:
           type: file
         entity_key_serialization_version: 3
-    """))
+    """)
+    )
     (repo / "repo.py").write_text(FEAST_REPO.format(data=data))
     loader = tmp / "feast_load.py"  # outside the repo: `feast apply` imports every .py in it
     loader.write_text(FEAST_LOAD.format(data=data))
@@ -238,17 +279,32 @@ def run_feast(redis: Redis, keys: int, values: np.ndarray, tmp: Path,
         done = subprocess.run(step, cwd=repo, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             why = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            return Result("Feast feature server (feast serve)", None, None, None,
-                          f"not run: `{' '.join(step[-2:])}` failed: {why[0][:200]}")
+            return Result(
+                "Feast feature server (feast serve)",
+                None,
+                None,
+                None,
+                f"not run: `{' '.join(step[-2:])}` failed: {why[0][:200]}",
+            )
     port = free_port()
-    server = subprocess.Popen([str(feast), "serve", "-h", "127.0.0.1", "-p", str(port)],
-                              cwd=repo, env=env, stdout=subprocess.DEVNULL,
-                              stderr=(tmp / "feast.log").open("wb"))
+    server = subprocess.Popen(
+        [str(feast), "serve", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp / "feast.log").open("wb"),
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/health", 120)
-        probe = httpx.post(base + "/get-online-features", timeout=10, json={
-            "features": ["churn_fv:churn_probability"], "entities": {"customer_id": [FIRST_KEY]}})
+        probe = httpx.post(
+            base + "/get-online-features",
+            timeout=10,
+            json={
+                "features": ["churn_fv:churn_probability"],
+                "entities": {"customer_id": [FIRST_KEY]},
+            },
+        )
         assert probe.status_code == 200, probe.text
         head = '{"features": ["churn_fv:churn_probability"], "entities": {"customer_id": ['
         script = lua_post("/get-online-features", head, "]}}", keys, 1, quote=False)
@@ -270,9 +326,12 @@ def report(results: dict[str, Result], args: argparse.Namespace, seconds: float)
         return "—" if x is None else format(x, spec)
 
     rows = [
-        "| load | req/s | p50 ms | p99 ms | note |", "|---|---:|---:|---:|---|",
-        *(f"| {r.name} | {fmt(r.rps, ',.0f')} | {fmt(r.p50_ms)} | {fmt(r.p99_ms)} | {r.note} |"
-          for r in results.values()),
+        "| load | req/s | p50 ms | p99 ms | note |",
+        "|---|---:|---:|---:|---|",
+        *(
+            f"| {r.name} | {fmt(r.rps, ',.0f')} | {fmt(r.p50_ms)} | {fmt(r.p99_ms)} | {r.note} |"
+            for r in results.values()
+        ),
     ]
     checks = []
     for label, primary in (("Redis", redis), ("embedded (LMDB)", lmdb)):
@@ -280,36 +339,50 @@ def report(results: dict[str, Result], args: argparse.Namespace, seconds: float)
         p99_ratio = ratio(primary.p99_ms, empty.p99_ms)
         checks.append(
             f"| single key via {label}: req/s ≥ 0.7× empty | {fmt(rps_ratio)}× | "
-            f"{'met' if rps_ratio and rps_ratio >= 0.7 else 'NOT met'} |")
+            f"{'met' if rps_ratio and rps_ratio >= 0.7 else 'NOT met'} |"
+        )
         checks.append(
             f"| single key via {label}: p99 ≤ 3× empty | {fmt(p99_ratio)}× | "
-            f"{'met' if p99_ratio and p99_ratio <= 3 else 'NOT met'} |")
+            f"{'met' if p99_ratio and p99_ratio <= 3 else 'NOT met'} |"
+        )
     for label, mine in (("Redis", redis), ("LMDB", lmdb)):
         for stat in ("p50_ms", "p99_ms"):
             ours, theirs = getattr(mine, stat), getattr(feast, stat)
-            verdict = "not measured" if theirs is None else (
-                "met" if ours < theirs else "NOT met")
-            checks.append(f"| {label} {stat[:3]} < Feast {stat[:3]} | "
-                          f"{fmt(ratio(ours, theirs))}× | {verdict} |")
+            verdict = "not measured" if theirs is None else ("met" if ours < theirs else "NOT met")
+            checks.append(
+                f"| {label} {stat[:3]} < Feast {stat[:3]} | "
+                f"{fmt(ratio(ours, theirs))}× | {verdict} |"
+            )
     fb = ratio(fallback.p99_ms, redis.p99_ms)
-    checks.append(f"| fallback p99 ≤ 2× Redis p99 | {fmt(fb)}× | "
-                  f"{'met' if fb is not None and fb <= 2 else 'NOT met'} |")
-    return "\n".join([
-        SECTION, "",
-        f"Command: `make bench-serve` (`{' '.join(sys.argv)}`), measured "
-        f"{time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'}: "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, loopback, "
-        f"wrk -t{args.threads} -c{args.connections} -d{args.seconds}s (after a 2 s warm-up), "
-        f"random keys out of {args.keys:,}; one API worker (`batchscore serve`, default "
-        "settings: access log on, metrics on, auth off), the load generator on the same "
-        f"CPUs. The whole run took {seconds:.0f} s.", "",
-        *rows, "",
-        "| target | ratio | verdict |", "|---|---:|---|", *checks, "",
-        "The empty endpoint is `/healthz` of the same app (same middleware, same uvicorn "
-        "settings). The fallback row is the Redis-backed API with Redis stopped: the breaker "
-        "is open and keys are answered from the live run's Parquet parts through the "
-        "row-group index (decoded row groups cached in memory after the warm-up).", "",
-    ])
+    checks.append(
+        f"| fallback p99 ≤ 2× Redis p99 | {fmt(fb)}× | "
+        f"{'met' if fb is not None and fb <= 2 else 'NOT met'} |"
+    )
+    return "\n".join(
+        [
+            SECTION,
+            "",
+            f"Command: `make bench-serve` (`{' '.join(sys.argv)}`), measured "
+            f"{time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'}: "
+            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, loopback, "
+            f"wrk -t{args.threads} -c{args.connections} -d{args.seconds}s (after a 2 s warm-up), "
+            f"random keys out of {args.keys:,}; one API worker (`batchscore serve`, default "
+            "settings: access log on, metrics on, auth off), the load generator on the same "
+            f"CPUs. The whole run took {seconds:.0f} s.",
+            "",
+            *rows,
+            "",
+            "| target | ratio | verdict |",
+            "|---|---:|---|",
+            *checks,
+            "",
+            "The empty endpoint is `/healthz` of the same app (same middleware, same uvicorn "
+            "settings). The fallback row is the Redis-backed API with Redis stopped: the breaker "
+            "is open and keys are answered from the live run's Parquet parts through the "
+            "row-group index (decoded row groups cached in memory after the warm-up).",
+            "",
+        ]
+    )
 
 
 def write_section(section: str) -> None:
@@ -320,7 +393,7 @@ def write_section(section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     else:
         following = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if following == -1 else text[following + 1:])
+        text = text[:start] + section + ("" if following == -1 else text[following + 1 :])
     doc.write_text(text)
 
 
@@ -347,22 +420,34 @@ def main() -> None:
         on_lmdb, lmdb_base = serve(f"lmdb://{tmp / 'store'}", tmp / "home", tmp / "api-lmdb.log")
         processes += [on_redis, on_lmdb]
         single = f"/v1/predictions/{NS}/"
-        results["empty"] = wrk("empty endpoint (/healthz, same stack)", redis_base + "/healthz",
-                               None, args, tmp)
-        results["redis"] = wrk("single key, Redis", redis_base,
-                               lua_single(single, args.keys), args, tmp)
-        results["lmdb"] = wrk("single key, embedded (LMDB)", lmdb_base,
-                              lua_single(single, args.keys), args, tmp)
-        results["batch"] = wrk("100-key batch, Redis", redis_base, lua_post(
-            f"/v1/predictions/{NS}/batch", '{"keys": [', "]}", args.keys, 100, quote=True),
-            args, tmp)
+        results["empty"] = wrk(
+            "empty endpoint (/healthz, same stack)", redis_base + "/healthz", None, args, tmp
+        )
+        results["redis"] = wrk(
+            "single key, Redis", redis_base, lua_single(single, args.keys), args, tmp
+        )
+        results["lmdb"] = wrk(
+            "single key, embedded (LMDB)", lmdb_base, lua_single(single, args.keys), args, tmp
+        )
+        results["batch"] = wrk(
+            "100-key batch, Redis",
+            redis_base,
+            lua_post(f"/v1/predictions/{NS}/batch", '{"keys": [', "]}", args.keys, 100, quote=True),
+            args,
+            tmp,
+        )
         results["feast"] = run_feast(redis, args.keys, values, tmp, args)
         redis.stop()
         for _ in range(20):  # open the breaker and warm the row-group cache
             httpx.get(redis_base + f"{single}{FIRST_KEY}", timeout=5)
         assert httpx.get(redis_base + f"{single}{FIRST_KEY}").json()["source"] == "batch"
-        results["fallback"] = wrk("single key, batch fallback (Redis stopped)", redis_base,
-                                  lua_single(single, args.keys), args, tmp)
+        results["fallback"] = wrk(
+            "single key, batch fallback (Redis stopped)",
+            redis_base,
+            lua_single(single, args.keys),
+            args,
+            tmp,
+        )
         results = {k: results[k] for k in ("empty", "redis", "lmdb", "fallback", "batch", "feast")}
     finally:
         for process in processes:

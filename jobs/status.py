@@ -11,15 +11,15 @@ from jobs.manifest import MANIFEST, Manifest
 from kv_export.store import open_store
 
 
-def namespace_status(settings: RunSettings, namespace: str, store_url: str | None) -> dict[str, Any]:
+def namespace_status(
+    settings: RunSettings, namespace: str, store_url: str | None
+) -> dict[str, Any]:
     store = open_store(store_url or settings.resolved_store_url)
     try:
         state = store.state(namespace)
     finally:
         store.close()
-    versions = [
-        info.model_dump(exclude={"parts"}) for _, info in sorted(state.versions.items())
-    ]
+    versions = [info.model_dump(exclude={"parts"}) for _, info in sorted(state.versions.items())]
     return {
         "namespace": namespace,
         "live": state.live,

@@ -133,20 +133,18 @@ def plan(run_dir: str | Path) -> dict[str, Any]:
         files=len(summary.files),
         key_type=summary.key_type,
     )
-    manifest.shards = [
-        _shard_record(s, manifest, previous.get(s.id)) for s in shards
-    ]
+    manifest.shards = [_shard_record(s, manifest, previous.get(s.id)) for s in shards]
     manifest.record_step(
         "plan", seconds=time.perf_counter() - started, shards=len(shards), rows=summary.rows
     )
     manifest.save()
-    log.info("planned %d shards over %d files, %d rows", len(shards), len(summary.files), summary.rows)
+    log.info(
+        "planned %d shards over %d files, %d rows", len(shards), len(summary.files), summary.rows
+    )
     return {"run_dir": manifest.run_dir, "shards": len(shards), "rows": summary.rows}
 
 
-def score(
-    run_dir: str | Path, *, on_progress: Progress | None = None
-) -> dict[str, Any]:
+def score(run_dir: str | Path, *, on_progress: Progress | None = None) -> dict[str, Any]:
     """Score every shard without a complete part on Dask; parts that exist are kept."""
     from scoring.engine import ScoreJob, dask_client, existing_result, run_shards
     from scoring.errors import ShardFailed
@@ -191,6 +189,7 @@ def score(
     if on_progress:
         on_progress(len(results), len(shards), rows_done)
     if todo:
+
         def progress(result: Any, done: int, total: int) -> None:
             nonlocal rows_done
             rows_done += result.rows
@@ -200,11 +199,17 @@ def score(
         with dask_client(params.cluster, params.workers, params.threads_per_worker) as client:
             log.info(
                 "scoring %d of %d shards on %s (%d workers; dashboard: %s)",
-                len(todo), len(shards), client.scheduler.address,
-                len(client.scheduler_info()["workers"]), client.dashboard_link or "off",
+                len(todo),
+                len(shards),
+                client.scheduler.address,
+                len(client.scheduler_info()["workers"]),
+                client.dashboard_link or "off",
             )
             scored, errors = run_shards(
-                client, todo, job, threads_per_worker=params.threads_per_worker,
+                client,
+                todo,
+                job,
+                threads_per_worker=params.threads_per_worker,
                 on_progress=progress,
             )
         for result in scored:
@@ -325,8 +330,7 @@ def export(run_dir: str | Path) -> dict[str, Any]:
         key_type=manifest.input.key_type,
         output_dir=str(manifest.parts_dir),
         parts=[
-            PartInfo(path=s.part, rows=s.rows, min_key=s.min_key, max_key=s.max_key)
-            for s in done
+            PartInfo(path=s.part, rows=s.rows, min_key=s.min_key, max_key=s.max_key) for s in done
         ],
     )
     store = open_store(manifest.params.store_url)
@@ -363,7 +367,9 @@ def publish(run_dir: str | Path) -> dict[str, Any]:
     try:
         before = store.state(manifest.namespace).live
         try:
-            info = store.publish(manifest.namespace, manifest.version, manifest.params.keep_versions)
+            info = store.publish(
+                manifest.namespace, manifest.version, manifest.params.keep_versions
+            )
             note = "already live" if before == manifest.version else "published"
         except AlreadyPublished as exc:
             log.warning("%s", exc)

@@ -115,8 +115,9 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(body), status, headers, media_type="application/json")
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None
-                   ) -> Response:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
     return json_response({"error": {"code": code, "message": message}}, status, headers)
 
 
@@ -177,15 +178,17 @@ class Guard:
 
     def namespace(self, principal: Principal, namespace: str) -> None:
         if not NAMESPACE_RE.fullmatch(namespace):
-            raise ApiError(422, "invalid_namespace",
-                           "A namespace is 1-128 characters of A-Z a-z 0-9 . _ -")
+            raise ApiError(
+                422, "invalid_namespace", "A namespace is 1-128 characters of A-Z a-z 0-9 . _ -"
+            )
         if not principal.may_read(namespace):
             raise ApiError(403, "forbidden", f"This API key may not read namespace '{namespace}'")
 
     def key(self, key: str) -> None:
         if len(key) > self.settings.max_key_length or not KEY_RE.fullmatch(key):
             raise ApiError(
-                422, "invalid_key",
+                422,
+                "invalid_key",
                 f"A key is 1-{self.settings.max_key_length} characters of {KEY_CHARACTERS}",
             )
 
@@ -259,7 +262,9 @@ def create_app(
         setup_access_log()
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
     app.add_middleware(ObserveMiddleware, metrics=metrics, log_requests=settings.access_log)
@@ -327,8 +332,11 @@ def _add_prediction_routes(app: FastAPI, settings: ApiSettings) -> None:
     guard: Guard = app.state.guard
 
     @app.get(
-        "/v1/predictions/{namespace}/{key}", response_model=PredictionOut, responses=ERRORS,
-        tags=["predictions"], openapi_extra=SECURED,
+        "/v1/predictions/{namespace}/{key}",
+        response_model=PredictionOut,
+        responses=ERRORS,
+        tags=["predictions"],
+        openapi_extra=SECURED,
     )
     async def get_prediction(namespace: str, key: str, request: Request) -> Response:
         guard.namespace(caller(request), namespace)
@@ -336,20 +344,22 @@ def _add_prediction_routes(app: FastAPI, settings: ApiSettings) -> None:
         guard.key(key)
         info, source, answers = await lookup.find(namespace, [key])
         answer = answers[0]
-        request.state.source = source if answer is None else (
-            "stale" if answer.stale else answer.source
+        request.state.source = (
+            source if answer is None else ("stale" if answer.stale else answer.source)
         )
         if answer is None:
             raise ApiError(
-                404, "key_not_found",
-                f"Key '{key}' is not in the live version {info.version} of namespace "
-                f"'{namespace}'",
+                404,
+                "key_not_found",
+                f"Key '{key}' is not in the live version {info.version} of namespace '{namespace}'",
             )
         return json_response(answer_body(key, answer))
 
     @app.post(
-        "/v1/predictions/{namespace}/batch", response_model=BatchResponse,
-        responses=ERRORS | {413: {"model": ErrorBody}}, tags=["predictions"],
+        "/v1/predictions/{namespace}/batch",
+        response_model=BatchResponse,
+        responses=ERRORS | {413: {"model": ErrorBody}},
+        tags=["predictions"],
         openapi_extra=SECURED,
     )
     async def get_batch(namespace: str, body: BatchRequest, request: Request) -> Response:
@@ -357,7 +367,8 @@ def _add_prediction_routes(app: FastAPI, settings: ApiSettings) -> None:
         lookup = lookup_of(request)
         if len(body.keys) > settings.max_batch_keys:
             raise ApiError(
-                413, "too_many_keys",
+                413,
+                "too_many_keys",
                 f"A batch holds at most {settings.max_batch_keys} keys; got {len(body.keys)}",
             )
         for key in body.keys:
@@ -365,11 +376,16 @@ def _add_prediction_routes(app: FastAPI, settings: ApiSettings) -> None:
         info, source, answers = await lookup.find(namespace, body.keys)
         request.state.source = source
         missing = {
-            "prediction": None, "model": {"name": info.model_name, "version": info.model_version},
-            "run_id": info.run_id, "scored_at": info.scored_at, "source": source, "stale": False,
+            "prediction": None,
+            "model": {"name": info.model_name, "version": info.model_version},
+            "run_id": info.run_id,
+            "scored_at": info.scored_at,
+            "source": source,
+            "stale": False,
         }
         results = [
-            {"status": "found", **answer_body(key, a)} if a is not None
+            {"status": "found", **answer_body(key, a)}
+            if a is not None
             else {"key": key, "status": "not_found", **missing}
             for key, a in zip(body.keys, answers, strict=True)
         ]
@@ -379,8 +395,13 @@ def _add_prediction_routes(app: FastAPI, settings: ApiSettings) -> None:
 def _add_namespace_routes(app: FastAPI) -> None:
     guard: Guard = app.state.guard
 
-    @app.get("/v1/namespaces", response_model=NamespaceList, responses=ERRORS,
-             tags=["namespaces"], openapi_extra=SECURED)
+    @app.get(
+        "/v1/namespaces",
+        response_model=NamespaceList,
+        responses=ERRORS,
+        tags=["namespaces"],
+        openapi_extra=SECURED,
+    )
     async def list_namespaces(request: Request) -> Response:
         """Namespaces this key may read that have a live version (from the cache if the
         store is down)."""
@@ -402,12 +423,18 @@ def _add_namespace_routes(app: FastAPI) -> None:
                 described.append(found)
         return json_response({"namespaces": described, "source": source})
 
-    @app.get("/v1/namespaces/{namespace}", response_model=NamespaceOut, responses=ERRORS,
-             tags=["namespaces"], openapi_extra=SECURED)
+    @app.get(
+        "/v1/namespaces/{namespace}",
+        response_model=NamespaceOut,
+        responses=ERRORS,
+        tags=["namespaces"],
+        openapi_extra=SECURED,
+    )
     async def get_namespace(namespace: str, request: Request) -> Response:
         guard.namespace(caller(request), namespace)
         found = describe(namespace, await lookup_of(request).state(namespace))
         if found is None:
-            raise ApiError(404, "namespace_not_found",
-                           f"Namespace '{namespace}' has no live version")
+            raise ApiError(
+                404, "namespace_not_found", f"Namespace '{namespace}' has no live version"
+            )
         return json_response(found)

@@ -131,8 +131,7 @@ class BatchFallback:
                 self._remember(group, data)
             groups.update(loaded)
         return [
-            self._find(k, [groups[g] for g in wanted[k]]) if k is not None else None
-            for k in typed
+            self._find(k, [groups[g] for g in wanted[k]]) if k is not None else None for k in typed
         ]
 
     @staticmethod

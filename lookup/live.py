@@ -38,7 +38,10 @@ class Entry:
 
 class LiveCache:
     def __init__(
-        self, read: ReadState, ttl: float, on_change: OnChange | None = None,
+        self,
+        read: ReadState,
+        ttl: float,
+        on_change: OnChange | None = None,
         max_namespaces: int = 10_000,
     ) -> None:
         self._read = read

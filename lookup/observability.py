@@ -30,17 +30,23 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.latency = Histogram(
-            "batchscore_lookup_request_seconds", "Request latency by route and answer source.",
-            ["route", "source"], buckets=BUCKETS, registry=self.registry,
+            "batchscore_lookup_request_seconds",
+            "Request latency by route and answer source.",
+            ["route", "source"],
+            buckets=BUCKETS,
+            registry=self.registry,
         )
         self.responses = Counter(
-            "batchscore_lookup_responses", "Responses by route and status code.",
-            ["route", "status"], registry=self.registry,
+            "batchscore_lookup_responses",
+            "Responses by route and status code.",
+            ["route", "status"],
+            registry=self.registry,
         )
         self.fallbacks = Counter(
             "batchscore_lookup_fallbacks",
             "Lookups answered by a fallback, by fallback and reason.",
-            ["fallback", "reason"], registry=self.registry,
+            ["fallback", "reason"],
+            registry=self.registry,
         )
         self.errors = Counter(
             "batchscore_lookup_errors", "Error answers by code.", ["code"], registry=self.registry
@@ -59,7 +65,8 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         breaker = GaugeMetricFamily(
             "batchscore_store_circuit_state",
-            "Store circuit breaker: 1 for the current state.", labels=["state"],
+            "Store circuit breaker: 1 for the current state.",
+            labels=["state"],
         )
         current = self._breaker_state()
         for state in ("closed", "half-opened", "opened"):
@@ -67,10 +74,12 @@ class StateCollector(Collector):
         yield breaker
         age = GaugeMetricFamily(
             "batchscore_live_version_age_seconds",
-            "Seconds since the live version of a namespace was published.", labels=["namespace"],
+            "Seconds since the live version of a namespace was published.",
+            labels=["namespace"],
         )
         version = GaugeMetricFamily(
-            "batchscore_live_version", "The live version number of a namespace.",
+            "batchscore_live_version",
+            "The live version number of a namespace.",
             labels=["namespace"],
         )
         now = datetime.now(UTC)
@@ -130,13 +139,17 @@ class ObserveMiddleware:
         self.metrics.latency.labels(template, source).observe(seconds)
         self.metrics.responses.labels(template, str(status)).inc()
         if self.log_requests:
-            access_log.info(orjson.dumps({
-                "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                "method": scope.get("method"),
-                "route": template,
-                "status": status,
-                "ms": round(seconds * 1000, 3),
-                "source": source,
-                "key_id": state.get("key_id"),
-                "client": (scope.get("client") or ("", 0))[0],
-            }).decode())
+            access_log.info(
+                orjson.dumps(
+                    {
+                        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                        "method": scope.get("method"),
+                        "route": template,
+                        "status": status,
+                        "ms": round(seconds * 1000, 3),
+                        "source": source,
+                        "key_id": state.get("key_id"),
+                        "client": (scope.get("client") or ("", 0))[0],
+                    }
+                ).decode()
+            )

@@ -20,7 +20,9 @@ def open_reader(url: str, *, timeout_seconds: float) -> AsyncPredictionReader:
 
         path = url[len("lmdb://") :] if scheme == "lmdb" else url
         if not path:
-            raise BadStoreUrl(f"Store URL '{url}' names no folder", expected="lmdb:///path/to/store")
+            raise BadStoreUrl(
+                f"Store URL '{url}' names no folder", expected="lmdb:///path/to/store"
+            )
         return LmdbReader(path)
     raise BadStoreUrl(
         f"Store URL '{redact_url(url)}' has an unknown scheme '{scheme}'",

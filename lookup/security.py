@@ -47,7 +47,8 @@ def parse_keys_file(path: Path) -> dict[str, list[str]]:
         text = path.read_text()
     except OSError as exc:
         raise SettingsError(
-            f"Cannot read the API keys file {path}", found=type(exc).__name__,
+            f"Cannot read the API keys file {path}",
+            found=type(exc).__name__,
             fix="Check BATCHSCORE_API_KEYS_FILE",
         ) from None
     keys: dict[str, list[str]] = {}
@@ -70,9 +71,10 @@ def parse_keys_file(path: Path) -> dict[str, list[str]]:
 class ApiKeys:
     def __init__(self, keys: Mapping[str, Sequence[str]]) -> None:
         self._entries = [
-            (hashlib.sha256(key.encode()).digest(), Principal(
-                hashlib.sha256(key.encode()).hexdigest()[:8], frozenset(namespaces)
-            ))
+            (
+                hashlib.sha256(key.encode()).digest(),
+                Principal(hashlib.sha256(key.encode()).hexdigest()[:8], frozenset(namespaces)),
+            )
             for key, namespaces in keys.items()
         ]
 
@@ -93,8 +95,10 @@ class ApiKeys:
             return ANONYMOUS
         if not presented:
             raise ApiError(
-                401, "unauthenticated", "An API key is required (Authorization: Bearer or "
-                "X-API-Key)", {"WWW-Authenticate": "Bearer"},
+                401,
+                "unauthenticated",
+                "An API key is required (Authorization: Bearer or X-API-Key)",
+                {"WWW-Authenticate": "Bearer"},
             )
         digest = hashlib.sha256(presented.encode()).digest()
         found: Principal | None = None
@@ -102,8 +106,9 @@ class ApiKeys:
             if hmac.compare_digest(known, digest):
                 found = principal
         if found is None:
-            raise ApiError(401, "invalid_api_key", "The API key is not valid",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401, "invalid_api_key", "The API key is not valid", {"WWW-Authenticate": "Bearer"}
+            )
         return found
 
 
@@ -139,6 +144,10 @@ class RateLimiter:
         if tokens < 1:
             self._buckets[caller] = (tokens, now)
             wait = max(1, int(-(-(1 - tokens) // self.rate)))
-            raise ApiError(429, "rate_limited", "Too many requests for this API key",
-                           {"Retry-After": str(wait)})
+            raise ApiError(
+                429,
+                "rate_limited",
+                "Too many requests for this API key",
+                {"Retry-After": str(wait)},
+            )
         self._buckets[caller] = (tokens - 1, now)

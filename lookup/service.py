@@ -69,8 +69,12 @@ class Lookup:
         try:
             await self.batch.index(namespace, info)
         except Exception as exc:  # an unreadable part must not take the API down
-            log.warning("cannot index the batch output of %s v%s: %s", namespace,
-                        info.version, type(exc).__name__)
+            log.warning(
+                "cannot index the batch output of %s v%s: %s",
+                namespace,
+                info.version,
+                type(exc).__name__,
+            )
 
     async def warm(self) -> None:
         """Read every namespace's state once at startup; a dead store is not fatal here."""
@@ -85,18 +89,23 @@ class Lookup:
             return await self.cache.state(namespace)
         except StoreUnavailable:
             self.metrics.errors.labels("store_unavailable").inc()
-            raise ApiError(503, "store_unavailable", "The prediction store is unavailable and "
-                           "no live version of this namespace is known") from None
+            raise ApiError(
+                503,
+                "store_unavailable",
+                "The prediction store is unavailable and "
+                "no live version of this namespace is known",
+            ) from None
 
-    async def find(self, namespace: str, keys: Sequence[str]) -> tuple[
-        VersionInfo, Source, list[Answer | None]
-    ]:
+    async def find(
+        self, namespace: str, keys: Sequence[str]
+    ) -> tuple[VersionInfo, Source, list[Answer | None]]:
         """The live version, where it was read from, and one answer (or None) per key."""
         state = await self.state(namespace)
         info = state.live_info()
         if info is None:
-            raise ApiError(404, "namespace_not_found",
-                           f"Namespace '{namespace}' has no live version")
+            raise ApiError(
+                404, "namespace_not_found", f"Namespace '{namespace}' has no live version"
+            )
         values, source = await self._read(namespace, info, keys)
         answers = [Answer(v, info, source, False) if v is not None else None for v in values]
         if self.settings.stale_fallback and None in values:
@@ -122,16 +131,23 @@ class Lookup:
         try:
             values = await self.batch.get_many(namespace, info, keys)
         except (OSError, ValueError, KeyError) as exc:
-            log.warning("batch output of %s v%s unreadable: %s", namespace, info.version,
-                        type(exc).__name__)
+            log.warning(
+                "batch output of %s v%s unreadable: %s", namespace, info.version, type(exc).__name__
+            )
             self.metrics.errors.labels("fallback_unavailable").inc()
-            raise ApiError(503, "store_unavailable",
-                           "The prediction store and the batch output are unavailable") from None
+            raise ApiError(
+                503,
+                "store_unavailable",
+                "The prediction store and the batch output are unavailable",
+            ) from None
         self.metrics.fallbacks.labels("batch", reason).inc()
         return values
 
     async def _fill_stale(
-        self, namespace: str, state: NamespaceState, keys: Sequence[str],
+        self,
+        namespace: str,
+        state: NamespaceState,
+        keys: Sequence[str],
         answers: list[Answer | None],
     ) -> None:
         """Answer keys the live version lacks from the previous published version."""

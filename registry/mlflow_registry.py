@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +140,16 @@ class MlflowRegistry:
         return self._describe(self._client.get_model_version(name, str(found.version)))
 
     def versions(self, name: str) -> list[RegisteredVersion]:
+        """Every version with its aliases (read from the model: version searches omit them)."""
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (self._client.get_registered_model(name).aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
         found = self._client.search_model_versions(f"name='{name}'")
-        return sorted((self._describe(v) for v in found), key=lambda v: int(v.version))
+        described = [
+            replace(self._describe(v), aliases=tuple(sorted(aliases.get(str(v.version), []))))
+            for v in found
+        ]
+        return sorted(described, key=lambda v: int(v.version))
 
     def models(self) -> list[str]:
         return sorted(m.name for m in self._client.search_registered_models())
@@ -176,6 +184,7 @@ class MlflowRegistry:
 
 def _missing(exc: Exception) -> bool:
     code = getattr(exc, "error_code", "")
-    return code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "not found" in str(
-        exc
-    ).lower()
+    return (
+        code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+        or "not found" in str(exc).lower()
+    )

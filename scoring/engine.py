@@ -109,7 +109,9 @@ class ModelPlugin(WorkerPlugin):
         with self._lock:
             if self._predictor is None:
                 self._predictor = Predictor(
-                    Path(self.model_dir), self.spec, pick_device(self.device),
+                    Path(self.model_dir),
+                    self.spec,
+                    pick_device(self.device),
                     self.precision,  # type: ignore[arg-type]
                 )
                 _model_loads += 1

@@ -47,19 +47,18 @@ def discover(input_path: str | Path) -> list[Path]:
     files = sorted(
         p.absolute()
         for p in root.rglob("*.parquet")
-        if p.is_file() and not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)
+        if p.is_file()
+        and not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)
     )
     if not files:
         raise InputNotFound(
             f"Input folder {root} holds no Parquet files",
-            expected="files named *.parquet, directly or in partition folders such as dt=2026-11-20/",
+            expected="files named *.parquet, directly or in partition folders (dt=2026-11-20/)",
         )
     return files
 
 
-def inspect_input(
-    input_path: str | Path, features: Sequence[str], key_column: str
-) -> InputSummary:
+def inspect_input(input_path: str | Path, features: Sequence[str], key_column: str) -> InputSummary:
     files = discover(input_path)
     described: list[InputFile] = []
     key_types: set[str] = set()
@@ -120,8 +119,7 @@ def _check_key(path: Path, schema: pa.Schema, meta: pq.FileMetaData, key: str) -
         stats = meta.row_group(i).column(column).statistics
         if stats is not None and stats.has_null_count and stats.null_count > 0:
             raise BadKeyColumn(
-                f"Key column '{key}' has {stats.null_count} null values in {path} "
-                f"(row group {i})",
+                f"Key column '{key}' has {stats.null_count} null values in {path} (row group {i})",
                 expected="a key for every row",
             )
     return key_type
@@ -138,7 +136,9 @@ def _check_features(path: Path, schema: pa.Schema, features: Sequence[str]) -> N
         )
     for name in features:
         kind = schema.field(name).type
-        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+        if not (
+            pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+        ):
             raise BadColumnType(
                 f"Input column '{name}' has type {kind} in {path}",
                 expected="a numeric column (float32, as the model takes)",

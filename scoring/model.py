@@ -260,4 +260,3 @@ def _with_nan(column: pa.ChunkedArray) -> np.ndarray:
     import pyarrow.compute as pc
 
     return pc.cast(column, pa.float32()).to_numpy(zero_copy_only=False)
-

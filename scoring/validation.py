@@ -64,9 +64,9 @@ def validate_output(
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    frame = pq.ParquetDataset([str(p) for p in parts]).read(
-        columns=[key_column, *outputs]
-    ).to_pandas()
+    frame = (
+        pq.ParquetDataset([str(p) for p in parts]).read(columns=[key_column, *outputs]).to_pandas()
+    )
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (

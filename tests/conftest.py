@@ -148,8 +148,19 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is not installed: run `make system-deps`")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.folder)],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -227,7 +238,9 @@ def start_api(tmp_path: Path) -> Iterator[object]:
         api.stop()
 
 
-def run_cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """The real console script in a subprocess, as a user runs it."""
     return subprocess.run(
         [str(BIN / "batchscore"), *args],

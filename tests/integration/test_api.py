@@ -23,8 +23,12 @@ KEYS = [1_000_003, 1_004_321, 1_011_998]
 def publish_run(dataset: Path, store_url: str, model: str, namespace: str = "api") -> Manifest:
     settings = load_settings(RunSettings)
     params = steps.make_params(
-        settings, input_path=str(dataset), model_uri=model, key_column=KEY,
-        namespace=namespace, store_url=store_url,
+        settings,
+        input_path=str(dataset),
+        model_uri=model,
+        key_column=KEY,
+        namespace=namespace,
+        store_url=store_url,
     )
     return run_pipeline(settings, params)
 
@@ -120,7 +124,10 @@ def test_readers_see_one_version_while_a_new_one_is_published(
 
 @pytest.mark.redis
 def test_batch_fallback_when_redis_is_down(
-    env: dict[str, str], registry: Registry, dataset: Path, start_api: Any,
+    env: dict[str, str],
+    registry: Registry,
+    dataset: Path,
+    start_api: Any,
     redis_server: RedisServer,
 ) -> None:
     manifest = publish_run(dataset, redis_server.url, "models:/churn/1")

@@ -19,8 +19,11 @@ DAGS = REPO / "dags"
 def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("airflow")
     done = subprocess.run(
-        [str(BIN / "airflow"), "db", "migrate"], env=airflow_env(home, {}),
-        capture_output=True, text=True, timeout=300,
+        [str(BIN / "airflow"), "db", "migrate"],
+        env=airflow_env(home, {}),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return home
@@ -45,16 +48,25 @@ def test_dagbag_has_no_import_errors(airflow_home: Path) -> None:
         "'params': sorted(dag.params) if dag else None}))"
     )
     done = subprocess.run(
-        [str(BIN / "python"), "-c", code], env=airflow_env(airflow_home, {}),
-        capture_output=True, text=True, timeout=120,
+        [str(BIN / "python"), "-c", code],
+        env=airflow_env(airflow_home, {}),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["errors"] == {}
     assert found["tasks"] == ["resolve", "plan", "score", "validate", "export", "publish"]
     assert {
-        "input_path", "model_uri", "key_column", "namespace", "store_url", "batch_size",
-        "dry_run", "force",
+        "input_path",
+        "model_uri",
+        "key_column",
+        "namespace",
+        "store_url",
+        "batch_size",
+        "dry_run",
+        "force",
     } <= set(found["params"])
 
 
@@ -66,16 +78,23 @@ def test_dag_file_imports_nothing_heavy() -> None:
     )
     done = subprocess.run(
         [str(BIN / "python"), "-c", code, str(DAGS / "batchscore_pipeline.py")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-def dags_test(home: Path, env: dict[str, str], conf: dict[str, object]) -> subprocess.CompletedProcess[str]:
+def dags_test(
+    home: Path, env: dict[str, str], conf: dict[str, object]
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "airflow"), "dags", "test", "batchscore", "-c", json.dumps(conf)],
-        env=airflow_env(home, env), capture_output=True, text=True, timeout=600,
+        env=airflow_env(home, env),
+        capture_output=True,
+        text=True,
+        timeout=600,
         stdin=subprocess.DEVNULL,
     )
 
@@ -85,8 +104,12 @@ def dags_test(home: Path, env: dict[str, str], conf: dict[str, object]) -> subpr
 def test_airflow_dags_test_runs_the_pipeline(
     airflow_home: Path, env: dict[str, str], registry: Registry, dataset: Path
 ) -> None:
-    conf = {"input_path": str(dataset), "model_uri": "models:/churn@champion",
-            "key_column": KEY, "namespace": "dagged"}
+    conf = {
+        "input_path": str(dataset),
+        "model_uri": "models:/churn@champion",
+        "key_column": KEY,
+        "namespace": "dagged",
+    }
     done = dags_test(airflow_home, env, conf)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]

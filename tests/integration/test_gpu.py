@@ -47,8 +47,12 @@ def saved_model(folder: Path, serialization: str = "pickle") -> Path:
         )
         example = None
     mlflow.pytorch.save_model(
-        model, str(path), signature=signature, input_example=example,
-        serialization_format=serialization, pip_requirements=["torch"],
+        model,
+        str(path),
+        signature=signature,
+        input_example=example,
+        serialization_format=serialization,
+        pip_requirements=["torch"],
     )
     return path
 
@@ -133,8 +137,15 @@ def test_dask_cuda_cluster_scores_every_row_once(tmp_path: Path) -> None:
         pq.write_table(table, data / f"{i}.parquet", row_group_size=1000)
     shards = plan_shards(inspect_input(data, spec.features, "k").files, 2500)
     job = ScoreJob(
-        run_id="gpu", model_dir=str(model_dir), model_name="m", model_version="1", spec=spec,
-        key_column="k", parts_dir=str(tmp_path / "parts"), batch_size=0, device="auto",
+        run_id="gpu",
+        model_dir=str(model_dir),
+        model_name="m",
+        model_version="1",
+        spec=spec,
+        key_column="k",
+        parts_dir=str(tmp_path / "parts"),
+        batch_size=0,
+        device="auto",
     )
     with dask_client("cuda", 1, 1) as client:
         results, errors = run_shards(client, shards, job)

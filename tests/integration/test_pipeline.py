@@ -19,8 +19,8 @@ from kv_export.store import open_store
 from tests.conftest import (
     KEY,
     N_FEATURES,
-    Registry,
     RedisServer,
+    Registry,
     client_alias,
     direct_forward,
     read_rows,
@@ -57,8 +57,16 @@ def test_cli_run_with_the_embedded_store(
 ) -> None:
     summary_path = tmp_path / "summary.json"
     done = run_cli(
-        "run", "--input", str(dataset), "--model", "models:/churn@champion",
-        "--key-column", KEY, "--summary-json", str(summary_path), env=env,
+        "run",
+        "--input",
+        str(dataset),
+        "--model",
+        "models:/churn@champion",
+        "--key-column",
+        KEY,
+        "--summary-json",
+        str(summary_path),
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     summary = json.loads(summary_path.read_text())
@@ -87,19 +95,35 @@ def test_cli_run_with_the_embedded_store(
     status = run_cli("status", "churn", "--json", env=env)
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
-    assert report["live"] == summary["version"] and report["last_run"]["run_id"] == summary["run_id"]
+    assert (
+        report["live"] == summary["version"] and report["last_run"]["run_id"] == summary["run_id"]
+    )
 
 
 @pytest.mark.redis
 def test_cli_run_with_redis(
-    env: dict[str, str], registry: Registry, dataset: Path, tmp_path: Path,
+    env: dict[str, str],
+    registry: Registry,
+    dataset: Path,
+    tmp_path: Path,
     redis_server: RedisServer,
 ) -> None:
     summary_path = tmp_path / "summary.json"
     done = run_cli(
-        "run", "--input", str(dataset), "--model", "models:/churn/2", "--key-column", KEY,
-        "--store", redis_server.url, "--namespace", "churn_redis",
-        "--summary-json", str(summary_path), env=env,
+        "run",
+        "--input",
+        str(dataset),
+        "--model",
+        "models:/churn/2",
+        "--key-column",
+        KEY,
+        "--store",
+        redis_server.url,
+        "--namespace",
+        "churn_redis",
+        "--summary-json",
+        str(summary_path),
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     summary = json.loads(summary_path.read_text())
@@ -112,17 +136,28 @@ def test_pt2_model_scores_with_named_features(
     settings = load_settings(RunSettings)
     features = feature_names(N_FEATURES)
     params = steps.make_params(
-        settings, input_path=str(dataset), model_uri="models:/churn_pt2@champion",
-        key_column=KEY, features=features,
+        settings,
+        input_path=str(dataset),
+        model_uri="models:/churn_pt2@champion",
+        key_column=KEY,
+        features=features,
     )
     manifest = run_pipeline(settings, params)
     assert manifest.model.serialization == "pt2" and manifest.published
-    check_run(settings.resolved_store_url, manifest.summary(), registry, dataset, "models:/churn_pt2/1")
+    check_run(
+        settings.resolved_store_url, manifest.summary(), registry, dataset, "models:/churn_pt2/1"
+    )
 
 
 def test_tensor_signature_without_features_is_refused(env: dict[str, str], dataset: Path) -> None:
     done = run_cli(
-        "run", "--input", str(dataset), "--model", "models:/churn_pt2/1", "--key-column", KEY,
+        "run",
+        "--input",
+        str(dataset),
+        "--model",
+        "models:/churn_pt2/1",
+        "--key-column",
+        KEY,
         env=env,
     )
     assert done.returncode == 1
@@ -134,7 +169,10 @@ def test_the_alias_is_pinned_once_per_run(
 ) -> None:
     settings = load_settings(RunSettings)
     params = steps.make_params(
-        settings, input_path=str(dataset), model_uri="models:/churn@champion", key_column=KEY,
+        settings,
+        input_path=str(dataset),
+        model_uri="models:/churn@champion",
+        key_column=KEY,
         namespace="pinned",
     )
     ref = steps.resolve(settings, params, run_id="scheduled__2026-11-23")
@@ -156,7 +194,10 @@ def test_a_rerun_scores_only_missing_shards_and_publishes_once(
 ) -> None:
     settings = load_settings(RunSettings)
     params = steps.make_params(
-        settings, input_path=str(dataset), model_uri="models:/churn/1", key_column=KEY,
+        settings,
+        input_path=str(dataset),
+        model_uri="models:/churn/1",
+        key_column=KEY,
         namespace="rerun",
     )
     ref = steps.resolve(settings, params)
@@ -164,7 +205,9 @@ def test_a_rerun_scores_only_missing_shards_and_publishes_once(
     steps.score(ref["run_dir"])
     manifest = load_manifest(ref["run_dir"])
     lost = [Path(manifest.shards[1].part), Path(manifest.shards[4].part)]
-    kept = {s.part: Path(s.part).stat().st_mtime_ns for s in manifest.shards if Path(s.part) not in lost}
+    kept = {
+        s.part: Path(s.part).stat().st_mtime_ns for s in manifest.shards if Path(s.part) not in lost
+    }
     for part in lost:
         part.unlink()  # as if the run had died before these shards finished
 
@@ -187,16 +230,34 @@ def test_failed_validation_keeps_the_live_version(
     env: dict[str, str], dataset: Path, tmp_path: Path
 ) -> None:
     good = run_cli(
-        "run", "--input", str(dataset), "--model", "models:/churn/1", "--key-column", KEY,
-        "--namespace", "gated", env=env,
+        "run",
+        "--input",
+        str(dataset),
+        "--model",
+        "models:/churn/1",
+        "--key-column",
+        KEY,
+        "--namespace",
+        "gated",
+        env=env,
     )
     assert good.returncode == 0, good.stderr
     store_url = load_settings(RunSettings).resolved_store_url
     before, values_before = lookup(store_url, "gated", SAMPLE)
 
     bad = run_cli(
-        "run", "--input", str(dataset), "--model", "models:/broken@champion", "--key-column", KEY,
-        "--namespace", "gated", "--summary-json", str(tmp_path / "s.json"), env=env,
+        "run",
+        "--input",
+        str(dataset),
+        "--model",
+        "models:/broken@champion",
+        "--key-column",
+        KEY,
+        "--namespace",
+        "gated",
+        "--summary-json",
+        str(tmp_path / "s.json"),
+        env=env,
     )
     assert bad.returncode == 1
     message = " ".join(bad.stderr.split())
@@ -212,8 +273,16 @@ def test_failed_validation_keeps_the_live_version(
 def test_rollback_restores_the_previous_version(env: dict[str, str], dataset: Path) -> None:
     for model in ("models:/churn/1", "models:/churn/2"):
         done = run_cli(
-            "run", "--input", str(dataset), "--model", model, "--key-column", KEY,
-            "--namespace", "rb", env=env,
+            "run",
+            "--input",
+            str(dataset),
+            "--model",
+            model,
+            "--key-column",
+            KEY,
+            "--namespace",
+            "rb",
+            env=env,
         )
         assert done.returncode == 0, done.stderr
     store_url = load_settings(RunSettings).resolved_store_url

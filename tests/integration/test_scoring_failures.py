@@ -33,9 +33,12 @@ def write_input(folder: Path, files: int = 3, rows: int = 4000, group: int = 100
     rng = np.random.default_rng(0)
     for i in range(files):
         columns = {KEY: np.arange(rows, dtype=np.int64) + i * rows}
-        columns |= {f: rng.standard_normal(rows).astype(np.float32) for f in feature_names(N_FEATURES)}
-        pq.write_table(pa.table(columns), folder / f"{i}.parquet", row_group_size=group,
-                       compression="snappy")
+        columns |= {
+            f: rng.standard_normal(rows).astype(np.float32) for f in feature_names(N_FEATURES)
+        }
+        pq.write_table(
+            pa.table(columns), folder / f"{i}.parquet", row_group_size=group, compression="snappy"
+        )
     return folder
 
 
@@ -50,8 +53,11 @@ def slow_model(folder: Path) -> Path:
     )
     path = folder / "slow-model"
     mlflow.pytorch.save_model(
-        SlowMLP(N_FEATURES, seconds_per_call=0.15).eval(), str(path), signature=signature,
-        serialization_format="pickle", pip_requirements=["torch"],
+        SlowMLP(N_FEATURES, seconds_per_call=0.15).eval(),
+        str(path),
+        signature=signature,
+        serialization_format="pickle",
+        pip_requirements=["torch"],
     )
     return path
 
@@ -63,8 +69,15 @@ def test_a_killed_worker_costs_only_its_own_shards(tmp_path: Path) -> None:
     shards = plan_shards(inspect_input(data, spec.features, KEY).files, 1000)  # 12 shards
     parts = tmp_path / "parts"
     job = ScoreJob(
-        run_id="kill", model_dir=str(model_dir), model_name="slow", model_version="1",
-        spec=spec, key_column=KEY, parts_dir=str(parts), batch_size=500, device="cpu",
+        run_id="kill",
+        model_dir=str(model_dir),
+        model_name="slow",
+        model_version="1",
+        spec=spec,
+        key_column=KEY,
+        parts_dir=str(parts),
+        batch_size=500,
+        device="cpu",
     )
     done_before_kill: dict[str, int] = {}
     killed: list[int] = []
@@ -106,7 +119,10 @@ def test_max_failed_shards_lets_a_run_finish_without_them(
     corrupt_a_row_group(data / "1.parquet", 2)
     settings = load_settings(RunSettings)
     strict = steps.make_params(
-        settings, input_path=str(data), model_uri="models:/churn/1", key_column=KEY,
+        settings,
+        input_path=str(data),
+        model_uri="models:/churn/1",
+        key_column=KEY,
         namespace="partial",
     )
     with pytest.raises(ShardFailed, match=r"1 of 6 shards failed.*1\.parquet row groups 2-3"):
@@ -120,7 +136,9 @@ def test_max_failed_shards_lets_a_run_finish_without_them(
     score = manifest.steps["score"]
     assert (score["shards_skipped"], score["shards_failed"]) == (5, 1)  # only it was retried
     failed = manifest.summary()["failed_shards"]
-    assert len(failed) == 1 and failed[0]["rows"] == 2000 and "could not be read" in failed[0]["error"]
+    assert (
+        len(failed) == 1 and failed[0]["rows"] == 2000 and "could not be read" in failed[0]["error"]
+    )
     assert manifest.steps["validate"]["rows"] == 10_000
     assert manifest.steps["validate"]["rows_of_failed_shards"] == 2000
     live = store.state("partial").live_info()

@@ -10,8 +10,13 @@ from kv_export.store import NamespaceState, NewVersion
 
 def new(run: str) -> NewVersion:
     return NewVersion(
-        run_id=run, expected_keys=10, outputs=["p"], model_name="m", model_version="1",
-        scored_at="2026-11-23T00:00:00+00:00", key_column="k",
+        run_id=run,
+        expected_keys=10,
+        outputs=["p"],
+        model_name="m",
+        model_version="1",
+        scored_at="2026-11-23T00:00:00+00:00",
+        key_column="k",
     )
 
 

@@ -7,7 +7,9 @@ import pytest
 from batchscore.settings import ApiSettings, RunSettings, SettingsError, load_settings
 
 
-def test_defaults_put_everything_under_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_defaults_put_everything_under_home(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("BATCHSCORE_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = load_settings(RunSettings)
