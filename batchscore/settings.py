@@ -85,7 +85,9 @@ class RunSettings(_Common):
         default="local",
         description="local (LocalCluster), cuda (dask-cuda), auto, or a scheduler tcp:// address.",
     )
-    keep_versions: int = Field(default=2, ge=1, description="Published versions kept per namespace.")
+    keep_versions: int = Field(
+        default=2, ge=1, description="Published versions kept per namespace."
+    )
     mlflow_tracking_uri: str | None = Field(
         default=None,
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "mlflow_tracking_uri"),
@@ -202,4 +204,3 @@ def load_settings(cls: type[S], **overrides: Any) -> S:
             found="; ".join(problems),
             fix="Correct the BATCHSCORE_* environment variables or the command-line options",
         ) from None
-
