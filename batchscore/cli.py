@@ -12,7 +12,14 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from batchscore.errors import BatchscoreError
@@ -156,7 +163,7 @@ class _score_progress:
             console=console,
             transient=False,
         )
-        self._task = None
+        self._task: TaskID | None = None
         self._started = 0.0
         return self._update
 
@@ -419,9 +426,5 @@ def demo(
     raise typer.Exit(code)
 
 
-def main() -> None:  # pragma: no cover - console entry for python -m
+if __name__ == "__main__":  # pragma: no cover - python -m batchscore.cli
     app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

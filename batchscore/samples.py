@@ -48,7 +48,7 @@ def make_dataset(
     for index, chunk in enumerate(np.array_split(np.arange(rows), files)):
         n = len(chunk)
         data = rng.standard_normal((n, n_features), dtype=np.float32)
-        columns = {name: data[:, j] for j, name in enumerate(names)}
+        columns: dict[str, np.ndarray] = {name: data[:, j] for j, name in enumerate(names)}
         columns[key_column] = keys[chunk]
         columns["segment"] = np.array(["consumer", "smb", "enterprise"])[rng.integers(0, 3, n)]
         columns["signup_days"] = rng.integers(0, 3000, n).astype(np.int32)

@@ -49,7 +49,7 @@ def make_params(settings: RunSettings, **given: Any) -> RunParams:
     chosen = {k: v for k, v in given.items() if v is not None and v != ""}
     if chosen.get("batch_size") == "auto":
         chosen["batch_size"] = 0
-    return RunParams(**(defaults | chosen))
+    return RunParams.model_validate(defaults | chosen)
 
 
 def resolve(settings: RunSettings, params: RunParams, run_id: str | None = None) -> dict[str, Any]:
@@ -219,11 +219,11 @@ def score(run_dir: str | Path, *, on_progress: Progress | None = None) -> dict[s
             paths.add(result.path)
             batch_sizes.add(result.batch_size)
     for record in manifest.shards:
-        result = results.get(record.id)
-        if result is not None:
+        outcome = results.get(record.id)
+        if outcome is not None:
             record.state, record.error = "done", None
-            record.seconds, record.worker = result.seconds, result.worker
-            record.min_key, record.max_key = result.min_key, result.max_key
+            record.seconds, record.worker = outcome.seconds, outcome.worker
+            record.min_key, record.max_key = outcome.min_key, outcome.max_key
         elif record.id in errors:
             record.state, record.error = "failed", errors[record.id]
     outputs = {r.outputs for r in results.values()}

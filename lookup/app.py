@@ -294,7 +294,8 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
-        return error_response(exc.status_code, f"http_{exc.status_code}", message, exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(exc.status_code, f"http_{exc.status_code}", message, headers)
 
     @app.exception_handler(BatchscoreError)
     async def _domain(_: Request, exc: BatchscoreError) -> Response:

@@ -83,8 +83,8 @@ class StateCollector(Collector):
             labels=["namespace"],
         )
         now = datetime.now(UTC)
-        for namespace, state in sorted(self._states().items()):
-            info = state.live_info()
+        for namespace, namespace_state in sorted(self._states().items()):
+            info = namespace_state.live_info()
             if info is None:
                 continue
             version.add_metric([namespace], float(info.version))
