@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 
 .PHONY: install demo test test-unit test-integration lint format typecheck check system-deps clean
-.PHONY: bench-serve bench-score
+.PHONY: bench-serve bench-score bench-export
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,3 +67,12 @@ bench-serve: $(STAMP)
 # its own venv under .bench-venvs/); writes its table to docs/benchmarks.md.
 bench-score: $(STAMP)
 	$(BIN)/python bench/score_bench.py
+
+# Bulk export: 10M predictions into a redis-server it starts, side by side with
+# redis-benchmark (SET -P 64, MSET) on that server, Feast materialize (own venv) and the
+# embedded LMDB store; writes its section of docs/benchmarks.md. Trial: ARGS="--rows 1000000".
+bench-export: $(STAMP) system-deps
+	@test -x $(FEAST_VENV)/bin/feast || { $(PYTHON) -m venv $(FEAST_VENV) && \
+		$(FEAST_VENV)/bin/pip install --quiet 'feast[redis]==0.67.0' || \
+		echo "Feast could not be installed; the benchmark records why"; }
+	$(BIN)/python bench/export_bench.py $(ARGS)

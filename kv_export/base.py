@@ -3,6 +3,14 @@
 A store implements ``_update`` (atomic read-modify-write of one namespace's
 state), ``_read`` and the data operations; this base turns the pure
 ``NamespaceState`` transitions into store operations.
+
+Deleting old versions: the state change comes first (the version leaves
+``versions`` for ``deleting``, so no reader can reach it), then its data is
+deleted in batches, then the ``deleting`` record is forgotten. A crash in
+between leaves the record, and the next ``gc`` (or publish) finishes the job.
+Deletion runs synchronously in the caller (the publish step or ``batchscore
+gc``), after the flip; on Redis it is UNLINK, whose memory is freed in Redis's
+background thread, so Redis itself is never blocked by it.
 """
 
 from __future__ import annotations
@@ -11,6 +19,9 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TypeVar
+
+import numpy as np
+import pyarrow as pa
 
 from kv_export.store import NamespaceState, NewVersion, VersionInfo
 
@@ -32,18 +43,56 @@ class StateBackedStore(ABC):
     @abstractmethod
     def delete_version_data(self, namespace: str, info: VersionInfo) -> None: ...
 
+    @abstractmethod
+    def write(
+        self, namespace: str, info: VersionInfo, keys: Sequence[bytes], values: Sequence[bytes]
+    ) -> None: ...
+
     def state(self, namespace: str) -> NamespaceState:
         return self._read(namespace)
 
     def begin_version(self, namespace: str, new: NewVersion) -> VersionInfo:
         return self._update(namespace, lambda s: s.begin(new))
 
+    def write_columns(
+        self, namespace: str, info: VersionInfo, keys: pa.BinaryArray, values: np.ndarray
+    ) -> None:
+        from kv_export.encoding import pack_values
+
+        self.write(namespace, info, keys.to_pylist(), pack_values(values))
+
     def complete_version(self, namespace: str, version: int, key_count: int) -> VersionInfo:
         def change(s: NamespaceState) -> tuple[NamespaceState, VersionInfo]:
             new = s.complete(namespace, version, key_count)
             return new, new.versions[version]
 
-        return self._update(namespace, change)
+        info = self._update(namespace, change)
+        if info.expires_at is not None:
+            self.expire_version_data(namespace, info)
+        return info
+
+    def expire_version_data(self, namespace: str, info: VersionInfo) -> None:  # noqa: B027
+        """Let the store itself drop the data at ``info.expires_at`` where it can.
+
+        Readers treat an expired version as empty in every store; stores without
+        native expiry (LMDB) keep the bytes until ``gc`` deletes the version.
+        """
+
+    def set_ttl(self, namespace: str, ttl_seconds: int | None) -> NamespaceState:
+        return self._update(namespace, lambda s: (new := s.set_ttl(ttl_seconds), new))
+
+    def gc(self, namespace: str, keep: int) -> list[VersionInfo]:
+        doomed = self._update(namespace, lambda s: s.gc(keep))
+        self._delete(namespace, doomed)
+        return doomed
+
+    def _delete(self, namespace: str, doomed: Sequence[VersionInfo]) -> None:
+        if not doomed:
+            return
+        for old in doomed:
+            self.delete_version_data(namespace, old)
+        gone = [old.version for old in doomed]
+        self._update(namespace, lambda s: (s.forget(gone), None))
 
     def publish(self, namespace: str, version: int, keep: int) -> VersionInfo:
         def change(s: NamespaceState) -> tuple[NamespaceState, tuple[VersionInfo, list]]:
@@ -52,8 +101,7 @@ class StateBackedStore(ABC):
 
         info, doomed = self._update(namespace, change)
         # The flip is done; old data is deleted after it, invisible to readers.
-        for old in doomed:
-            self.delete_version_data(namespace, old)
+        self._delete(namespace, doomed)
         return info
 
     def rollback(self, namespace: str, to: int | None = None) -> VersionInfo:
@@ -71,7 +119,7 @@ class StateBackedStore(ABC):
 
         info = self._update(namespace, change)
         if info is not None:
-            self.delete_version_data(namespace, info)
+            self._delete(namespace, [info])
 
     @abstractmethod
     def get_many(

@@ -1,18 +1,31 @@
-"""Bulk-load a run's output parts into a store as one (still invisible) version."""
+"""Bulk-load a run's output parts into a store as one (still invisible) version.
+
+Rows are read from the parts in Arrow batches, turned into text keys and a
+float32 matrix without a Python call per row, gathered into writes of about
+``FLUSH_ROWS`` rows (so a Redis bucket receives many fields per HSET), and
+written by ``store.parallel_writers`` threads at once (each Redis writer uses
+its own connection; LMDB has one writer). With a Dask client, each worker
+loads the parts it is given straight into the store (``export_parts_on_dask``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kv_export.encoding import encode_keys, pack_values
+from kv_export.encoding import VALUE_DTYPE, text_keys
+from kv_export.errors import VersionNotFound
 from kv_export.store import NewVersion, PredictionStore, VersionInfo
 
-BATCH_ROWS = 50_000
+BATCH_ROWS = 262_144
+FLUSH_ROWS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -23,26 +36,146 @@ class ExportResult:
 
 
 def export_parts(
-    store: PredictionStore, namespace: str, new: NewVersion, parts: Sequence[Path]
+    store: PredictionStore,
+    namespace: str,
+    new: NewVersion,
+    parts: Sequence[Path],
+    *,
+    flush_rows: int = FLUSH_ROWS,
+    writers: int | None = None,
 ) -> ExportResult:
     """Load every part into the run's version and mark it complete.
 
     A retry of the same run finds the run's version: a complete one is reused
     as it is, a half-loaded one is loaded again over itself (same keys, same
-    values), so an export can be retried any number of times.
+    values), so an export can be retried any number of times. Nothing of the
+    version is visible to readers before ``publish``.
     """
     info = store.begin_version(namespace, new)
     if info.state == "complete":
         return ExportResult(info=info, keys=info.key_count, reused=True)
+    total = load_parts(store, namespace, info, parts, flush_rows=flush_rows, writers=writers)
+    return _complete(store, namespace, info, total)
+
+
+def load_parts(
+    store: PredictionStore,
+    namespace: str,
+    info: VersionInfo,
+    parts: Sequence[Path | str],
+    *,
+    flush_rows: int = FLUSH_ROWS,
+    writers: int | None = None,
+) -> int:
+    """Write the rows of ``parts`` into ``info``'s version; return the number of rows."""
+    threads = max(1, writers or getattr(store, "parallel_writers", 1))
+    columns = [info.key_column, *info.outputs]
     total = 0
-    columns = [new.key_column, *new.outputs]
-    for part in parts:
-        for batch in pq.ParquetFile(part).iter_batches(batch_size=BATCH_ROWS, columns=columns):
-            keys = encode_keys(batch.column(new.key_column).to_pylist())
-            matrix = np.column_stack(
-                [batch.column(name).to_numpy(zero_copy_only=False) for name in new.outputs]
-            )
-            store.write(namespace, info, keys, pack_values(matrix))
+    pending: list[Future[None]] = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for keys, values in _flushes(parts, columns, info.outputs, flush_rows):
+            while len(pending) > threads:  # bounded: at most threads + 1 flushes in memory
+                pending.pop(0).result()
+            pending.append(pool.submit(store.write_columns, namespace, info, keys, values))
             total += len(keys)
-    done = store.complete_version(namespace, info.version, total)
+        for future in pending:
+            future.result()
+    return total
+
+
+def _flushes(
+    parts: Sequence[Path | str], columns: list[str], outputs: list[str], flush_rows: int
+) -> Iterator[tuple[pa.BinaryArray, np.ndarray]]:
+    """(text keys, float32 matrix) of about ``flush_rows`` rows at a time, across parts."""
+    keys: list[pa.Array] = []
+    values: list[np.ndarray] = []
+    held = 0
+    for part in parts:
+        reader = pq.ParquetFile(part)
+        for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            keys.append(text_keys(batch.column(columns[0])))
+            values.append(
+                np.column_stack(
+                    [batch.column(name).to_numpy(zero_copy_only=False) for name in outputs]
+                ).astype(VALUE_DTYPE, copy=False)
+            )
+            held += batch.num_rows
+            if held >= flush_rows:
+                yield pa.concat_arrays(keys), np.concatenate(values)
+                keys, values, held = [], [], 0
+    if held:
+        yield pa.concat_arrays(keys), np.concatenate(values)
+
+
+def _complete(
+    store: PredictionStore, namespace: str, info: VersionInfo, total: int
+) -> ExportResult:
+    try:
+        done = store.complete_version(namespace, info.version, total)
+    except VersionNotFound as exc:
+        # `gc` dropped this version while it loaded: remove what this load wrote.
+        store.delete_version_data(namespace, info)
+        raise VersionNotFound(
+            f"Version {info.version} of namespace '{namespace}' was deleted while it loaded",
+            expected="no `batchscore gc` of a version that is still loading",
+            found=str(exc),
+            fix="Run the export again: the run gets a new version",
+        ) from exc
     return ExportResult(info=done, keys=total, reused=False)
+
+
+def export_parts_on_dask(
+    client: Any,
+    store_url: str,
+    namespace: str,
+    new: NewVersion,
+    parts: Sequence[Path],
+    *,
+    password: str | None = None,
+    flush_rows: int = FLUSH_ROWS,
+) -> ExportResult:
+    """``export_parts`` where each Dask worker loads its parts straight into the store.
+
+    The driver only begins and completes the version (two small state
+    updates); the rows never pass through it. Workers must reach the store at
+    ``store_url`` and read the parts at the same paths (shared storage).
+    """
+    from kv_export.store import open_store
+
+    store = open_store(store_url, password=password)
+    try:
+        info = store.begin_version(namespace, new)
+        if info.state == "complete":
+            return ExportResult(info=info, keys=info.key_count, reused=True)
+        futures = client.map(
+            _load_on_worker,
+            [str(p) for p in parts],
+            store_url=store_url,
+            namespace=namespace,
+            info=info,
+            password=password,
+            flush_rows=flush_rows,
+            pure=False,
+        )
+        total = sum(client.gather(futures))
+        return _complete(store, namespace, info, total)
+    finally:
+        store.close()
+
+
+def _load_on_worker(
+    part: str,
+    *,
+    store_url: str,
+    namespace: str,
+    info: VersionInfo,
+    password: str | None,
+    flush_rows: int,
+) -> int:
+    from kv_export.store import open_store
+
+    store = open_store(store_url, password=password)
+    try:
+        return load_parts(store, namespace, info, [part], flush_rows=flush_rows)
+    finally:
+        store.close()

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import lmdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from kv_export.base import StateBackedStore
-from kv_export.encoding import lmdb_key, lmdb_version_prefix
+from kv_export.encoding import lmdb_key, lmdb_version_prefix, pack_values
 from kv_export.errors import StoreUnavailable
 from kv_export.store import NamespaceState, VersionInfo
 
@@ -51,6 +54,12 @@ def _environment(path: Path) -> lmdb.Environment:
 
 
 class LmdbStore(StateBackedStore):
+    """TTL: readers treat a version past ``expires_at`` as empty, as Redis does; the
+    bytes stay on disk until ``gc`` (or a publish beyond ``keep``) deletes the version.
+    """
+
+    parallel_writers = 1  # one LMDB writer at a time; more threads would only queue
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser().absolute()
         self.url = f"lmdb://{self.path}"
@@ -85,9 +94,20 @@ class LmdbStore(StateBackedStore):
         with self._env.begin(write=True, db=self._data_db) as txn:
             txn.cursor().putmulti(zip([prefix + k for k in keys], values, strict=True))
 
+    def write_columns(
+        self, namespace: str, info: VersionInfo, keys: pa.BinaryArray, values: np.ndarray
+    ) -> None:
+        """One write transaction per call; full keys are built by Arrow, not per key."""
+        prefix = lmdb_version_prefix(namespace, info.version)
+        full = pc.binary_join_element_wise(prefix, keys, b"").to_pylist()
+        with self._env.begin(write=True, db=self._data_db) as txn:
+            txn.cursor().putmulti(zip(full, pack_values(values), strict=True))
+
     def get_many(
         self, namespace: str, info: VersionInfo, keys: Sequence[bytes]
     ) -> list[bytes | None]:
+        if info.expired():
+            return [None] * len(keys)
         with self._env.begin(db=self._data_db, buffers=False) as txn:
             return [txn.get(lmdb_key(namespace, info.version, k)) for k in keys]
 

@@ -13,12 +13,15 @@ and the stores carry out the result (write keys, delete old versions).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
+import pyarrow as pa
 from pydantic import BaseModel, Field
 
+from kv_export.encoding import ENCODING
 from kv_export.errors import (
     AlreadyPublished,
     BadStoreUrl,
@@ -30,6 +33,12 @@ from kv_export.errors import (
 
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _later(stamp: str, seconds: int) -> str:
+    return (datetime.fromisoformat(stamp) + timedelta(seconds=seconds)).isoformat(
+        timespec="seconds"
+    )
 
 
 class PartInfo(BaseModel):
@@ -53,7 +62,7 @@ class VersionInfo(BaseModel):
     expected_keys: int = 0
     key_count: int = 0
     buckets: int = 1
-    encoding: int = 1
+    encoding: int = ENCODING  # the layout it was written in; readers follow it
     outputs: list[str]
     model_name: str
     model_version: str
@@ -62,6 +71,13 @@ class VersionInfo(BaseModel):
     key_type: Literal["int", "string"] = "string"
     output_dir: str | None = None
     parts: list[PartInfo] = Field(default_factory=list)
+    expires_at: str | None = None  # set at completion when the namespace has a TTL
+
+    def expired(self, now: datetime | None = None) -> bool:
+        """Past its TTL: every store then answers lookups in it as not found."""
+        if self.expires_at is None:
+            return False
+        return (now or datetime.now(UTC)) >= datetime.fromisoformat(self.expires_at)
 
 
 class NewVersion(BaseModel):
@@ -81,11 +97,21 @@ class NewVersion(BaseModel):
 
 
 class NamespaceState(BaseModel):
+    """One namespace's bookkeeping; every change is a pure method returning a new state.
+
+    Invariants: ``live`` is in ``versions`` and is ``history[-1]``; a version in
+    ``deleting`` is in no other field, and its data is being (or was not yet)
+    deleted; a store removes it from ``deleting`` only after its data is gone,
+    so a crash between the two leaves a record for ``gc`` to finish.
+    """
+
     seq: int = 0
     live: int | None = None
     history: list[int] = Field(default_factory=list)  # published, oldest first; last is live
     versions: dict[int, VersionInfo] = Field(default_factory=dict)
     runs: dict[str, int] = Field(default_factory=dict)
+    ttl_seconds: int | None = None  # lifetime of each version's data after it is loaded
+    deleting: dict[int, VersionInfo] = Field(default_factory=dict)
 
     def live_info(self) -> VersionInfo | None:
         return self.versions.get(self.live) if self.live is not None else None
@@ -108,6 +134,14 @@ class NamespaceState(BaseModel):
         info.state = "complete"
         info.key_count = key_count
         info.completed_at = utcnow()
+        if state.ttl_seconds:
+            info.expires_at = _later(info.completed_at, state.ttl_seconds)
+        return state
+
+    def set_ttl(self, ttl_seconds: int | None) -> NamespaceState:
+        """Record the namespace's TTL; versions completed from now on expire after it."""
+        state = self.model_copy(deep=True)
+        state.ttl_seconds = ttl_seconds or None
         return state
 
     def publish(
@@ -171,11 +205,48 @@ class NamespaceState(BaseModel):
         return state
 
     def drop(self, version: int) -> NamespaceState:
+        """Forget a version for readers and move it to ``deleting`` until its data is gone."""
         state = self.model_copy(deep=True)
-        state.versions.pop(version, None)
+        info = state.versions.pop(version, None)
+        if info is not None:
+            state.deleting[version] = info
         state.history = [v for v in state.history if v != version]
         state.runs = {r: v for r, v in state.runs.items() if v != version}
         return state
+
+    def forget(self, versions: Sequence[int]) -> NamespaceState:
+        """The data of these versions is deleted: drop their ``deleting`` records."""
+        state = self.model_copy(deep=True)
+        for version in versions:
+            state.deleting.pop(version, None)
+        return state
+
+    def gc(
+        self, keep: int, now: datetime | None = None
+    ) -> tuple[NamespaceState, list[VersionInfo]]:
+        """Everything retention lets go: return the new state and the versions to delete.
+
+        Goes: published versions beyond the last ``keep``; versions never
+        published and numbered below the live one (a run that was superseded
+        before it was published, or gave up mid-load); expired versions that
+        are not live; and versions left in ``deleting`` by an interrupted
+        delete. Stays: the live version, the last ``keep`` published, and any
+        never-published version newer than the live one (an export in flight).
+        """
+        state, doomed = self._drop_beyond(keep)
+        stale = [
+            info
+            for v, info in state.versions.items()
+            if v != state.live
+            and (
+                (info.published_at is None and state.live is not None and v < state.live)
+                or info.expired(now)
+            )
+        ]
+        for info in stale:
+            state = state.drop(info.version)
+        leftovers = [info for v, info in self.deleting.items()]
+        return state, doomed + stale + leftovers
 
     def _drop_beyond(self, keep: int) -> tuple[NamespaceState, list[VersionInfo]]:
         kept = set(self.history[-keep:])
@@ -184,7 +255,7 @@ class NamespaceState(BaseModel):
             for v, info in self.versions.items()
             if v not in kept and v != self.live and info.published_at is not None
         ]
-        state = self
+        state = self.model_copy(deep=True)
         for info in doomed:
             state = state.drop(info.version)
         state.history = [v for v in state.history if v in kept]
@@ -212,6 +283,12 @@ class PredictionStore(Protocol):
         self, namespace: str, info: VersionInfo, keys: Sequence[bytes], values: Sequence[bytes]
     ) -> None: ...
 
+    def write_columns(
+        self, namespace: str, info: VersionInfo, keys: pa.BinaryArray, values: np.ndarray
+    ) -> None:
+        """Bulk load: ``keys`` as ``encoding.text_keys`` makes them, ``values`` (rows, outputs)."""
+        ...
+
     def complete_version(self, namespace: str, version: int, key_count: int) -> VersionInfo: ...
 
     def publish(self, namespace: str, version: int, keep: int) -> VersionInfo: ...
@@ -222,11 +299,17 @@ class PredictionStore(Protocol):
 
     def namespaces(self) -> list[str]: ...
 
-    def get_many(self, namespace: str, info: VersionInfo, keys: Sequence[bytes]) -> list[
-        bytes | None
-    ]: ...
+    def get_many(
+        self, namespace: str, info: VersionInfo, keys: Sequence[bytes]
+    ) -> list[bytes | None]: ...
 
     def delete_version_data(self, namespace: str, info: VersionInfo) -> None: ...
+
+    def gc(self, namespace: str, keep: int) -> list[VersionInfo]:
+        """Delete what ``NamespaceState.gc`` lets go; return the versions deleted."""
+        ...
+
+    def set_ttl(self, namespace: str, ttl_seconds: int | None) -> NamespaceState: ...
 
     def ping(self) -> None: ...
 
@@ -264,19 +347,27 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def open_store(url: str, *, timeout_seconds: float = 5.0) -> PredictionStore:
-    """Open the store a URL names: ``lmdb://PATH`` (or a bare path) or ``redis[s]://``."""
+def open_store(
+    url: str, *, timeout_seconds: float = 5.0, password: str | None = None
+) -> PredictionStore:
+    """Open the store a URL names: ``lmdb://PATH`` (or a bare path) or ``redis[s]://``.
+
+    ``password`` (``BATCHSCORE_STORE_PASSWORD``) is used for Redis when the URL
+    carries none; a password in the URL wins.
+    """
     scheme = urlsplit(url).scheme
     if scheme in ("redis", "rediss", "unix"):
         from kv_export.redis_store import RedisStore
 
-        return RedisStore(url, timeout_seconds=timeout_seconds)
+        return RedisStore(url, timeout_seconds=timeout_seconds, password=password)
     if scheme in ("lmdb", ""):
         from kv_export.lmdb_store import LmdbStore
 
         path = url[len("lmdb://") :] if scheme == "lmdb" else url
         if not path:
-            raise BadStoreUrl(f"Store URL '{url}' names no folder", expected="lmdb:///path/to/store")
+            raise BadStoreUrl(
+                f"Store URL '{url}' names no folder", expected="lmdb:///path/to/store"
+            )
         return LmdbStore(path)
     raise BadStoreUrl(
         f"Store URL '{redact_url(url)}' has an unknown scheme '{scheme}'",
