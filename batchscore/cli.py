@@ -98,11 +98,17 @@ def run(
         str | None, typer.Option(help="Run id; default: derived from the inputs.")
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Score and validate; publish nothing.")] = False,
-    force: Annotated[bool, typer.Option(help="Re-score shards whose parts exist.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Re-score shards whose parts exist, and publish past a failing drift gate "
+            "(the override is recorded in the manifest)."
+        ),
+    ] = False,
     summary_json: Annotated[Path | None, typer.Option(help="Write the run summary here.")] = None,
     verbose: bool = False,
 ) -> None:
-    """Run the whole pipeline: resolve, plan, score, validate, export, publish."""
+    """Run the whole pipeline: resolve, plan, score, validate, drift gate, export, publish."""
     _setup_logging(verbose)
     from jobs.pipeline import run_pipeline
 
@@ -194,6 +200,9 @@ def print_summary(summary: dict[str, Any]) -> None:
             note = f"{details['rows_per_second']:,.0f} rows/s"
         if step == "export" and details.get("version") is not None:
             note = f"version {details['version']}"
+        if step == "validate" and summary.get("validation"):
+            checked = summary["validation"]
+            note = f"{checked['expectations'] - checked['failed']}/{checked['expectations']} passed"
         table.add_row(
             step,
             f"{seconds:.2f}" if isinstance(seconds, int | float) else "",
@@ -211,6 +220,31 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"namespace [bold]{summary['namespace']}[/] · model {model['name']} v{model['version']} · "
         f"{summary['rows']:,} rows · version {summary['version']} [bold]{state}[/]"
     )
+    _print_drift(summary.get("drift"))
+    for name, path in (summary.get("reports") or {}).items():
+        out.print(f"{name}: file://{path}", soft_wrap=True, highlight=False)
+
+
+def _print_drift(drift: dict[str, Any] | None) -> None:
+    if not drift or not drift.get("outputs"):
+        return
+    table = Table(title=f"drift against live version {drift['live_version']}")
+    for column in ("output", "metric", "distance", "max", "moved", "max moved", "state"):
+        table.add_column(column)
+    for row in drift["outputs"]:
+        state = "DRIFTED" if row["drifted"] else "ok"
+        if row["drifted"] and drift.get("overridden"):
+            state = "FORCED"  # drifted, published by --force
+        table.add_row(
+            row["output"],
+            row["metric"],
+            f"{row['distance']:.3f}",
+            f"{row['max_distance']:g}",
+            f"{row['moved_share']:.1%}",
+            f"{row['max_moved_share']:.1%}",
+            state,
+        )
+    out.print(table)
 
 
 @app.command()
@@ -267,11 +301,9 @@ def rollback(
     store: StoreOpt = None,
 ) -> None:
     """Make the previous kept version (or --to VERSION) live again."""
-    from kv_export.store import open_store
-
     settings = _run_settings()
     try:
-        opened = open_store(store or settings.resolved_store_url)
+        opened = _open_store(settings, store)
         before = opened.state(namespace).live
         info = opened.rollback(namespace, to)
     except BatchscoreError as exc:
@@ -315,9 +347,88 @@ def status(
 
 
 @app.command()
-def versions(namespace: str, store: StoreOpt = None) -> None:
-    """List a namespace's versions."""
-    status(namespace, store, json_out=False)
+def versions(
+    namespace: str, store: StoreOpt = None, json_out: bool = typer.Option(False, "--json")
+) -> None:
+    """Every version of a namespace in the store: live, kept, loading, expiring, deleting."""
+    settings = _run_settings()
+    try:
+        opened = _open_store(settings, store)
+        state = opened.state(namespace)
+        opened.close()
+    except BatchscoreError as exc:
+        _fail(exc)
+        return
+    if json_out:
+        out.print_json(
+            data=state.model_dump(mode="json", exclude={"versions": {"__all__": {"parts"}}})
+        )
+        return
+    ttl = f"{state.ttl_seconds:,} s" if state.ttl_seconds else "none"
+    table = Table(
+        title=f"namespace {namespace}: live {state.live} · kept {state.history} · TTL {ttl}"
+    )
+    for column in ("version", "role", "keys", "model", "run", "completed", "published", "expires"):
+        table.add_column(column)
+    for number, info in sorted(state.versions.items()):
+        table.add_row(
+            str(number),
+            _role(state, number),
+            f"{info.key_count:,}" if info.state == "complete" else f"0 of {info.expected_keys:,}",
+            f"{info.model_name} v{info.model_version}",
+            info.run_id,
+            info.completed_at or "",
+            info.published_at or "",
+            (info.expires_at or "") + (" (expired)" if info.expired() else ""),
+        )
+    for number in sorted(state.deleting):
+        table.add_row(str(number), "deleting (batchscore gc finishes)", "", "", "", "", "", "")
+    out.print(table)
+
+
+def _role(state: Any, number: int) -> str:
+    info = state.versions[number]
+    if number == state.live:
+        return "● live"
+    if info.state == "loading":
+        return "loading"
+    if number in state.history:
+        return "kept (rollback)"
+    return "complete, never published"
+
+
+def _open_store(settings: RunSettings, store: str | None) -> Any:
+    from kv_export.store import open_store
+
+    return open_store(store or settings.resolved_store_url, password=settings.store_password)
+
+
+@app.command()
+def gc(
+    namespace: str,
+    store: StoreOpt = None,
+    keep: Annotated[
+        int | None, typer.Option(min=1, help="Published versions to keep; default the setting.")
+    ] = None,
+    ttl: Annotated[
+        int | None,
+        typer.Option(min=0, help="Record the namespace's TTL in seconds first (0: none)."),
+    ] = None,
+) -> None:
+    """Delete versions beyond --keep, stale never-published and expired ones."""
+    settings = _run_settings()
+    try:
+        opened = _open_store(settings, store)
+        if ttl is not None:
+            opened.set_ttl(namespace, ttl)
+        deleted = opened.gc(namespace, keep or settings.keep_versions)
+        live = opened.state(namespace).live
+        opened.close()
+    except BatchscoreError as exc:
+        _fail(exc)
+        return
+    gone = ", ".join(str(info.version) for info in deleted) or "nothing"
+    out.print(f"namespace {namespace}: deleted {gone}; live version {live}")
 
 
 @model_app.command("register")

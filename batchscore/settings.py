@@ -88,6 +88,46 @@ class RunSettings(_Common):
     keep_versions: int = Field(
         default=2, ge=1, description="Published versions kept per namespace."
     )
+    store_password: str | None = Field(
+        default=None,
+        repr=False,
+        description="Redis password when the store URL carries none (the URL's wins).",
+    )
+    version_ttl_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        description="Set the namespace's TTL at export: versions expire this long after "
+        "loading (0: no TTL; unset: keep the namespace's current TTL).",
+    )
+    export_on_workers: bool = Field(
+        default=False,
+        description="With a tcp:// scheduler as cluster, Dask workers export their own parts.",
+    )
+    max_feature_null_rate: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Largest share of nulls in a feature column of any input file (0: none).",
+    )
+    quality_config: Path | None = Field(
+        default=None,
+        description="YAML/JSON file of per-namespace expectations and drift thresholds.",
+    )
+    drift_metric: Literal["psi", "ks"] = Field(
+        default="ks", description="Distribution distance of the drift gate: ks or psi."
+    )
+    drift_max_distance: float = Field(
+        default=0.5, ge=0.0, description="Largest KS statistic (or PSI) against the live version."
+    )
+    drift_moved_delta: float = Field(
+        default=0.5, ge=0.0, description="A key 'moved' when its prediction changed by more."
+    )
+    drift_max_moved_share: float = Field(
+        default=0.25, ge=0.0, le=1.0, description="Largest share of keys that may move."
+    )
+    drift_sample_rows: int = Field(
+        default=200_000, ge=100, description="Rows sampled per run for the drift gate."
+    )
     mlflow_tracking_uri: str | None = Field(
         default=None,
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "mlflow_tracking_uri"),

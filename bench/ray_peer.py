@@ -29,6 +29,8 @@ class Predict:
 
 def main() -> None:
     folder, model_dir, out, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    # Half a CPU per model actor leaves room for the read tasks: with whole CPUs, two actors
+    # on a two-core machine hold every slot and the reads never get scheduled.
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     started = time.perf_counter()
     data = ray.data.read_parquet(folder, columns=["id", *NAMES])

@@ -227,7 +227,9 @@ def dask_dataframe(folder: Path, model_dir: Path, out: Path, workers: int) -> fl
     with LocalCluster(n_workers=workers, threads_per_worker=1) as cluster, Client(cluster):
         started = time.perf_counter()
         frame = dd.read_parquet(str(folder), columns=[KEY, *names])
-        meta = pd.DataFrame({KEY: pd.Series([], dtype="int64"), "score": pd.Series([], dtype="float32")})
+        meta = pd.DataFrame(
+            {KEY: pd.Series([], dtype="int64"), "score": pd.Series([], dtype="float32")}
+        )
         scored = frame.map_partitions(_dask_predict, str(model_dir), names, meta=meta)
         scored.to_parquet(str(out), write_index=False)
         rows = len(dd.read_parquet(str(out)))

@@ -49,7 +49,10 @@ class RunParams(BaseModel):
     max_failed_shards: int = 0
     keep_versions: int = 2
     dry_run: bool = False
-    force: bool = False
+    force: bool = False  # re-score existing parts, and publish past a failing drift gate
+    max_feature_null_rate: float = 0.0
+    quality_config: str | None = None
+    drift: dict[str, Any] = Field(default_factory=dict)  # scoring.quality.DriftRules defaults
 
 
 class ModelRecord(BaseModel):
@@ -105,6 +108,8 @@ class Manifest(BaseModel):
     shards: list[ShardRecord] = Field(default_factory=list)
     steps: dict[str, dict[str, Any]] = Field(default_factory=dict)
     validation: dict[str, Any] | None = None
+    drift: dict[str, Any] | None = None
+    reports: dict[str, str] = Field(default_factory=dict)  # name → path (Data Docs, plots)
     version: int | None = None
     published: bool = False
     published_at: str | None = None
@@ -141,8 +146,22 @@ class Manifest(BaseModel):
             ],
             "dry_run": self.params.dry_run,
             "run_dir": self.run_dir,
+            "validation": _validation_summary(self.validation),
+            "drift": self.drift,
+            "reports": self.reports,
             "steps": self.steps,
         }
+
+
+def _validation_summary(validation: dict[str, Any] | None) -> dict[str, Any] | None:
+    if validation is None:
+        return None
+    outcomes = validation.get("outcomes", [])
+    return {
+        "success": validation.get("success"),
+        "expectations": len(outcomes),
+        "failed": sum(1 for o in outcomes if not o.get("success")),
+    }
 
 
 def load_manifest(run_dir: str | Path) -> Manifest:

@@ -19,6 +19,7 @@ def run_pipeline(
     steps.plan(run_dir)
     steps.score(run_dir, on_progress=on_progress)
     steps.validate(run_dir)
+    steps.check_drift(run_dir)
     steps.export(run_dir)
     steps.publish(run_dir)
     return load_manifest(run_dir)

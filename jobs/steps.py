@@ -1,4 +1,4 @@
-"""The pipeline's steps: resolve → plan → score → validate → export → publish.
+"""The pipeline's steps: resolve → plan → score → validate → check_drift → export → publish.
 
 Each step takes the run folder (and the settings), reads the manifest, does
 one thing, records it, and returns a small dict of pointers and counts, which
@@ -45,6 +45,15 @@ def make_params(settings: RunSettings, **given: Any) -> RunParams:
         "shard_rows": settings.shard_rows,
         "cluster": settings.cluster,
         "keep_versions": settings.keep_versions,
+        "max_feature_null_rate": settings.max_feature_null_rate,
+        "quality_config": str(settings.quality_config) if settings.quality_config else None,
+        "drift": {
+            "metric": settings.drift_metric,
+            "max_distance": settings.drift_max_distance,
+            "moved_delta": settings.drift_moved_delta,
+            "max_moved_share": settings.drift_max_moved_share,
+            "sample_rows": settings.drift_sample_rows,
+        },
     }
     chosen = {k: v for k, v in given.items() if v is not None and v != ""}
     if chosen.get("batch_size") == "auto":
@@ -116,14 +125,26 @@ def resolve(settings: RunSettings, params: RunParams, run_id: str | None = None)
 
 
 def plan(run_dir: str | Path) -> dict[str, Any]:
-    """Check the input against the model and cut it into shards (footers only)."""
+    """Check the input against the model and cut it into shards (footers only).
+
+    Checks: key present and typed, feature columns present and numeric, null rate
+    within ``max_feature_null_rate``, values castable without loss to the model's dtype.
+    """
     from scoring.inputs import inspect_input
+    from scoring.model import read_model_spec
     from scoring.shards import plan_shards
 
     manifest = load_manifest(run_dir)
     started = time.perf_counter()
     params = manifest.params
-    summary = inspect_input(params.input_path, manifest.model.features, params.key_column)
+    spec = read_model_spec(Path(manifest.model.local_dir), tuple(manifest.model.features))
+    summary = inspect_input(
+        params.input_path,
+        manifest.model.features,
+        params.key_column,
+        feature_types=spec.feature_types,
+        max_null_rate=params.max_feature_null_rate,
+    )
     shards = plan_shards(summary.files, params.shard_rows)
     previous = {s.id: s for s in manifest.shards}
     manifest.input = InputRecord(
@@ -274,13 +295,19 @@ def validate(run_dir: str | Path) -> dict[str, Any]:
     assert manifest.input is not None
     done = [s for s in manifest.shards if s.state == "done"]
     missing_rows = sum(s.rows for s in manifest.shards if s.state == "failed")
+    quality = _quality(manifest)
     report = validate_output(
         [Path(s.part) for s in done],
         manifest.params.key_column,
         manifest.model.outputs,
         manifest.input.rows - missing_rows,
+        rules=quality.outputs,
+        docs_dir=Path(manifest.run_dir) / "data_docs",
     )
     manifest.validation = report.to_dict()
+    if report.docs_index:
+        manifest.reports["data_docs"] = report.docs_index
+        log.info("validation report (GX Data Docs): file://%s", report.docs_index)
     manifest.record_step(
         "validate",
         seconds=report.seconds,
@@ -295,16 +322,129 @@ def validate(run_dir: str | Path) -> dict[str, Any]:
             f"Output of run {manifest.run_id} failed validation: "
             + "; ".join(o.describe() for o in report.failures),
             failures=[o.__dict__ for o in report.failures],
-            fix="Nothing was published; the live version is unchanged",
+            fix="Nothing was published; the live version is unchanged"
+            + (f". Report: file://{report.docs_index}" if report.docs_index else ""),
         )
     return {"run_dir": manifest.run_dir, "success": True, "rows": report.rows}
 
 
-def export(run_dir: str | Path) -> dict[str, Any]:
-    """Load the validated output into the store as a new, not yet visible version."""
+def check_drift(run_dir: str | Path) -> dict[str, Any]:
+    """Gate the run on drift against the namespace's live version; ``force`` overrides.
+
+    Reads the live version's output parts (``VersionInfo.parts``) and this run's,
+    per output compares the distributions and the key-joined predictions, writes a
+    PNG of both, and records everything in ``manifest.drift``. No live version, or
+    this run already live: nothing to compare, the gate passes. A blocked run keeps
+    its output on disk; the live version is untouched.
+    """
+    from kv_export.store import open_store
+    from scoring.drift import judge, read_samples
+    from scoring.errors import DriftDetected
+    from scoring.reports import plot_distributions
+
+    manifest = load_manifest(run_dir)
+    _require_scored(manifest)
+    started = time.perf_counter()
+    rules = _quality(manifest).drift
+    store = open_store(manifest.params.store_url)
+    try:
+        live = store.state(manifest.namespace).live_info()
+    finally:
+        store.close()
+    done = [Path(s.part) for s in manifest.shards if s.state == "done"]
+    live_parts = [Path(p.path) for p in live.parts] if live is not None else []
+    compare = rules.enabled and live is not None and live.run_id != manifest.run_id
+    samples = read_samples(
+        live_parts if compare else [],
+        done,
+        manifest.params.key_column,
+        live.key_column if live is not None else manifest.params.key_column,
+        manifest.model.outputs,
+        rules.sample_rows,
+    )
+    results = [
+        judge(
+            o, samples.live[o], samples.new[o], samples.live_joined[o], samples.new_joined[o], rules
+        )
+        for o in manifest.model.outputs
+        if compare and o in samples.live
+    ]
+    plot = plot_distributions(
+        samples.new,
+        samples.live,
+        Path(manifest.run_dir) / "reports" / "distributions.png",
+        f"{manifest.namespace}: live v{live.version if live else '-'} vs run {manifest.run_id}",
+    )
+    manifest.reports["distributions_png"] = str(plot)
+    drifted = [r for r in results if r.drifted]
+    overridden = bool(drifted) and manifest.params.force
+    manifest.drift = {
+        "live_version": live.version if live is not None else None,
+        "compared": compare,
+        "rules": vars(rules),
+        "outputs": [r.to_dict() for r in results],
+        "passed": not drifted,
+        "overridden": overridden,
+    }
+    manifest.record_step(
+        "drift",
+        seconds=time.perf_counter() - started,
+        passed=not drifted,
+        overridden=overridden,
+        note=_drift_note(compare, results, overridden),
+    )
+    manifest.save()
+    log.info("drift plot: file://%s", plot)
+    if drifted and not overridden:
+        raise DriftDetected(
+            f"Output of run {manifest.run_id} drifted from live version "
+            f"{live.version if live else None} of namespace '{manifest.namespace}': "
+            + "; ".join(r.describe() for r in drifted),
+            drift=[r.to_dict() for r in drifted],
+            fix=f"Nothing was published; the output stays in {manifest.parts_dir}. "
+            f"Plot: file://{plot}. Run again with --force (DAG param force) to publish anyway",
+        )
+    if overridden:
+        log.warning("drift gate overridden by force: %s", "; ".join(r.describe() for r in drifted))
+    return {"run_dir": manifest.run_dir, "passed": not drifted, "overridden": overridden}
+
+
+def run_reports(run_dir: str | Path) -> dict[str, str]:
+    """The run's report files (Data Docs index, plots), as recorded in the manifest."""
+    return dict(load_manifest(run_dir).reports)
+
+
+def _drift_note(compare: bool, results: list[Any], overridden: bool) -> str:
+    if not compare:
+        return "no live version to compare"
+    worst = max(results, key=lambda r: r.distance / (r.max_distance or 1), default=None)
+    if worst is None:
+        return "not compared: the live output is gone from disk or shares no output"
+    state = "OVERRIDDEN" if overridden else ("drifted" if worst.drifted else "ok")
+    return f"{state}: {worst.metric} {worst.distance:.3f}, moved {worst.moved_share:.1%}"
+
+
+def _quality(manifest: Manifest) -> Any:
+    from scoring.quality import DriftRules, load_quality_config, namespace_quality
+
+    return namespace_quality(
+        manifest.namespace,
+        manifest.model.outputs,
+        DriftRules(**manifest.params.drift),
+        load_quality_config(manifest.params.quality_config),
+    )
+
+
+def export(run_dir: str | Path, settings: RunSettings | None = None) -> dict[str, Any]:
+    """Load the validated output into the store as a new, not yet visible version.
+
+    ``BATCHSCORE_VERSION_TTL_SECONDS``, when set, becomes the namespace's TTL
+    (0 removes it) before the version is loaded. With
+    ``BATCHSCORE_EXPORT_ON_WORKERS=true`` and a scheduler address as the run's
+    cluster, each Dask worker loads its own parts straight into the store.
+    """
     from kv_export.encoding import bucket_count
-    from kv_export.export import export_parts
-    from kv_export.store import NewVersion, PartInfo, open_store
+    from kv_export.store import NewVersion, PartInfo
 
     manifest = load_manifest(run_dir)
     if manifest.params.dry_run:
@@ -313,6 +453,12 @@ def export(run_dir: str | Path) -> dict[str, Any]:
         raise RunError(
             f"Run {manifest.run_id} has not passed validation",
             fix="Run the validate step first; only validated output is exported",
+        )
+    drift = manifest.drift or {}
+    if drift and not drift.get("passed") and not drift.get("overridden"):
+        raise RunError(
+            f"Run {manifest.run_id} failed the drift gate",
+            fix="Inspect reports/distributions.png; run again with --force to publish anyway",
         )
     assert manifest.input is not None
     started = time.perf_counter()
@@ -333,11 +479,8 @@ def export(run_dir: str | Path) -> dict[str, Any]:
             PartInfo(path=s.part, rows=s.rows, min_key=s.min_key, max_key=s.max_key) for s in done
         ],
     )
-    store = open_store(manifest.params.store_url)
-    try:
-        result = export_parts(store, manifest.namespace, new, [Path(s.part) for s in done])
-    finally:
-        store.close()
+    settings = settings or _settings()
+    result = _export_version(settings, manifest, new, [Path(s.part) for s in done])
     seconds = time.perf_counter() - started
     manifest.version = result.info.version
     manifest.record_step(
@@ -352,10 +495,51 @@ def export(run_dir: str | Path) -> dict[str, Any]:
     return {"run_dir": manifest.run_dir, "version": result.info.version, "keys": result.keys}
 
 
-def publish(run_dir: str | Path) -> dict[str, Any]:
-    """Flip the namespace's live pointer to this run's version, once."""
-    from kv_export.errors import AlreadyPublished
+def _settings() -> RunSettings:
+    from batchscore.settings import load_settings
+
+    return load_settings(RunSettings)
+
+
+def _open_run_store(settings: RunSettings, url: str) -> Any:
     from kv_export.store import open_store
+
+    return open_store(url, password=settings.store_password)
+
+
+def _export_version(settings: RunSettings, manifest: Manifest, new: Any, parts: list[Path]) -> Any:
+    """Export from this process, or from the Dask workers when asked and a scheduler is named."""
+    from kv_export.export import export_parts, export_parts_on_dask
+
+    store = _open_run_store(settings, manifest.params.store_url)
+    try:
+        if settings.version_ttl_seconds is not None:
+            store.set_ttl(manifest.namespace, settings.version_ttl_seconds)
+        cluster = manifest.params.cluster
+        if not (settings.export_on_workers and cluster.startswith(("tcp://", "tls://"))):
+            return export_parts(store, manifest.namespace, new, parts)
+    finally:
+        store.close()
+    from distributed import Client
+
+    with Client(cluster) as client:
+        return export_parts_on_dask(
+            client,
+            manifest.params.store_url,
+            manifest.namespace,
+            new,
+            parts,
+            password=settings.store_password,
+        )
+
+
+def publish(run_dir: str | Path, settings: RunSettings | None = None) -> dict[str, Any]:
+    """Flip the namespace's live pointer to this run's version, once.
+
+    Refuses (``VersionNotFound`` / ``VersionIncomplete``) a version the store
+    does not have or that is still loading; the live version is then unchanged.
+    """
+    from kv_export.errors import AlreadyPublished
 
     manifest = load_manifest(run_dir)
     if manifest.params.dry_run:
@@ -363,7 +547,7 @@ def publish(run_dir: str | Path) -> dict[str, Any]:
     if manifest.version is None:
         raise RunError(f"Run {manifest.run_id} has no exported version", fix="Run export first")
     started = time.perf_counter()
-    store = open_store(manifest.params.store_url)
+    store = _open_run_store(settings or _settings(), manifest.params.store_url)
     try:
         before = store.state(manifest.namespace).live
         try:

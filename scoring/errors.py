@@ -8,9 +8,12 @@
     │   ├── CorruptInput
     │   ├── MissingColumn
     │   ├── BadColumnType
-    │   └── BadKeyColumn
+    │   ├── BadKeyColumn
+    │   └── TooManyNulls      a feature's null rate is above the bound
     ├── ShardFailed           a shard could not be scored
-    └── ValidationFailed      the output broke an expectation
+    ├── ValidationFailed      the output broke an expectation
+    ├── DriftDetected         the output moved too far from the live version
+    └── QualityConfigError    the quality config file is unusable
 """
 
 from __future__ import annotations
@@ -56,3 +59,19 @@ class ValidationFailed(ScoringError):
     def __init__(self, what: str, *, failures: list[dict[str, object]], **kw: str) -> None:
         self.failures = failures
         super().__init__(what, **kw)
+
+
+class TooManyNulls(InputError):
+    pass
+
+
+class DriftDetected(ScoringError):
+    """At least one output drifted past its thresholds; ``drift`` lists every output."""
+
+    def __init__(self, what: str, *, drift: list[dict[str, object]], **kw: str) -> None:
+        self.drift = drift
+        super().__init__(what, **kw)
+
+
+class QualityConfigError(ScoringError):
+    pass

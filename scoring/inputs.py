@@ -7,7 +7,7 @@ so bad input fails in seconds with an error naming the file and column.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,6 +21,14 @@ from scoring.errors import (
     CorruptInput,
     InputNotFound,
     MissingColumn,
+    TooManyNulls,
+)
+from scoring.quality import (
+    always_castable,
+    null_rate,
+    range_limit,
+    target_dtype,
+    within_limit,
 )
 from scoring.shards import InputFile
 
@@ -58,7 +66,15 @@ def discover(input_path: str | Path) -> list[Path]:
     return files
 
 
-def inspect_input(input_path: str | Path, features: Sequence[str], key_column: str) -> InputSummary:
+def inspect_input(
+    input_path: str | Path,
+    features: Sequence[str],
+    key_column: str,
+    *,
+    feature_types: Mapping[str, str] | None = None,
+    max_null_rate: float = 0.0,
+) -> InputSummary:
+    """Check every file's footer: key, feature columns, their types, null rates, ranges."""
     files = discover(input_path)
     described: list[InputFile] = []
     key_types: set[str] = set()
@@ -68,6 +84,8 @@ def inspect_input(input_path: str | Path, features: Sequence[str], key_column: s
         schema = meta.schema.to_arrow_schema()
         key_types.add(_check_key(path, schema, meta, key_column))
         _check_features(path, schema, features)
+        _check_nulls(path, schema, meta, features, max_null_rate)
+        _check_castable(path, schema, meta, features, feature_types or {})
         sizes = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         described.append(InputFile(str(path), sizes))
         stat = path.stat()
@@ -144,3 +162,64 @@ def _check_features(path: Path, schema: pa.Schema, features: Sequence[str]) -> N
                 expected="a numeric column (float32, as the model takes)",
                 fix="Cast the column to a number upstream, or drop it from the signature",
             )
+
+
+def _column_stats(meta: pq.FileMetaData, column: int) -> list[pq.Statistics | None]:
+    return [meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)]
+
+
+def _check_nulls(
+    path: Path, schema: pa.Schema, meta: pq.FileMetaData, features: Sequence[str], bound: float
+) -> None:
+    """Null counts come from row-group statistics; a missing count is read as unknown (0)."""
+    for name in features:
+        stats = _column_stats(meta, schema.names.index(name))
+        nulls = sum(s.null_count for s in stats if s is not None and s.has_null_count)
+        rate = null_rate(nulls, meta.num_rows)
+        if rate > bound:
+            raise TooManyNulls(
+                f"Input column '{name}' is {rate:.2%} null ({nulls} of {meta.num_rows} rows) "
+                f"in {path}",
+                expected=f"a null rate of at most {bound:.2%} (BATCHSCORE_MAX_FEATURE_NULL_RATE)",
+                fix="Fill the nulls upstream, or raise the bound if the model handles NaN",
+            )
+
+
+def _check_castable(
+    path: Path,
+    schema: pa.Schema,
+    meta: pq.FileMetaData,
+    features: Sequence[str],
+    feature_types: Mapping[str, str],
+) -> None:
+    """Refuse a column whose values the model's dtype cannot hold exactly (see scoring.quality)."""
+    for name in features:
+        kind, target = schema.field(name).type, target_dtype(feature_types.get(name))
+        if always_castable(kind, target):
+            continue
+        limit = range_limit(kind, target)
+        if limit is None:
+            continue  # non-numeric columns were refused by _check_features
+        low, high = _range(_column_stats(meta, schema.names.index(name)))
+        if not within_limit(low, high, limit):
+            raise BadColumnType(
+                f"Input column '{name}' has type {kind} in {path}, with values that {target} "
+                "cannot hold exactly",
+                expected=f"values within ±{limit:.6g} (the model takes {target})",
+                found=f"min {low}, max {high}" if low is not None else "no min/max statistics",
+                fix=f"Cast the column to {target} upstream (accepting the rounding), "
+                "or write Parquet statistics",
+            )
+
+
+def _range(stats: list[pq.Statistics | None]) -> tuple[float | None, float | None]:
+    """The column's min and max over row groups; (None, None) when any group lacks them."""
+    lows, highs = [], []
+    for s in stats:
+        if s is None or not s.has_min_max:
+            if s is not None and s.num_values == 0:
+                continue  # an all-null row group holds no value to cast
+            return None, None
+        lows.append(float(s.min))
+        highs.append(float(s.max))
+    return (min(lows), max(highs)) if lows else (0.0, 0.0)

@@ -25,8 +25,10 @@ def test_no_generated_request_gets_a_server_error(tmp_path: Path) -> None:
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {
-        "/v1/predictions/{namespace}/{key}", "/v1/predictions/{namespace}/batch",
-        "/v1/namespaces", "/v1/namespaces/{namespace}",
+        "/v1/predictions/{namespace}/{key}",
+        "/v1/predictions/{namespace}/batch",
+        "/v1/namespaces",
+        "/v1/namespaces/{namespace}",
     }
     for operation in operations:
 

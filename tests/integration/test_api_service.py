@@ -40,7 +40,11 @@ def score(keys: np.ndarray, model_version: str) -> np.ndarray:
 
 
 def write_version(
-    store_url: str, folder: Path, keys: np.ndarray, model_version: str, namespace: str = NS,
+    store_url: str,
+    folder: Path,
+    keys: np.ndarray,
+    model_version: str,
+    namespace: str = NS,
 ) -> VersionInfo:
     """Publish a version of ``keys`` (parts sorted by key, 500-row row groups)."""
     store = open_store(store_url)
@@ -53,13 +57,26 @@ def write_version(
         table = pa.table({"customer_id": keys[rows], "churn_probability": values[rows]})
         pq.write_table(table, path, row_group_size=500)
         paths.append(path)
-        parts.append(PartInfo(path=str(path), rows=len(rows), min_key=int(keys[rows][0]),
-                              max_key=int(keys[rows][-1])))
+        parts.append(
+            PartInfo(
+                path=str(path),
+                rows=len(rows),
+                min_key=int(keys[rows][0]),
+                max_key=int(keys[rows][-1]),
+            )
+        )
     new = NewVersion(
-        run_id=f"run-{namespace}-{model_version}", expected_keys=len(keys),
-        buckets=bucket_count(len(keys)), outputs=["churn_probability"], model_name="churn",
-        model_version=model_version, scored_at=utcnow(), key_column="customer_id",
-        key_type="int", output_dir=str(folder), parts=parts,
+        run_id=f"run-{namespace}-{model_version}",
+        expected_keys=len(keys),
+        buckets=bucket_count(len(keys)),
+        outputs=["churn_probability"],
+        model_name="churn",
+        model_version=model_version,
+        scored_at=utcnow(),
+        key_column="customer_id",
+        key_type="int",
+        output_dir=str(folder),
+        parts=parts,
     )
     exported = export_parts(store, namespace, new, paths)
     info = store.publish(namespace, exported.info.version, keep=2)
@@ -79,9 +96,23 @@ class PersistentRedis(RedisServer):
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed: run `make system-deps`"
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         import redis
 
@@ -160,8 +191,11 @@ def test_redis_dies_and_returns_no_5xx_for_live_keys_and_kv_again_after(
         wait_for(lambda: get(api, f"/v1/predictions/{NS}/{sample[1]}").json()["source"] == "batch")
         for key in sample:
             check(get(api, f"/v1/predictions/{NS}/{key}").json(), key, "1", "batch")
-        batch = httpx.post(api.base + f"/v1/predictions/{NS}/batch",
-                           json={"keys": [str(sample[2]), "42"]}, timeout=10).json()["results"]
+        batch = httpx.post(
+            api.base + f"/v1/predictions/{NS}/batch",
+            json={"keys": [str(sample[2]), "42"]},
+            timeout=10,
+        ).json()["results"]
         assert [r["status"] for r in batch] == ["found", "not_found"]
         assert {r["source"] for r in batch} == {"batch"}
         assert get(api, f"/v1/predictions/{NS}/42").status_code == 404
@@ -195,10 +229,15 @@ def test_keys_the_live_version_lacks_come_from_the_previous_one_marked_stale(
     api = start_api(api_env | {"BATCHSCORE_STALE_FALLBACK": "true"}, redis_server.url)
     check(get(api, f"/v1/predictions/{NS}/{both}").json(), both, "2", "kv")
     check(get(api, f"/v1/predictions/{NS}/{old_only}").json(), old_only, "1", "kv", stale=True)
-    results = httpx.post(api.base + f"/v1/predictions/{NS}/batch", timeout=10,
-                         json={"keys": [str(both), str(old_only), "42"]}).json()["results"]
+    results = httpx.post(
+        api.base + f"/v1/predictions/{NS}/batch",
+        timeout=10,
+        json={"keys": [str(both), str(old_only), "42"]},
+    ).json()["results"]
     assert [(r["status"], r["stale"], r["model"]["version"]) for r in results] == [
-        ("found", False, "2"), ("found", True, "1"), ("not_found", False, "2")
+        ("found", False, "2"),
+        ("found", True, "1"),
+        ("not_found", False, "2"),
     ]
     assert get(api, f"/v1/predictions/{NS}/42").status_code == 404
 
@@ -215,10 +254,14 @@ def test_api_keys_scopes_and_namespaces(
     write_version(store_url, tmp_path / "fraud", KEYS[:100], "1", namespace="fraud")
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text("# analysts\nchurn-reader: churn\n\nadmin-key: *\n")
-    api = start_api(api_env | {
-        "BATCHSCORE_API_KEYS_FILE": str(keys_file),
-        "BATCHSCORE_API_KEYS": json.dumps({"fraud-reader": ["fraud"]}),
-    }, store_url)
+    api = start_api(
+        api_env
+        | {
+            "BATCHSCORE_API_KEYS_FILE": str(keys_file),
+            "BATCHSCORE_API_KEYS": json.dumps({"fraud-reader": ["fraud"]}),
+        },
+        store_url,
+    )
     key = int(KEYS[5])
     path = f"/v1/predictions/{NS}/{key}"
 
@@ -231,8 +274,14 @@ def test_api_keys_scopes_and_namespaces(
     check(get(api, path, **{"x-api-key": "admin-key"}).json(), key, "1", "kv")
     forbidden = get(api, path, **{"x-api-key": "fraud-reader"})
     assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "forbidden"
-    assert httpx.post(api.base + f"/v1/predictions/{NS}/batch", json={"keys": [str(key)]},
-                      headers={"x-api-key": "fraud-reader"}).status_code == 403
+    assert (
+        httpx.post(
+            api.base + f"/v1/predictions/{NS}/batch",
+            json={"keys": [str(key)]},
+            headers={"x-api-key": "fraud-reader"},
+        ).status_code
+        == 403
+    )
 
     listed = get(api, "/v1/namespaces", **{"x-api-key": "fraud-reader"}).json()["namespaces"]
     assert [n["namespace"] for n in listed] == ["fraud"]
@@ -251,9 +300,14 @@ def test_api_keys_scopes_and_namespaces(
 def test_limits_413_422_429(api_env: dict[str, str], start_api: Start, tmp_path: Path) -> None:
     store_url = f"lmdb://{tmp_path / 'store'}"
     write_version(store_url, tmp_path / "v1", KEYS, "1")
-    api = start_api(api_env | {
-        "BATCHSCORE_MAX_BATCH_KEYS": "5", "BATCHSCORE_MAX_KEY_LENGTH": "16",
-    }, store_url)
+    api = start_api(
+        api_env
+        | {
+            "BATCHSCORE_MAX_BATCH_KEYS": "5",
+            "BATCHSCORE_MAX_KEY_LENGTH": "16",
+        },
+        store_url,
+    )
     batch = api.base + f"/v1/predictions/{NS}/batch"
     too_many = httpx.post(batch, json={"keys": [str(k) for k in KEYS[:6]]})
     assert too_many.status_code == 413 and "5" in too_many.json()["error"]["message"]
@@ -265,14 +319,23 @@ def test_limits_413_422_429(api_env: dict[str, str], start_api: Start, tmp_path:
     for body in ({"keys": []}, {"keys": "1000001"}, {}, [1, 2]):
         answer = httpx.post(batch, json=body)
         assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_request"
-    assert httpx.post(batch, content=b"{not json", headers={"content-type": "application/json"}
-                      ).status_code == 422
+    assert (
+        httpx.post(
+            batch, content=b"{not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
     assert get(api, "/v1/predictions/bad%7Bns%7D/1").status_code == 422
 
-    limited = start_api(api_env | {
-        "BATCHSCORE_API_KEYS": json.dumps({"k1": ["*"], "k2": ["*"]}),
-        "BATCHSCORE_RATE_LIMIT_PER_SECOND": "0.2", "BATCHSCORE_RATE_LIMIT_BURST": "3",
-    }, store_url)
+    limited = start_api(
+        api_env
+        | {
+            "BATCHSCORE_API_KEYS": json.dumps({"k1": ["*"], "k2": ["*"]}),
+            "BATCHSCORE_RATE_LIMIT_PER_SECOND": "0.2",
+            "BATCHSCORE_RATE_LIMIT_BURST": "3",
+        },
+        store_url,
+    )
     path = f"/v1/predictions/{NS}/{int(KEYS[0])}"
     statuses = [get(limited, path, **{"x-api-key": "k1"}).status_code for _ in range(5)]
     assert statuses[:3] == [200, 200, 200] and statuses[3:] == [429, 429]
@@ -302,8 +365,9 @@ def test_errors_are_json_and_leak_nothing(
     metrics = get(api, "/metrics").text
     assert 'route="/v1/predictions/{namespace}/{key}",source="kv"' in metrics
     assert 'batchscore_live_version_age_seconds{namespace="churn"}' in metrics
-    log_lines = [json.loads(line) for line in api.log.read_text().splitlines()
-                 if line.startswith("{")]
+    log_lines = [
+        json.loads(line) for line in api.log.read_text().splitlines() if line.startswith("{")
+    ]
     assert {"route", "status", "ms", "source", "method"} <= set(log_lines[-1])
 
 
