@@ -39,6 +39,7 @@ def main() -> None:
         fn_constructor_args=(model_dir,),
         batch_size=32_768,
         concurrency=workers,
+        num_cpus=0.5,
         batch_format="numpy",
     )
     scored.write_parquet(out)

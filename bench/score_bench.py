@@ -348,7 +348,10 @@ def cpu_bench(args: argparse.Namespace) -> None:
     results["rss"] = rss
     results["seconds"] = time.perf_counter() - started
     print(json.dumps(results, indent=2, default=str))
-    write_section("Scoring (make bench-score)", render_cpu(results, args))
+    if args.no_docs:
+        print(render_cpu(results, args))
+    else:
+        write_section("Scoring (make bench-score)", render_cpu(results, args))
 
 
 def render_cpu(results: dict[str, Any], args: argparse.Namespace) -> str:
@@ -592,6 +595,9 @@ def main() -> None:
     parser.add_argument("--cache", default=str(REPO / ".bench-data" / "score"))
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument(
+        "--no-docs", action="store_true", help="print the table instead of writing the docs"
+    )
     parser.add_argument("--gpu", action="store_true", help="measure the dask-cuda path")
     parser.add_argument("--json-out", default="gpu-bench.json")
     parser.add_argument("--gpu-threads", type=int, nargs="+", default=[4, 8])
