@@ -38,6 +38,7 @@ N_FEATURES = 64
 FILE_ROWS = 500_000
 ROW_GROUP_ROWS = 100_000
 KEY = "id"
+RAY_TIMEOUT_SECONDS = 1200
 MODELS = {"mlp-64-256-256-1": (256, 256), "mlp-64-1024-1024-1": (1024, 1024)}
 
 
@@ -178,8 +179,9 @@ def batchscore_run(
     }
 
 
-def pyfunc_loop(folder: Path, uri: str, tracking: str, out: Path) -> float:
+def pyfunc_loop(folder: Path, uri: str, tracking: str, out_name: str, **where: Any) -> float:
     """The plain loop: pyfunc predict per file, predictions written per file."""
+    out = where["cache"] / out_name
     import mlflow.pyfunc
     import pandas as pd
 
@@ -214,8 +216,9 @@ def _dask_predict(frame: Any, model_dir: str, names: list[str]) -> Any:
     return pd.DataFrame({KEY: frame[KEY].to_numpy(), "score": predictions[:, 0]})
 
 
-def dask_dataframe(folder: Path, model_dir: Path, out: Path, workers: int) -> float:
+def dask_dataframe(folder: Path, model_dir: Path, out_name: str, **where: Any) -> float:
     """dask.dataframe.read_parquet(...).map_partitions(predict).to_parquet(...)."""
+    out, workers = where["cache"] / out_name, where["workers"]
     import dask.dataframe as dd
     import pandas as pd
     from distributed import Client, LocalCluster
@@ -236,8 +239,9 @@ def dask_dataframe(folder: Path, model_dir: Path, out: Path, workers: int) -> fl
         return rows / (time.perf_counter() - started)
 
 
-def ray_data(folder: Path, model_dir: Path, out: Path, venv: Path, workers: int) -> float | str:
+def ray_data(folder: Path, model_dir: Path, out_name: str, venv: Path, **where: Any) -> float | str:
     """Ray Data in its own venv (ray may pin what batchscore needs otherwise)."""
+    out, workers = where["cache"] / out_name, where["workers"]
     python = venv / "bin" / "python"
     if not python.exists():
         log(f"installing Ray Data into {venv}")
@@ -261,19 +265,18 @@ def ray_data(folder: Path, model_dir: Path, out: Path, venv: Path, workers: int)
             shutil.rmtree(venv, ignore_errors=True)
             return f"not measured: ray did not install ({done.stderr.strip()[-200:]})"
     shutil.rmtree(out, ignore_errors=True)
-    done = subprocess.run(
-        [
-            str(python),
-            str(REPO / "bench" / "ray_peer.py"),
-            str(folder),
-            str(model_dir),
-            str(out),
-            str(workers),
-        ],
-        capture_output=True,
-        text=True,
-        env=os.environ | {"PYTHONPATH": str(REPO)},
-    )
+    command = [python, REPO / "bench" / "ray_peer.py", folder, model_dir, out, workers]
+    try:
+        done = subprocess.run(
+            [str(c) for c in command],
+            capture_output=True,
+            text=True,
+            env=os.environ | {"PYTHONPATH": str(REPO)},
+            timeout=RAY_TIMEOUT_SECONDS,
+        )
+    except subprocess.TimeoutExpired:
+        subprocess.run([str(venv / "bin" / "ray"), "stop", "--force"], capture_output=True)
+        return f"not measured: Ray Data did not finish within {RAY_TIMEOUT_SECONDS} s"
     if done.returncode != 0:
         return f"not measured: ray failed ({done.stderr.strip()[-300:]})"
     return float(json.loads(done.stdout.strip().splitlines()[-1])["rows_per_second"])
@@ -288,50 +291,59 @@ def model_dir_of(uri: str, tracking: str, cache: Path) -> Path:
 
 
 def cpu_bench(args: argparse.Namespace) -> None:
+    """Limits, batchscore and peers in interleaved rounds; each keeps its best round.
+
+    The machine is shared and noisy: running every contender once per round,
+    round after round, exposes them to the same noise, and the best of the
+    rounds is each one's speed with the least interference.
+    """
     started = time.perf_counter()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    if not args.skip_rss:
+        dataset(cache, max(args.rss_rows))  # the shared pool of files, written once
     folder = dataset(cache, args.rows)
     tracking, uris = register_models(cache)
     decode_rows = min(args.rows, 2_000_000)
     decode_limit(folder, decode_rows)  # warm the page cache
-    results: dict[str, Any] = {"rows": args.rows, "models": {}}
+    results: dict[str, Any] = {"rows": args.rows, "rounds": args.rounds, "models": {}}
     for name, uri in uris.items():
         model_dir = model_dir_of(uri, tracking, cache)
-        log(f"{name}: limits")
-        compute = compute_limit(model_dir, "cpu")
-        decode = decode_limit(folder, decode_rows)
-        serial = 1 / (1 / compute + 1 / decode)
-        rows = args.rows if name == next(iter(uris)) else min(args.rows, args.wide_rows)
-        log(f"{name}: batchscore score step over {rows:,} rows")
-        ours = batchscore_run(
-            folder if rows == args.rows else dataset(cache, rows),
-            uri,
-            tracking,
-            cache / "home",
-            workers=args.workers,
-            shard_rows=args.shard_rows,
-        )
-        entry: dict[str, Any] = {
-            "compute": compute,
-            "decode": decode,
-            "serial": serial,
-            "batchscore": ours,
-            "peers": {},
-        }
-        if name == next(iter(uris)) and not args.skip_peers:
-            log(f"{name}: peer pyfunc loop")
-            entry["peers"]["mlflow.pyfunc loop over files"] = pyfunc_loop(
-                folder, uri, tracking, cache / "out-pyfunc"
+        main_model = name == next(iter(uris))
+        rows = args.rows if main_model else min(args.rows, args.wide_rows)
+        data = folder if rows == args.rows else dataset(cache, rows)
+        entry: dict[str, Any] = {"compute": 0.0, "decode": 0.0, "peers": {}, "batchscore": None}
+        for round_ in range(1, args.rounds + 1):
+            log(f"{name}, round {round_}/{args.rounds}: limits")
+            entry["compute"] = max(entry["compute"], compute_limit(model_dir, "cpu"))
+            entry["decode"] = max(entry["decode"], decode_limit(folder, decode_rows))
+            log(f"{name}, round {round_}: batchscore score step over {rows:,} rows")
+            ours = batchscore_run(
+                data,
+                uri,
+                tracking,
+                cache / "home",
+                workers=args.workers,
+                shard_rows=args.shard_rows,
             )
-            log(f"{name}: peer dask.dataframe")
-            entry["peers"]["dask.dataframe map_partitions"] = dask_dataframe(
-                folder, model_dir, cache / "out-dask", args.workers
-            )
-            log(f"{name}: peer Ray Data")
-            entry["peers"]["Ray Data map_batches"] = ray_data(
-                folder, model_dir, cache / "out-ray", REPO / ".bench-venvs" / "ray", args.workers
-            )
+            best = entry["batchscore"]
+            if best is None or ours["rows_per_second"] > best["rows_per_second"]:
+                entry["batchscore"] = ours
+            if not main_model or args.skip_peers:
+                continue
+            ray_venv = REPO / ".bench-venvs" / "ray"
+            peers: list[tuple[str, Any, tuple[Any, ...]]] = [
+                ("mlflow.pyfunc loop over files", pyfunc_loop, (uri, tracking, "out-pyfunc")),
+                ("dask.dataframe map_partitions", dask_dataframe, (model_dir, "out-dask")),
+                ("Ray Data map_batches", ray_data, (model_dir, "out-ray", ray_venv)),
+            ]
+            for peer, measure, extra in peers:
+                log(f"{name}, round {round_}: peer {peer}")
+                value = measure(folder, *extra, cache=cache, workers=args.workers)
+                known = entry["peers"].get(peer)
+                if not isinstance(known, float) or (isinstance(value, float) and value > known):
+                    entry["peers"][peer] = value
+        entry["serial"] = 1 / (1 / entry["compute"] + 1 / entry["decode"])
         results["models"][name] = entry
     rss = {}
     if not args.skip_rss:
@@ -389,7 +401,9 @@ def render_cpu(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"{N_FEATURES} float32 features plus an int64 key, {FILE_ROWS:,}-row files of "
         f"{ROW_GROUP_ROWS:,}-row row groups (page cache warm). batchscore: "
         f"{args.workers} Dask workers, shards of {args.shard_rows:,} rows, time of the score "
-        "step including cluster start-up and writing the parts.",
+        "step including cluster start-up, model loading and writing the parts. "
+        f"Limits, batchscore and the peers ran in {args.rounds} interleaved rounds on the "
+        "same data; each shows its best round.",
         "",
         "Targets: score step ≥ 0.85× the serial limit and ahead of every peer; peak RSS per "
         "worker within 10% between the two sizes.",
@@ -592,6 +606,9 @@ def main() -> None:
         "--wide-rows", type=int, default=2_000_000, help="rows for the wide model (slow on CPU)"
     )
     parser.add_argument("--shard-rows", type=int, default=500_000)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="interleaved rounds; each contender keeps its best"
+    )
     parser.add_argument("--cache", default=str(REPO / ".bench-data" / "score"))
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")

@@ -212,7 +212,20 @@ def _sorted_by_key(table: pa.Table, key: str) -> pa.Table:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports KiB)."""
+    """This process's own peak resident memory so far.
+
+    Linux's ``VmHWM`` is the high-water mark of this process image alone;
+    ``getrusage``'s ``ru_maxrss`` (the fallback elsewhere) also carries the
+    peak of the parent a spawned worker was forked from, which would report
+    the driver's memory as the worker's.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
