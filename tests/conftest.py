@@ -132,48 +132,46 @@ def direct_forward(tracking_uri: str, model_uri: str, rows: np.ndarray) -> np.nd
 
 
 class RedisServer:
-    """A real redis-server on a free port, which a test may stop and start again."""
+    """A real redis-server on a free port, which a test may stop and start again.
 
-    def __init__(self, folder: Path) -> None:
-        self.port = free_port()
-        self.folder = folder
+    ``extra`` arguments go to redis-server as given (``--requirepass``,
+    ``--appendonly yes``, TLS ports); stop and start keep the port and folder.
+    """
+
+    def __init__(self, folder: Path, *extra: str, port: int | None = None) -> None:
+        self.folder, self.extra, self.port = folder, extra, port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, **client: object) -> None:
+        """Start and wait until a client made with ``client`` options answers PING."""
+        import redis
+
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed: run `make system-deps`")
+        defaults = ["--appendonly", "no"] if "--appendonly" not in self.extra else []
+        port = [] if "--tls-port" in self.extra else ["--port", str(self.port)]
         self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.folder),
-            ],
+            [binary, "--bind", "127.0.0.1", "--save", "", "--dir", str(self.folder)]
+            + defaults
+            + port
+            + list(self.extra),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        import redis
-
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while True:
             try:
-                redis.Redis(port=self.port).ping()
+                redis.Redis(port=self.port, **client).ping()  # type: ignore[arg-type]
                 return
-            except redis.ConnectionError:
+            except (redis.ConnectionError, OSError):
+                if time.monotonic() > deadline:
+                    raise
                 time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
 
     def stop(self) -> None:
         if self.process is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,50 +16,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import redis
 
 from kv_export.encoding import bucket_count, encode_keys, unpack_value
 from kv_export.errors import StoreUnavailable
 from kv_export.export import export_parts, export_parts_on_dask
 from kv_export.redis_store import RedisStore
 from kv_export.store import NewVersion, PredictionStore, open_store
+from tests.conftest import RedisServer as Server
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.redis
 ROWS = 12_000
-
-
-class Server:
-    """redis-server on a fixed free port with extra arguments; stop and start keep the dir."""
-
-    def __init__(self, folder: Path, *extra: str, port: int | None = None) -> None:
-        self.folder, self.extra, self.port = folder, extra, port or free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, **client: object) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed: run `make system-deps`")
-        self.process = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--save", "", "--dir", str(self.folder), *self.extra]
-            + ([] if "--tls-port" in self.extra else ["--port", str(self.port)]),
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis(port=self.port, **client).ping()  # type: ignore[arg-type]
-                return
-            except (redis.ConnectionError, OSError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
 
 
 @pytest.fixture
