@@ -24,10 +24,21 @@ system-deps:
 		echo "installing redis-server (Debian package)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
+# The Airflow UI test drives headless Chromium through chromedriver (Debian packages;
+# selenium cannot download a browser or driver here). Installed when missing; if that
+# fails, the UI test skips and says why.
+.PHONY: browser-deps
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+		echo "installing chromium and chromium-driver (Debian packages)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq chromium chromium-driver; } || \
+		echo "chromium could not be installed: the Airflow UI test will be skipped"; }
+
 demo: $(STAMP)
 	$(BIN)/batchscore demo
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps browser-deps
 	$(BIN)/pytest
 
 test-unit: $(STAMP)

@@ -287,6 +287,37 @@ def dask_client(cluster: str, workers: int, threads_per_worker: int) -> Iterator
         with Client(cluster) as client:
             yield client
         return
+    with _spawned_workers_skip_main_script():
+        with _local_cluster(cluster, workers, threads_per_worker) as local_cluster:
+            with Client(local_cluster) as client:
+                yield client
+
+
+@contextmanager
+def _spawned_workers_skip_main_script() -> Iterator[None]:
+    """Keep worker processes from re-running this process's main script.
+
+    Dask starts workers with ``spawn``, which re-imports the parent's
+    ``__main__`` from its file. Inside an Airflow task that file is the
+    ``airflow`` script, and importing Airflow there fails (the task supervisor
+    points the task's database URL at ``airflow-db-not-allowed:///``); from the
+    CLI it would import the whole CLI for nothing. Workers need only
+    ``scoring.engine``, so the main script's file is hidden while the cluster
+    lives (restarted workers included).
+    """
+    import sys
+
+    main = sys.modules["__main__"]
+    saved = main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            main.__file__ = saved
+
+
+@contextmanager
+def _local_cluster(cluster: str, workers: int, threads_per_worker: int) -> Iterator[LocalCluster]:
     dashboard = ":0" if importlib.util.find_spec("bokeh") else None
     if cluster == "cuda":
         try:
@@ -310,8 +341,8 @@ def dask_client(cluster: str, workers: int, threads_per_worker: int) -> Iterator
             dashboard_address=dashboard,
             silence_logs=logging.ERROR,
         )
-    with local_cluster, Client(local_cluster) as client:
-        yield client
+    with local_cluster:
+        yield local_cluster
 
 
 Progress = Callable[[ShardResult, int, int], None]
