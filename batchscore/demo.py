@@ -32,6 +32,8 @@ N_FEATURES = 48
 KEY_COLUMN = "customer_id"
 DAG_ID = "batchscore"
 DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
+JOB_DAG_ID = "score_churn_daily"  # dags/jobs/churn_daily.yaml: one dt= partition a day
+SCORING_POOL = "batchscore_scoring"  # the score task's pool (dags/batchscore_dags/pipeline.py)
 
 
 class DemoFailed(BatchscoreError):
@@ -154,14 +156,19 @@ def _environment(settings: RunSettings) -> dict[str, str]:
 def _airflow_db(env: dict[str, str], home: Path, console: Console) -> None:
     log = home / "logs" / "airflow-db-migrate.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    pool = ["airflow", "pools", "set", SCORING_POOL, "1", "Concurrent batchscore scoring runs"]
     with console.status("migrating the embedded Airflow database (SQLite)…"):
         with log.open("w") as handle:
-            done = subprocess.run(
-                ["airflow", "db", "migrate"], env=env, stdout=handle, stderr=subprocess.STDOUT
-            )
-    if done.returncode != 0:
-        raise DemoFailed("airflow db migrate failed", found=f"exit {done.returncode}; see {log}")
-    console.print(f"[green]✓[/] Airflow home {env['AIRFLOW_HOME']} (SQLite) is migrated")
+            for command in (["airflow", "db", "migrate"], pool):
+                done = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+                if done.returncode != 0:
+                    what = " ".join(command[:3])
+                    found = f"exit {done.returncode}; see {log}"
+                    raise DemoFailed(f"{what} failed", found=found)
+    console.print(
+        f"[green]✓[/] Airflow home {env['AIRFLOW_HOME']} (SQLite) is migrated; pool "
+        f"{SCORING_POOL} has 1 slot (one scoring run at a time)"
+    )
 
 
 TASK_LINE = re.compile(r"running task <TaskInstance: \w+\.(\w+) ")
@@ -308,6 +315,9 @@ def _print_next_steps(console: Console, settings: RunSettings, env: dict[str, st
                     f"AIRFLOW__CORE__DAGS_FOLDER={DAGS_FOLDER} "
                     f"BATCHSCORE_HOME={home} MLFLOW_TRACKING_URI={settings.tracking_uri} "
                     "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true .venv/bin/airflow standalone",
+                    f"  the job DAG {JOB_DAG_ID} scores one dt= partition per logical date: "
+                    f"airflow backfill create --dag-id {JOB_DAG_ID} "
+                    "--from-date 2026-11-20 --to-date 2026-11-22",
                     "Redis:  add --store redis://127.0.0.1:6379/0 to run, serve, status",
                     f"Models:  batchscore model list {MODEL_NAME}",
                 ]

@@ -179,6 +179,11 @@ class ApiSettings(_Common):
         default=1.0, ge=0, description="How long the live-version pointer is cached."
     )
     store_timeout_seconds: float = Field(default=0.5, gt=0, description="Socket timeout to Redis.")
+    store_password: str | None = Field(
+        default=None,
+        repr=False,
+        description="Redis password when the store URL carries none (the URL's wins).",
+    )
     max_batch_keys: int = Field(default=1000, ge=1, description="Most keys in one batch request.")
     batch_fallback: bool = Field(default=True, description="Answer from the run's Parquet output.")
     stale_fallback: bool = Field(
@@ -217,12 +222,21 @@ class ApiSettings(_Common):
     access_log: bool = Field(default=True, description="One JSON line per request on stderr.")
 
 
+class DagSettings(_Common):
+    """Settings of the DAG files (read when Airflow parses them, so kept to paths)."""
+
+    dag_jobs_dir: Path | None = Field(
+        default=None,
+        description="Folder of job configs (*.yaml), one generated DAG each; default dags/jobs/.",
+    )
+
+
 S = TypeVar("S", bound="_Common")
 
 
 def _all_field_names() -> set[str]:
     names: set[str] = set()
-    for cls in (RunSettings, ApiSettings):
+    for cls in (RunSettings, ApiSettings, DagSettings):
         names.update(cls.model_fields)
     return names - {"mlflow_tracking_uri"}
 

@@ -449,6 +449,8 @@ def export(run_dir: str | Path, settings: RunSettings | None = None) -> dict[str
     manifest = load_manifest(run_dir)
     if manifest.params.dry_run:
         return _skipped(manifest, "export", "dry run")
+    if manifest.published:
+        return _exported_earlier(manifest)
     if not (manifest.validation or {}).get("success"):
         raise RunError(
             f"Run {manifest.run_id} has not passed validation",
@@ -495,6 +497,20 @@ def export(run_dir: str | Path, settings: RunSettings | None = None) -> dict[str
     return {"run_dir": manifest.run_dir, "version": result.info.version, "keys": result.keys}
 
 
+def _exported_earlier(manifest: Manifest) -> dict[str, Any]:
+    """A published run is not loaded again: its version is live, kept or retired by retention.
+
+    (Loading it again after retention dropped its version would make a new version.)
+    """
+    keys = manifest.steps.get("export", {}).get("rows")
+    manifest.record_step(
+        "export", seconds=0.0, rows=keys, version=manifest.version, reused=True, note="published"
+    )
+    manifest.save()
+    log.info("run %s published version %s; not exported again", manifest.run_id, manifest.version)
+    return {"run_dir": manifest.run_dir, "version": manifest.version, "keys": keys}
+
+
 def _settings() -> RunSettings:
     from batchscore.settings import load_settings
 
@@ -538,27 +554,37 @@ def publish(run_dir: str | Path, settings: RunSettings | None = None) -> dict[st
 
     Refuses (``VersionNotFound`` / ``VersionIncomplete``) a version the store
     does not have or that is still loading; the live version is then unchanged.
+    A run publishes at most once: run again after its publish, it leaves the live
+    pointer where it is. A shadow run (``jobs.shadow``) is never published.
     """
+    from jobs import shadow
     from kv_export.errors import AlreadyPublished
 
     manifest = load_manifest(run_dir)
     if manifest.params.dry_run:
         return _skipped(manifest, "publish", "dry run")
+    if shadow.is_shadow(manifest):
+        report = manifest.reports.get("shadow_comparison", "not written")
+        why = f"shadow run: version {manifest.version} stays unpublished; comparison: {report}"
+        return _skipped(manifest, "publish", why)
     if manifest.version is None:
         raise RunError(f"Run {manifest.run_id} has no exported version", fix="Run export first")
     started = time.perf_counter()
+    was_published = manifest.published
     store = _open_run_store(settings or _settings(), manifest.params.store_url)
     try:
         before = store.state(manifest.namespace).live
-        try:
-            info = store.publish(
-                manifest.namespace, manifest.version, manifest.params.keep_versions
-            )
-            note = "already live" if before == manifest.version else "published"
-        except AlreadyPublished as exc:
-            log.warning("%s", exc)
-            note = "published earlier; not published again"
-            info = None
+        info, note = None, "published earlier; not published again"
+        if was_published and before != manifest.version:  # a run publishes once
+            log.warning("run %s published v%s before; not again", manifest.run_id, manifest.version)
+        else:
+            try:
+                info = store.publish(
+                    manifest.namespace, manifest.version, manifest.params.keep_versions
+                )
+                note = "already live" if before == manifest.version else "published"
+            except AlreadyPublished as exc:
+                log.warning("%s", exc)
     finally:
         store.close()
     manifest.published = True
@@ -572,7 +598,17 @@ def publish(run_dir: str | Path, settings: RunSettings | None = None) -> dict[st
     )
     manifest.save()
     log.info("namespace %s: version %s %s", manifest.namespace, manifest.version, note)
-    return {"run_dir": manifest.run_dir, "version": manifest.version, "previous": before}
+    return {
+        "run_dir": manifest.run_dir,
+        "run_id": manifest.run_id,
+        "namespace": manifest.namespace,
+        "model": f"{manifest.model.name}/{manifest.model.version}",
+        "version": manifest.version,
+        "previous": before,
+        "note": note,
+        # Live now, and not through an earlier, completed publish of this run.
+        "newly_published": note != "published earlier; not published again" and not was_published,
+    }
 
 
 def _model_spec(model_dir: Path, params: RunParams, uri: str) -> Any:

@@ -1,0 +1,333 @@
+"""Job configs: one YAML file per scoring job, validated before any DAG is built from it.
+
+A config says what to score (``model_uri``, an ``input_path`` template, ``key_column``),
+where the predictions go (``namespace``, ``store_url``), when it runs (``schedule``: a
+cron string, ``{asset: <uri>}`` or null) and how Airflow runs it (owner, retries,
+``max_active_runs``, ``deadline``). A ``shadow`` candidate turns every run of the job
+into a shadow run. Unknown fields are refused: a typo fails parsing instead of being
+ignored. A problem is reported as ``<file>: field '<name>': <what was expected>; found
+<value>``.
+
+The folder is ``dags/jobs/`` next to the DAG files unless ``BATCHSCORE_DAG_JOBS_DIR``
+names another one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from batchscore.errors import BatchscoreError
+
+JOBS_DIR_VARIABLE = "BATCHSCORE_DAG_JOBS_DIR"
+DAG_ID_PREFIX = "score_"
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/\d+|@[\w-]+)$")
+MODEL_URI_EXPECTED = "models:/<name>@<alias> or models:/<name>/<version>"
+ALIAS = re.compile(r"^[\w-]+$")
+NAME = r"^[A-Za-z0-9_.-]+$"
+DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+DURATION_EXPECTED = "a duration such as 90s, 5m, 2h, 1h30m or a number of seconds"
+STORE_SCHEMES = ("lmdb", "redis", "rediss", "unix")
+DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class JobConfigError(BatchscoreError):
+    """One or more job configs cannot become DAGs."""
+
+
+def parse_duration(value: Any) -> timedelta:
+    """``90``, ``"90s"``, ``"5m"``, ``"2h"``, ``"1d"``, ``"1h30m"`` → timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return timedelta(seconds=value)
+    if isinstance(value, str) and (match := DURATION.match(value.strip().lower())):
+        if any(match.groups()):
+            days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+            return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    raise ValueError(f"expected {DURATION_EXPECTED}")
+
+
+def candidate_uri(model_uri: str, shadow: str | None) -> str | None:
+    """A shadow candidate as a model URI: a bare alias names an alias of the job's model."""
+    if not shadow:
+        return None
+    if shadow.startswith("models:/"):
+        return shadow
+    match = MODEL_URI.match(model_uri)
+    name = match["name"] if match else model_uri
+    return f"models:/{name}@{shadow}"
+
+
+class AssetSchedule(BaseModel):
+    """Run whenever the asset gets an event (e.g. another job published its namespace)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    asset: str = Field(min_length=1, description="Asset URI, e.g. batchscore://features")
+
+
+class JobConfig(BaseModel):
+    """One scoring job; the DAG ``score_<name>``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME, max_length=200, description="The DAG is score_<name>.")
+    description: str | None = None
+    namespace: str | None = Field(
+        default=None, pattern=NAME, description="Keyspace in the store; default: the model's name."
+    )
+    model_uri: str = Field(description=MODEL_URI_EXPECTED)
+    input_path: str = Field(
+        min_length=1,
+        description="Parquet file or folder; Airflow template, e.g. /data/churn/dt={{ ds }}; "
+        "a relative path is under BATCHSCORE_HOME.",
+    )
+    key_column: str = Field(min_length=1)
+    features: list[str] | None = Field(default=None, description="For tensor-signature models.")
+    schedule: str | AssetSchedule | None = Field(
+        default=None, description="Cron string, {asset: <uri>}, or null (manual only)."
+    )
+    store_url: str | None = Field(default=None, description="Default: BATCHSCORE_STORE_URL.")
+    batch_size: int | None = Field(default=None, ge=1, description="Default: auto.")
+    workers: int | None = Field(default=None, ge=1, le=1024, description="Dask workers.")
+    owner: str = Field(default="batchscore", min_length=1)
+    tags: list[str] = Field(default_factory=list)
+    start_date: datetime = Field(default=DEFAULT_START, description="First logical date.")
+    catchup: bool = False
+    retries: int = Field(default=2, ge=0, le=20)
+    retry_delay: timedelta = Field(default=timedelta(minutes=1))
+    max_retry_delay: timedelta = Field(default=timedelta(hours=1))
+    max_active_runs: int = Field(default=1, ge=1, le=64)
+    deadline: timedelta | None = Field(
+        default=None, description="Alert when a run is not done this long after it is queued."
+    )
+    shadow: str | None = Field(
+        default=None, description="Candidate model: an alias of model_uri's model, or a URI."
+    )
+
+    @property
+    def dag_id(self) -> str:
+        return f"{DAG_ID_PREFIX}{self.name}"
+
+    @property
+    def candidate(self) -> str | None:
+        return candidate_uri(self.model_uri, self.shadow)
+
+    @field_validator("model_uri")
+    @classmethod
+    def _model_uri(cls, value: str) -> str:
+        if not MODEL_URI.match(value):
+            raise ValueError(f"expected {MODEL_URI_EXPECTED}")
+        return value
+
+    @field_validator("shadow")
+    @classmethod
+    def _shadow(cls, value: str | None) -> str | None:
+        if value is not None and not (MODEL_URI.match(value) or ALIAS.match(value)):
+            raise ValueError(
+                f"expected an alias of the job's model (e.g. challenger) or {MODEL_URI_EXPECTED}"
+            )
+        return value
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _features(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [f.strip() for f in value.split(",") if f.strip()]
+        return value
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: Any) -> Any:
+        if value is None or isinstance(value, AssetSchedule):
+            return value
+        if isinstance(value, dict):
+            try:
+                return AssetSchedule.model_validate(value)
+            except ValidationError:
+                raise ValueError("expected {asset: <asset uri>} and nothing else") from None
+        if isinstance(value, str) and value.strip():
+            return _cron(value.strip())
+        raise ValueError("expected a cron string such as '0 2 * * *', {asset: <uri>} or null")
+
+    @field_validator("start_date", mode="before")
+    @classmethod
+    def _start_date(cls, value: Any) -> Any:
+        if isinstance(value, date) and not isinstance(value, datetime):
+            return datetime(value.year, value.month, value.day, tzinfo=UTC)
+        return value
+
+    @field_validator("start_date")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+    @field_validator("retry_delay", "max_retry_delay", "deadline", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return None if value is None else parse_duration(value)
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in STORE_SCHEMES:
+            raise ValueError("expected lmdb:///path, redis://host:port/db or rediss://host:port/db")
+        if parts.password:
+            raise ValueError(
+                "expected a URL without a password (it would show in the trigger form); "
+                "set BATCHSCORE_STORE_PASSWORD for the workers instead"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        if self.catchup and "start_date" not in self.model_fields_set:
+            raise ValueError(
+                "field 'start_date': expected the first logical date to run, since catchup "
+                "is true; found none"
+            )
+        if self.candidate == self.model_uri:
+            raise ValueError(
+                f"field 'shadow': expected a candidate other than the live model; found "
+                f"{self.shadow!r}, which is model_uri itself"
+            )
+        return self
+
+
+def _cron(expression: str) -> str:
+    """A cron string or preset that Airflow's cron timetable accepts; ``@once`` too."""
+    if expression == "@once":
+        return expression
+    from airflow.sdk import CronTriggerTimetable
+
+    try:
+        CronTriggerTimetable(expression, timezone="UTC").validate()
+    except Exception as exc:
+        raise ValueError(
+            f"expected a cron string such as '0 2 * * *' or a preset such as @daily ({exc})"
+        ) from None
+    return expression
+
+
+@dataclass(frozen=True)
+class LoadedJob:
+    path: Path
+    config: JobConfig
+
+
+@dataclass(frozen=True)
+class JobConfigs:
+    """The folder's valid jobs, and one line per problem of the others."""
+
+    directory: Path
+    jobs: list[LoadedJob]
+    problems: list[str]
+
+    def raise_for_problems(self) -> None:
+        if self.problems:
+            raise JobConfigError(
+                f"{len(self.problems)} problem(s) in the batchscore job configs in "
+                f"{self.directory}; the jobs named here have no DAG until fixed:\n  "
+                + "\n  ".join(self.problems),
+                fix="Correct the files named above (their other jobs' DAGs are unaffected)",
+            )
+
+
+def jobs_dir(default: Path) -> Path:
+    """``BATCHSCORE_DAG_JOBS_DIR`` when set, else ``default`` (``dags/jobs/``)."""
+    from batchscore.settings import DagSettings, load_settings
+
+    return load_settings(DagSettings).dag_jobs_dir or default
+
+
+def load_jobs(directory: Path) -> JobConfigs:
+    """Every ``*.yaml``/``*.yml`` in ``directory``; a bad file never stops the others."""
+    if not directory.is_dir():
+        problem = f"{directory}: the job config folder does not exist ({JOBS_DIR_VARIABLE})"
+        return JobConfigs(directory, [], [problem])
+    jobs, problems = [], []
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    for path in files:
+        try:
+            jobs.append(LoadedJob(path, load_job(path)))
+        except JobConfigError as exc:
+            problems.extend(exc.found.splitlines() if exc.found else [str(exc)])
+    by_name: dict[str, list[LoadedJob]] = defaultdict(list)
+    for job in jobs:
+        by_name[job.config.name].append(job)
+    for name, same in by_name.items():
+        if len(same) > 1:
+            files_ = " and ".join(str(j.path) for j in same)
+            problems.append(
+                f"{files_}: field 'name': expected a name no other job uses; found {name!r} "
+                f"in {len(same)} files (DAG {same[0].config.dag_id})"
+            )
+    duplicated = {name for name, same in by_name.items() if len(same) > 1}
+    return JobConfigs(directory, [j for j in jobs if j.config.name not in duplicated], problems)
+
+
+def load_job(path: Path) -> JobConfig:
+    """One file → a ``JobConfig``, or ``JobConfigError`` whose ``found`` lists the problems."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise JobConfigError(
+            f"Job config {path} is not valid YAML",
+            found=f"{path}: not valid YAML{where}: {problem}",
+        ) from None
+    if not isinstance(data, dict):
+        found = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise JobConfigError(
+            f"Job config {path} is not a mapping",
+            found=f"{path}: expected a mapping of job fields (name: ..., model_uri: ...); "
+            f"found {found}",
+        )
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise JobConfigError(
+            f"Job config {path} is invalid",
+            found="\n".join(_describe(path, error) for error in exc.errors()),
+        ) from None
+
+
+def _describe(path: Path, error: Any) -> str:
+    field = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return (
+            f"{path}: field '{field}': expected one of the job config fields "
+            f"({', '.join(JobConfig.model_fields)}); found an unknown field"
+        )
+    if error["type"] == "missing":
+        return f"{path}: field '{field}': expected a value; found none (it is required)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not field:
+        return f"{path}: {message}"
+    if not message.startswith("expected"):
+        message = f"expected: {message[:1].lower()}{message[1:]}"
+    found = error.get("input")
+    if field == "store_url" and isinstance(found, str):
+        found = _redacted(found)
+    return f"{path}: field '{field}': {message}; found {repr(found)[:120]}"
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()

@@ -1,0 +1,419 @@
+"""The scoring pipeline as a DAG, built by one function for the ad-hoc DAG and every job.
+
+resolve → plan → score → validate (GX suite, then the drift gate) → export → publish; a
+shadow run skips the drift gate, writes its comparison with the live version after its
+export, and skips publish. Each task is one call into ``jobs.steps`` (and ``jobs.shadow``);
+XCom carries only the run folder, ids and counts.
+
+What every DAG built here has:
+
+- a trigger form (``params``) whose defaults come from the job config, validated by
+  Airflow (JSON Schema) before the run starts;
+- a run id per logical date (``runs.run_key``), so that retries, clears, backfills and
+  re-runs of one date are one run that scores nothing twice and publishes nothing twice;
+- retries with exponential backoff, except for errors that a retry cannot fix (bad input,
+  a failed quality gate, an unknown model), which fail at once (``RETRY_POLICY``);
+- the ``batchscore_scoring`` pool on the score task, to bound concurrent scoring runs;
+- an ``on_failure_callback`` naming the failed step and the error, and a Deadline Alert
+  when the job sets a deadline;
+- an asset event on ``batchscore://<namespace>`` (through the ``batchscore_published``
+  alias, since the form may change the namespace) when a version goes live.
+
+This module imports ``airflow.sdk`` and the standard library only: the heavy modules are
+imported inside the tasks, so parsing the DAG files stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from airflow.sdk import (
+    DAG,
+    Asset,
+    AssetAlias,
+    CronTriggerTimetable,
+    ExceptionRetryPolicy,
+    Param,
+    RetryAction,
+    RetryRule,
+    task,
+)
+
+# Also exported by airflow.sdk, but missing from its 3.3.2 type stub:
+from airflow.sdk.definitions.callback import SyncCallback
+from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
+
+from batchscore_dags.callbacks import deadline_missed, on_task_failure
+from batchscore_dags.config import (
+    DEFAULT_START,
+    MODEL_URI_EXPECTED,
+    AssetSchedule,
+    LoadedJob,
+    candidate_uri,
+)
+
+log = logging.getLogger("batchscore.dag")
+
+SCORING_POOL = "batchscore_scoring"
+PUBLISHED = AssetAlias("batchscore_published")
+MODEL_URI_PATTERN = r"^models:/[^/@]+(/\d+|@[\w-]+)$"
+OPTIONAL_NAME_PATTERN = r"^([A-Za-z0-9_.-]+)?$"
+OPTIONAL_STORE_PATTERN = r"^((lmdb|redis|rediss|unix)://.*)?$"
+OPTIONAL_SHADOW_PATTERN = r"^(models:/[^/@]+(/\d+|@[\w-]+)|[\w-]+)?$"
+
+# Retrying cannot fix these; a missing input (InputNotFound) is retried: it may land late.
+RETRY_POLICY = ExceptionRetryPolicy(
+    rules=[
+        RetryRule(exception="scoring.errors.InputNotFound", action=RetryAction.DEFAULT),
+        RetryRule(
+            exception=[
+                "scoring.errors.InputError",
+                "scoring.errors.ValidationFailed",
+                "scoring.errors.DriftDetected",
+                "scoring.errors.QualityConfigError",
+                "registry.errors.RegistryError",
+                "kv_export.errors.BadStoreUrl",
+                "batchscore.settings.SettingsError",
+                "jobs.errors.RunError",
+            ],
+            action=RetryAction.FAIL,
+            reason="bad input, configuration or output: a retry would fail the same way",
+        ),
+    ]
+)
+
+
+def namespace_asset(namespace: str) -> Asset:
+    """The asset that gets an event whenever a version of ``namespace`` goes live."""
+    return Asset(f"batchscore://{namespace}")
+
+
+@dataclass(frozen=True)
+class FormDefaults:
+    """The trigger form's defaults: a job config's values, or the ad-hoc DAG's."""
+
+    input_path: str = ""
+    model_uri: str = "models:/churn@champion"
+    key_column: str = "customer_id"
+    namespace: str | None = None
+    store_url: str | None = None
+    features: list[str] | None = None
+    batch_size: int | None = None
+    shadow: str | None = None
+
+
+@dataclass(frozen=True)
+class DagSpec:
+    """Everything that differs between the DAGs built by ``build_dag``."""
+
+    dag_id: str
+    description: str
+    doc_md: str
+    form: FormDefaults
+    schedule: str | AssetSchedule | None = None
+    start_date: datetime = DEFAULT_START
+    catchup: bool = False
+    max_active_runs: int = 1
+    owner: str = "batchscore"
+    tags: tuple[str, ...] = ()
+    retries: int = 1
+    retry_delay: timedelta = timedelta(seconds=20)
+    max_retry_delay: timedelta = timedelta(hours=1)
+    deadline: timedelta | None = None
+    workers: int | None = None
+
+
+def form_params(d: FormDefaults) -> dict[str, Param]:
+    """The trigger form: types, titles, descriptions and validation (JSON Schema)."""
+    return {
+        "input_path": Param(
+            d.input_path,
+            type="string",
+            minLength=1,
+            title="Input path",
+            description="A Parquet file or a folder of them (partition folders such as dt=... "
+            "too). An Airflow template: {{ ds }} is the run's logical date. A relative path "
+            "is under BATCHSCORE_HOME.",
+        ),
+        "model_uri": Param(
+            d.model_uri,
+            type="string",
+            pattern=MODEL_URI_PATTERN,
+            title="Model URI",
+            description=f"{MODEL_URI_EXPECTED}; an alias is resolved once, when the run starts.",
+        ),
+        "key_column": Param(
+            d.key_column,
+            type="string",
+            minLength=1,
+            title="Key column",
+            description="The column whose value is each prediction's lookup key.",
+        ),
+        "namespace": Param(
+            d.namespace,
+            type=["null", "string"],
+            pattern=OPTIONAL_NAME_PATTERN,
+            title="Namespace",
+            description="Keyspace in the store; empty means the registered model's name.",
+        ),
+        "store_url": Param(
+            d.store_url,
+            type=["null", "string"],
+            pattern=OPTIONAL_STORE_PATTERN,
+            title="Store URL",
+            description="lmdb:///path or redis://host:port/db; empty means BATCHSCORE_STORE_URL.",
+        ),
+        "features": Param(
+            ",".join(d.features) if d.features else None,
+            type=["null", "string"],
+            title="Feature columns",
+            description="Comma-separated input columns, for models with a tensor signature.",
+        ),
+        "batch_size": Param(
+            d.batch_size,
+            type=["null", "integer"],
+            minimum=1,
+            title="Batch size",
+            description="Rows per forward pass; empty means BATCHSCORE_BATCH_SIZE (default: auto).",
+        ),
+        "shadow": Param(
+            d.shadow,
+            type=["null", "string"],
+            pattern=OPTIONAL_SHADOW_PATTERN,
+            title="Shadow candidate",
+            description="A candidate model (an alias of the model above, e.g. challenger, or a "
+            "model URI) scored instead of it: the run writes an unpublished version and a "
+            "comparison with the live version, and publishes nothing.",
+        ),
+        "dry_run": Param(
+            False,
+            type="boolean",
+            title="Dry run",
+            description="Score and validate, publish nothing.",
+        ),
+        "force": Param(
+            False,
+            type="boolean",
+            title="Force",
+            description="Re-score shards whose output parts already exist, and publish even if "
+            "the drift gate fails (the override is recorded in the run's manifest).",
+        ),
+    }
+
+
+def job_spec(job: LoadedJob) -> DagSpec:
+    """A job config as a DAG spec: its values become the form's defaults."""
+    c = job.config
+    shadow = f"; shadow candidate `{c.candidate}`, nothing is published" if c.shadow else ""
+    return DagSpec(
+        dag_id=c.dag_id,
+        description=c.description or f"Score {c.input_path} with {c.model_uri}{shadow}",
+        doc_md=(
+            f"Generated from the job config `{job.path}`.\n\n"
+            f"Scores `{c.input_path}` (rendered for each logical date) with `{c.model_uri}` "
+            f"into namespace `{c.namespace or '(the model name)'}`{shadow}. Trigger it with "
+            "the form to change any of these for one run."
+        ),
+        form=FormDefaults(
+            input_path=c.input_path,
+            model_uri=c.model_uri,
+            key_column=c.key_column,
+            namespace=c.namespace,
+            store_url=c.store_url,
+            features=c.features,
+            batch_size=c.batch_size,
+            shadow=c.shadow,
+        ),
+        schedule=c.schedule,
+        start_date=c.start_date,
+        catchup=c.catchup,
+        max_active_runs=c.max_active_runs,
+        owner=c.owner,
+        tags=("job", *c.tags),
+        retries=c.retries,
+        retry_delay=c.retry_delay,
+        max_retry_delay=c.max_retry_delay,
+        deadline=c.deadline,
+        workers=c.workers,
+    )
+
+
+def build_dag(spec: DagSpec) -> DAG:
+    """The pipeline DAG for ``spec``; the tasks are the same for every DAG."""
+    with DAG(
+        dag_id=spec.dag_id,
+        description=spec.description,
+        doc_md=spec.doc_md,
+        schedule=_schedule(spec.schedule),
+        start_date=spec.start_date,
+        catchup=spec.catchup,
+        max_active_runs=spec.max_active_runs,
+        params=form_params(spec.form),
+        tags=sorted({"batchscore", *spec.tags}),
+        default_args={
+            "owner": spec.owner,
+            "retries": spec.retries,
+            "retry_delay": spec.retry_delay,
+            "retry_exponential_backoff": 2.0,
+            "max_retry_delay": spec.max_retry_delay,
+            "retry_policy": RETRY_POLICY,
+            "on_failure_callback": on_task_failure,
+        },
+        deadline=_deadline(spec),
+    ) as built:
+        _wire_tasks(spec.workers)
+    return built
+
+
+def _schedule(schedule: str | AssetSchedule | None) -> Any:
+    """Cron strings run on Airflow 3's trigger timetable: the logical date is the tick."""
+    if isinstance(schedule, AssetSchedule):
+        return [Asset(schedule.asset)]
+    if schedule is None or schedule == "@once":
+        return schedule
+    return CronTriggerTimetable(schedule, timezone="UTC")
+
+
+def _deadline(spec: DagSpec) -> DeadlineAlert | None:
+    if spec.deadline is None:
+        return None
+    return DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_QUEUED_AT,
+        interval=spec.deadline,
+        callback=SyncCallback(deadline_missed, kwargs={"job": spec.dag_id}),
+    )
+
+
+def _wire_tasks(workers: int | None) -> None:
+    @task
+    def resolve(**context: Any) -> dict[str, Any]:
+        return resolve_run(context, workers)
+
+    @task
+    def plan(ref: dict[str, Any]) -> dict[str, Any]:
+        from jobs import steps
+
+        return steps.plan(ref["run_dir"])
+
+    @task(pool=SCORING_POOL)
+    def score(planned: dict[str, Any]) -> dict[str, Any]:
+        from jobs import steps
+
+        def progress(done: int, total: int, rows: int) -> None:
+            log.info("scored %d/%d shards, %d rows", done, total, rows)
+
+        return steps.score(planned["run_dir"], on_progress=progress)
+
+    @task
+    def validate(scored: dict[str, Any]) -> dict[str, Any]:
+        return validate_run(scored["run_dir"])
+
+    @task
+    def export(validated: dict[str, Any]) -> dict[str, Any]:
+        return export_run(validated["run_dir"])
+
+    @task(outlets=[PUBLISHED])
+    def publish(exported: dict[str, Any], **context: Any) -> dict[str, Any]:
+        return publish_run(exported["run_dir"], context)
+
+    # Each task receives the upstream task's XCom value; here the calls wire XComArgs.
+    publish(export(validate(score(plan(resolve())))))  # type: ignore[arg-type]
+
+
+def resolve_run(context: Any, workers: int | None) -> dict[str, Any]:
+    """The form's values (rendered for the logical date) → a pinned run in its folder."""
+    from batchscore.settings import RunSettings, load_settings
+    from batchscore_dags.runs import render_input_path, run_key
+    from jobs import shadow, steps
+
+    params = context["params"]
+    settings = load_settings(RunSettings)
+    candidate = candidate_uri(params["model_uri"], params.get("shadow"))
+    features = [f.strip() for f in (params.get("features") or "").split(",") if f.strip()]
+    run_params = steps.make_params(
+        settings,
+        input_path=render_input_path(params["input_path"], context, settings.home),
+        model_uri=candidate or params["model_uri"],
+        key_column=params["key_column"],
+        namespace=params.get("namespace"),
+        store_url=params.get("store_url"),
+        batch_size=params.get("batch_size"),
+        workers=workers,
+        features=features or None,
+        dry_run=params.get("dry_run", False),
+        force=params.get("force", False),
+    )
+    dag_run = context["dag_run"]
+    key = run_key(context["dag"].dag_id, dag_run.run_id, dag_run.logical_date, candidate)
+    ref = steps.resolve(settings, run_params, run_id=key)
+    if candidate:
+        shadow.mark(ref["run_dir"], candidate=candidate, live_model=params["model_uri"])
+    log.info("input %s; run folder %s", run_params.input_path, ref["run_dir"])
+    return ref | {"shadow": candidate}
+
+
+def validate_run(run_dir: str) -> dict[str, Any]:
+    """The GX suite, then the drift gate (a shadow run is compared after its export instead)."""
+    from jobs import shadow, steps
+    from jobs.manifest import load_manifest
+
+    manifest = load_manifest(run_dir)
+    if manifest.published:
+        log.info(
+            "run %s was published as version %s after passing its gates; not run again",
+            manifest.run_id,
+            manifest.version,
+        )
+        return {"run_dir": run_dir, "success": True, "published_earlier": True}
+    result = steps.validate(run_dir)
+    if shadow.is_shadow(manifest):
+        log.info("shadow run: no drift gate; the export step compares it with the live version")
+        return result
+    # The drift gate runs inside this task so the task list stays the public one;
+    # it is its own step (steps.check_drift) for the CLI and the tests.
+    gate = steps.check_drift(run_dir)
+    for name, path in steps.run_reports(run_dir).items():
+        log.info("report %s: file://%s", name, path)
+    return result | {"drift_passed": gate["passed"], "drift_overridden": gate["overridden"]}
+
+
+def export_run(run_dir: str) -> dict[str, Any]:
+    """Load the version (not live yet); for a shadow run, then write its comparison report."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from jobs import shadow, steps
+    from jobs.manifest import load_manifest
+
+    result = steps.export(run_dir)
+    if shadow.is_shadow(load_manifest(run_dir)):
+        report = shadow.compare(run_dir)
+        log.info("shadow comparison: %s; report file://%s", report["note"], report["path"])
+        result |= {"shadow_report": report["path"]}
+    if "skipped" in result:
+        raise AirflowSkipException(f"export skipped: {result['skipped']}")
+    return result
+
+
+def publish_run(run_dir: str, context: Any) -> dict[str, Any]:
+    """Flip the live pointer once; announce the new live version as an asset event."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from jobs import steps
+
+    result = steps.publish(run_dir)
+    if "skipped" in result:
+        raise AirflowSkipException(f"publish skipped: {result['skipped']}")
+    if result["newly_published"]:
+        context["outlet_events"][PUBLISHED].add(
+            namespace_asset(result["namespace"]),
+            extra={
+                "namespace": result["namespace"],
+                "version": result["version"],
+                "run_id": result["run_id"],
+                "model": result["model"],
+            },
+        )
+    return result

@@ -1,0 +1,14 @@
+"""Report invalid batchscore job configs as this file's Airflow DAG import error.
+
+It defines no DAG. Each problem names the config file, the field, what was expected and
+what was found; it shows in the UI's import errors and in ``airflow dags
+list-import-errors``. The valid configs' DAGs come from ``batchscore_jobs.py`` and stay.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from batchscore_dags.config import jobs_dir, load_jobs
+
+load_jobs(jobs_dir(Path(__file__).parent / "jobs")).raise_for_problems()

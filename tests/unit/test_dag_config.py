@@ -1,0 +1,410 @@
+"""Job configs → DAGs, without a database: validation messages, the trigger form, the parse.
+
+The parse test imports the DAGs folder the way Airflow's DAG processor does (a
+``BundleDagBag`` in a fresh interpreter) and checks that none of the heavy libraries got
+imported; it prints how long the parse took (it asserts no time: tests never do).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tests.conftest import BIN, REPO
+
+DAGS = REPO / "dags"
+HEAVY = (
+    "torch",
+    "mlflow",
+    "dask",
+    "distributed",
+    "pandas",
+    "pyarrow",
+    "numpy",
+    "scipy",
+    "matplotlib",
+    "great_expectations",
+    "jobs.steps",
+    "scoring.engine",
+    "scoring.inputs",
+    "kv_export.store",
+    "registry.mlflow_registry",
+)
+GOOD = """\
+name: daily
+namespace: daily
+model_uri: models:/churn@champion
+input_path: /data/churn/dt={{ ds }}
+key_column: customer_id
+schedule: "0 2 * * *"
+start_date: 2026-11-20
+catchup: true
+batch_size: 512
+workers: 3
+owner: data-science
+tags: [churn]
+retries: 4
+retry_delay: 30s
+max_active_runs: 2
+deadline: 1h30m
+"""
+
+
+@pytest.fixture
+def dag_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, ModuleType]]:
+    """``batchscore_dags`` imported as Airflow imports it: from the DAGs folder on sys.path."""
+    monkeypatch.syspath_prepend(str(DAGS))
+    from batchscore_dags import callbacks, config, pipeline, runs
+
+    yield {"config": config, "pipeline": pipeline, "runs": runs, "callbacks": callbacks}
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def problems_of(config: ModuleType, folder: Path) -> list[str]:
+    return list(config.load_jobs(folder).problems)
+
+
+def test_a_valid_config_becomes_a_job(dag_modules: dict[str, ModuleType], tmp_path: Path) -> None:
+    config = dag_modules["config"]
+    write(tmp_path, "daily.yaml", GOOD)
+    found = config.load_jobs(tmp_path)
+    assert found.problems == []
+    job = found.jobs[0].config
+    assert job.dag_id == "score_daily" and job.batch_size == 512 and job.workers == 3
+    assert job.retry_delay == timedelta(seconds=30) and job.deadline == timedelta(minutes=90)
+    assert job.start_date.isoformat() == "2026-11-20T00:00:00+00:00"
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "expected", "found"),
+    [
+        ({"model_uri": "churn"}, "model_uri", "models:/<name>@<alias>", "'churn'"),
+        ({"batch_size": 0}, "batch_size", "greater than or equal to 1", "found 0"),
+        ({"batch_size": "lots"}, "batch_size", "valid integer", "'lots'"),
+        ({"schedule": "every night"}, "schedule", "cron string", "'every night'"),
+        ({"schedule": {"assets": "x://y"}}, "schedule", "{asset: <asset uri>}", "assets"),
+        ({"retry_delay": "soon"}, "retry_delay", "a duration such as 90s", "'soon'"),
+        ({"store_url": "redis://:pw@redis:6379/0"}, "store_url", "without a password", ":***@"),
+        ({"store_url": "s3://bucket/x"}, "store_url", "lmdb:///path", "'s3://bucket/x'"),
+        ({"shadow": "models:/x"}, "shadow", "alias of the job's model", "'models:/x'"),
+        ({"shadow": "models:/churn@champion"}, "shadow", "other than the live model", ""),
+        ({"scheduel": "0 2 * * *"}, "scheduel", "one of the job config fields", "unknown"),
+        ({"key_column": None}, "key_column", "valid string", "None"),
+    ],
+)
+def test_a_bad_field_is_named_with_file_expectation_and_value(
+    dag_modules: dict[str, ModuleType],
+    tmp_path: Path,
+    change: dict[str, Any],
+    field: str,
+    expected: str,
+    found: str,
+) -> None:
+    import yaml
+
+    config = dag_modules["config"]
+    data = yaml.safe_load(GOOD) | change
+    path = write(tmp_path, "daily.yaml", yaml.safe_dump(data))
+    [problem] = problems_of(config, tmp_path)
+    assert problem.startswith(f"{path}: ")
+    assert f"field '{field}'" in problem and expected in problem and found in problem
+
+
+def test_structural_problems_name_the_file(
+    dag_modules: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    config = dag_modules["config"]
+    missing = write(tmp_path, "missing.yaml", "name: missing\nmodel_uri: models:/churn/1\n")
+    broken = write(tmp_path, "broken.yaml", "name: broken\n  model_uri: [\n")
+    listed = write(tmp_path, "listed.yaml", "- name: listed\n")
+    catchup = write(tmp_path, "catchup.yaml", GOOD.replace("start_date: 2026-11-20\n", ""))
+    problems = "\n".join(problems_of(config, tmp_path))
+    assert f"{missing}: field 'input_path': expected a value; found none" in problems
+    assert f"{missing}: field 'key_column': expected a value; found none" in problems
+    assert f"{broken}: not valid YAML at line 2" in problems
+    assert f"{listed}: expected a mapping of job fields" in problems and "found a list" in problems
+    assert f"{catchup}: field 'start_date': expected the first logical date" in problems
+
+
+def test_one_bad_file_leaves_the_other_jobs(
+    dag_modules: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    config = dag_modules["config"]
+    write(tmp_path, "daily.yaml", GOOD)
+    write(tmp_path, "weekly.yaml", GOOD.replace("name: daily", "name: weekly"))
+    first = write(tmp_path, "a.yaml", GOOD.replace("name: daily", "name: twin"))
+    second = write(tmp_path, "b.yml", GOOD.replace("name: daily", "name: twin"))
+    write(tmp_path, "bad.yaml", "name: bad\n")
+    found = config.load_jobs(tmp_path)
+    assert sorted(j.config.dag_id for j in found.jobs) == ["score_daily", "score_weekly"]
+    assert any(f"{first} and {second}: field 'name'" in p for p in found.problems)
+    with pytest.raises(config.JobConfigError) as raised:
+        found.raise_for_problems()
+    assert "bad.yaml: field 'model_uri'" in str(raised.value)
+    missing = config.load_jobs(tmp_path / "nope")
+    assert missing.jobs == [] and "does not exist (BATCHSCORE_DAG_JOBS_DIR)" in missing.problems[0]
+
+
+def test_the_trigger_form_validates_what_it_is_given(dag_modules: dict[str, ModuleType]) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    pipeline = dag_modules["pipeline"]
+    form = pipeline.form_params(
+        pipeline.FormDefaults(input_path="/data/dt={{ ds }}", namespace="daily", batch_size=64)
+    )
+    assert {name: p.resolve() for name, p in form.items()} == {
+        "input_path": "/data/dt={{ ds }}",
+        "model_uri": "models:/churn@champion",
+        "key_column": "customer_id",
+        "namespace": "daily",
+        "store_url": None,
+        "features": None,
+        "batch_size": 64,
+        "shadow": None,
+        "dry_run": False,
+        "force": False,
+    }
+    accepted = {
+        "model_uri": "models:/churn/2",
+        "namespace": "",
+        "store_url": "redis://redis:6379/0",
+        "batch_size": None,
+        "shadow": "challenger",
+    }
+    for name, value in accepted.items():
+        assert form[name].resolve(value) == value
+    refused: dict[str, object] = {
+        "input_path": "",
+        "model_uri": "churn",
+        "namespace": "no spaces",
+        "store_url": "s3://bucket",
+        "batch_size": 0,
+        "shadow": "models:/churn",
+        "dry_run": "yes",
+    }
+    for name, bad in refused.items():
+        with pytest.raises(ParamValidationError):
+            form[name].resolve(bad)
+
+
+def test_run_ids_follow_the_logical_date(dag_modules: dict[str, ModuleType]) -> None:
+    from datetime import UTC, datetime
+
+    runs, config = dag_modules["runs"], dag_modules["config"]
+    day = datetime(2026, 11, 20, tzinfo=UTC)
+    assert runs.run_key("score_daily", "scheduled__x", day, None) == (
+        "score_daily__2026-11-20T00:00:00+00:00"
+    )
+    # Airflow hands callbacks the logical date as JSON text: the same run.
+    assert runs.run_key("score_daily", "manual__y", "2026-11-20T00:00:00Z", None) == (
+        runs.run_key("score_daily", "backfill__z", day, None)
+    )
+    assert runs.run_key("batchscore", "manual__2026", None, None) == "batchscore__manual__2026"
+    candidate = config.candidate_uri("models:/churn@champion", "challenger")
+    assert candidate == "models:/churn@challenger"
+    assert config.candidate_uri("models:/churn@champion", "models:/other/3") == "models:/other/3"
+    assert runs.run_key("score_daily", "m", day, candidate).endswith(
+        "__shadow_models:/churn@challenger"
+    )
+
+
+def test_the_deadline_callback_says_which_step_the_run_is_in(
+    dag_modules: dict[str, ModuleType],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from jobs.manifest import Manifest, ModelRecord, RunParams, safe_run_id
+
+    monkeypatch.setenv("BATCHSCORE_HOME", str(tmp_path))
+    key = dag_modules["runs"].run_key("score_daily", "scheduled__x", "2026-11-20T00:00:00Z", None)
+    run_dir = tmp_path / "runs" / "daily" / safe_run_id(key)
+    run_dir.mkdir(parents=True)
+    model = ModelRecord(
+        name="churn",
+        version="1",
+        uri="models:/churn/1",
+        requested="models:/churn@champion",
+        local_dir=str(run_dir / "model"),
+        flavor="pytorch",
+        serialization="pickle",
+        signature_kind="columns",
+        features=["f0"],
+    )
+    params = RunParams(
+        input_path="/data",
+        model_uri="models:/churn@champion",
+        key_column="customer_id",
+        store_url="lmdb:///x",
+        batch_size=0,
+        workers=1,
+        shard_rows=10,
+    )
+    manifest = Manifest(
+        run_id=key, namespace="daily", run_dir=str(run_dir), params=params, model=model
+    )
+    for step in ("resolve", "plan"):
+        manifest.record_step(step, seconds=0.1)
+    manifest.save()
+    context = {
+        "dag_run": {
+            "dag_id": "score_daily",
+            "dag_run_id": "scheduled__2026-11-20T00:00:00+00:00",
+            "logical_date": "2026-11-20T00:00:00Z",
+        },
+        "deadline": {"id": "d1", "deadline_time": "2026-11-20T02:00:00Z"},
+    }
+    with caplog.at_level(logging.WARNING, logger="batchscore.dag"):
+        dag_modules["callbacks"].deadline_missed(context, job="score_daily")
+    [message] = [r.getMessage() for r in caplog.records if r.name == "batchscore.dag"]
+    assert "run scheduled__2026-11-20T00:00:00+00:00 of DAG score_daily is late" in message
+    assert "deadline 2026-11-20T02:00:00Z passed while it is in step 'score'" in message
+    assert "steps done: resolve, plan" in message and str(run_dir) in message
+
+
+PARSE = """
+import json, sys, time
+started = time.perf_counter()
+from pathlib import Path
+from airflow.dag_processing.dagbag import BundleDagBag
+
+folder = Path(sys.argv[1])
+bag = BundleDagBag(dag_folder=str(folder), bundle_path=folder, bundle_name="dags-folder")
+seconds = time.perf_counter() - started
+heavy = [m for m in sys.argv[2].split(",") if m in sys.modules]
+dags = {}
+for dag in bag.dags.values():
+    score = dag.get_task("score")
+    dags[dag.dag_id] = {
+        "tasks": [t.task_id for t in dag.topological_sort()],
+        "pools": sorted({t.task_id for t in dag.tasks if t.pool == "batchscore_scoring"}),
+        "params": {name: dag.params.get_param(name).value for name in dag.params},
+        "timetable": type(dag.timetable).__name__,
+        "cron": getattr(dag.timetable, "expression", None),
+        "schedule_assets": [
+            a.uri for a in getattr(getattr(dag.timetable, "asset_condition", None), "objects", ())
+        ],
+        "start_date": dag.start_date.isoformat() if dag.start_date else None,
+        "catchup": dag.catchup,
+        "max_active_runs": dag.max_active_runs,
+        "owner": score.owner,
+        "tags": sorted(dag.tags),
+        "retries": score.retries,
+        "retry_delay": score.retry_delay.total_seconds(),
+        "backoff": score.retry_exponential_backoff,
+        "retry_policy": type(score.retry_policy).__name__,
+        "on_failure_callback": [f"{c.__module__}.{c.__name__}" for c in score.on_failure_callback],
+        "deadline": [
+            {"interval": d.interval.total_seconds(), "reference": type(d.reference).__name__,
+             "callback": d.callback.path} for d in dag.deadline or []
+        ],
+        "outlets": [o.name for o in dag.get_task("publish").outlets],
+    }
+print(json.dumps({"seconds": seconds, "heavy": heavy, "dags": dags, "errors": bag.import_errors}))
+"""
+
+
+def parse_dags(tmp_path: Path, jobs_dir: Path | None) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "BATCHSCORE_"))}
+    env |= {"AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    if jobs_dir is not None:
+        env["BATCHSCORE_DAG_JOBS_DIR"] = str(jobs_dir)
+    done = subprocess.run(
+        [str(BIN / "python"), "-c", PARSE, str(DAGS), ",".join(HEAVY)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    parsed: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return parsed
+
+
+def test_parsing_the_dags_folder_imports_nothing_heavy(
+    tmp_path: Path, record_property: Any
+) -> None:
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    write(jobs, "daily.yaml", GOOD)
+    write(
+        jobs,
+        "chained.yaml",
+        "name: chained\nmodel_uri: models:/churn@champion\ninput_path: /data/latest\n"
+        "key_column: customer_id\nschedule: {asset: 'batchscore://daily'}\n",
+    )
+    write(jobs, "bad.yaml", GOOD.replace("name: daily", "name: bad").replace("512", "lots"))
+
+    parsed = parse_dags(tmp_path, jobs)
+
+    print(f"\nDAGs folder parsed in {parsed['seconds']:.2f} s (fresh interpreter, BundleDagBag)")
+    record_property("dag_parse_seconds", round(parsed["seconds"], 3))
+    assert parsed["heavy"] == [], f"parsing the DAGs imported {parsed['heavy']}"
+    assert sorted(parsed["dags"]) == ["batchscore", "score_chained", "score_daily"]
+    assert list(parsed["errors"]) == ["batchscore_job_configs.py"]
+    error = parsed["errors"]["batchscore_job_configs.py"]
+    assert f"{jobs / 'bad.yaml'}: field 'batch_size'" in error and "'lots'" in error
+
+    daily = parsed["dags"]["score_daily"]
+    assert daily["tasks"] == ["resolve", "plan", "score", "validate", "export", "publish"]
+    assert daily["pools"] == ["score"]
+    assert daily["params"] == {
+        "input_path": "/data/churn/dt={{ ds }}",
+        "model_uri": "models:/churn@champion",
+        "key_column": "customer_id",
+        "namespace": "daily",
+        "store_url": None,
+        "features": None,
+        "batch_size": 512,
+        "shadow": None,
+        "dry_run": False,
+        "force": False,
+    }
+    assert daily["timetable"] == "CronTriggerTimetable"
+    assert daily["cron"] == "0 2 * * *"
+    assert daily["start_date"] == "2026-11-20T00:00:00+00:00" and daily["catchup"] is True
+    assert daily["max_active_runs"] == 2 and daily["owner"] == "data-science"
+    assert daily["tags"] == ["batchscore", "churn", "job"]
+    assert (daily["retries"], daily["retry_delay"], daily["backoff"]) == (4, 30.0, 2.0)
+    assert daily["retry_policy"] == "ExceptionRetryPolicy"
+    assert daily["on_failure_callback"] == ["batchscore_dags.callbacks.on_task_failure"]
+    assert daily["deadline"] == [
+        {
+            "interval": 5400.0,
+            "reference": "DagRunQueuedAtDeadline",
+            "callback": "batchscore_dags.callbacks.deadline_missed",
+        }
+    ]
+    assert daily["outlets"] == ["batchscore_published"]
+
+    chained = parsed["dags"]["score_chained"]
+    assert chained["timetable"] == "AssetTriggeredTimetable"
+    assert chained["schedule_assets"] == ["batchscore://daily/"]
+    assert chained["deadline"] == [] and chained["catchup"] is False
+    adhoc = parsed["dags"]["batchscore"]
+    assert adhoc["params"]["input_path"] == "" and adhoc["timetable"] == "NullTimetable"
+
+
+def test_the_shipped_job_configs_parse(tmp_path: Path) -> None:
+    parsed = parse_dags(tmp_path, None)
+    assert parsed["errors"] == {}
+    assert {"batchscore", "score_churn_daily"} <= set(parsed["dags"])
+    demo = parsed["dags"]["score_churn_daily"]
+    assert demo["params"]["input_path"] == "demo-data/dt={{ ds }}"  # under BATCHSCORE_HOME
+    assert demo["params"]["key_column"] == "customer_id"
+    assert demo["timetable"] == "CronTriggerTimetable"
