@@ -6,9 +6,11 @@
 # 2. Write the SimpleAuthManager password file: every user in
 #    AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS gets AIRFLOW_ADMIN_PASSWORD, so the UI
 #    login is known instead of a password generated inside a container.
+# 3. Create the pool the score tasks run in (a task in a missing pool never runs).
 set -euo pipefail
 
 airflow db migrate
+airflow pools set batchscore_scoring 1 "batchscore scoring runs (raise the slots to run more at once)"
 
 passwords_file="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE:?not set}"
 mkdir -p "$(dirname "${passwords_file}")"
