@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 
 .PHONY: install demo test test-unit test-integration lint format typecheck check system-deps clean
-.PHONY: bench-serve bench-score bench-export
+.PHONY: bench-serve bench-score bench-export bench-validate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -87,3 +87,9 @@ bench-export: $(STAMP) system-deps
 		$(FEAST_VENV)/bin/pip install --quiet 'feast[redis]==0.67.0' || \
 		echo "Feast could not be installed; the benchmark records why"; }
 	$(BIN)/python bench/export_bench.py $(ARGS)
+
+# Output validation (per-part GX on the workers + checks across parts) against the score
+# step's time on 10M rows; writes its section of docs/benchmarks.md.
+# Trial: ARGS="--rows 1000000 --no-docs".
+bench-validate: $(STAMP)
+	$(BIN)/python bench/validate_bench.py $(ARGS)

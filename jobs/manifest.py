@@ -53,6 +53,9 @@ class RunParams(BaseModel):
     max_feature_null_rate: float = 0.0
     quality_config: str | None = None
     drift: dict[str, Any] = Field(default_factory=dict)  # scoring.quality.DriftRules defaults
+    # Per-part expectations at the end of each shard's task on its worker; off: the
+    # validate step checks every part on a cluster of its own (docs/quality.md).
+    check_parts_in_score: bool = True
 
 
 class ModelRecord(BaseModel):
@@ -161,6 +164,8 @@ def _validation_summary(validation: dict[str, Any] | None) -> dict[str, Any] | N
         "success": validation.get("success"),
         "expectations": len(outcomes),
         "failed": sum(1 for o in outcomes if not o.get("success")),
+        "parts": validation.get("parts"),
+        "failed_parts": validation.get("failed_parts", []),
     }
 
 

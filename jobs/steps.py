@@ -190,6 +190,7 @@ def score(run_dir: str | Path, *, on_progress: Progress | None = None) -> dict[s
         force=params.force,
         device=params.device,
         precision=params.precision,
+        checks=_part_checks(manifest) if params.check_parts_in_score else None,
     )
     shards = [
         Shard(s.id, tuple(Piece(**p.model_dump()) for p in s.pieces)) for s in manifest.shards
@@ -286,23 +287,29 @@ def score(run_dir: str | Path, *, on_progress: Progress | None = None) -> dict[s
 
 
 def validate(run_dir: str | Path) -> dict[str, Any]:
-    """Gate the run on Great Expectations; a failure stops it before export."""
+    """Gate the run on Great Expectations; a failure stops it before export.
+
+    The per-part expectations ran on the workers as each part was written (results in
+    ``<run>/validation/``); a part without a fresh result (a part scored earlier under
+    another suite, or ``check_parts_in_score`` off) is checked now, on a cluster started
+    with the run's settings. Row count and key uniqueness are checked here, across parts.
+    """
     from scoring.errors import ValidationFailed
-    from scoring.validation import validate_output
+    from scoring.validation import PartTarget, validate_parts
 
     manifest = load_manifest(run_dir)
     _require_scored(manifest)
     assert manifest.input is not None
     done = [s for s in manifest.shards if s.state == "done"]
     missing_rows = sum(s.rows for s in manifest.shards if s.state == "failed")
-    quality = _quality(manifest)
-    report = validate_output(
-        [Path(s.part) for s in done],
-        manifest.params.key_column,
-        manifest.model.outputs,
+    checks = _part_checks(manifest)
+    report = validate_parts(
+        [PartTarget(s.id, s.part, s.rows) for s in done],
+        checks,
         manifest.input.rows - missing_rows,
-        rules=quality.outputs,
+        recheck=lambda stale: _check_parts_on_cluster(manifest, stale, checks),
         docs_dir=Path(manifest.run_dir) / "data_docs",
+        run_name=manifest.run_id,
     )
     manifest.validation = report.to_dict()
     if report.docs_index:
@@ -314,7 +321,13 @@ def validate(run_dir: str | Path) -> dict[str, Any]:
         rows=report.rows,
         success=report.success,
         failed=[o.describe() for o in report.failures],
+        failed_parts=report.failed_parts,
         rows_of_failed_shards=missing_rows,
+        parts_reused=report.parts_reused,
+        parts_rechecked=report.parts_rechecked,
+        part_check_seconds=round(report.part_check_seconds, 3),
+        global_seconds=round(report.global_seconds, 3),
+        docs_seconds=round(report.docs_seconds, 3),
     )
     manifest.save()
     if not report.success:
@@ -326,6 +339,28 @@ def validate(run_dir: str | Path) -> dict[str, Any]:
             + (f". Report: file://{report.docs_index}" if report.docs_index else ""),
         )
     return {"run_dir": manifest.run_dir, "success": True, "rows": report.rows}
+
+
+def _part_checks(manifest: Manifest) -> Any:
+    """The per-part suite of the run: its key, and per output the namespace's rules."""
+    from scoring.validation import PartChecks
+
+    return PartChecks(
+        key_column=manifest.params.key_column,
+        rules=_quality(manifest).outputs,
+        results_dir=str(Path(manifest.run_dir) / "validation"),
+    )
+
+
+def _check_parts_on_cluster(manifest: Manifest, targets: list[Any], checks: Any) -> list[Any]:
+    from scoring.engine import dask_client
+    from scoring.validation import check_parts_on
+
+    params = manifest.params
+    workers = max(1, min(params.workers, len(targets)))
+    log.info("checking %d parts without a fresh per-part result on Dask", len(targets))
+    with dask_client(params.cluster, workers, params.threads_per_worker) as client:
+        return check_parts_on(client, targets, checks)
 
 
 def check_drift(run_dir: str | Path) -> dict[str, Any]:

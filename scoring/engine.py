@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +32,9 @@ from scoring.errors import ShardFailed
 from scoring.model import ModelSpec, Predictor, pick_device
 from scoring.reader import prefetch, read_row_groups
 from scoring.shards import Shard
+
+if TYPE_CHECKING:
+    from scoring.validation import PartChecks
 
 PLUGIN_NAME = "batchscore-model"
 PART_ROW_GROUP_ROWS = 32_768
@@ -53,6 +57,7 @@ class ScoreJob:
     device: str = "auto"
     precision: str = "fp32"
     prefetch: int = 2
+    checks: PartChecks | None = None  # per-part expectations, run on each written part
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,7 @@ def score_shard(shard: Shard, job: ScoreJob) -> ShardResult:
         ) from None
     output = _output_table(shard, job, keys, predictions)
     write_part(output, part)
+    check_written_part(output, part, shard, job)
     sorted_keys = output.column(job.key_column)
     return ShardResult(
         shard_id=shard.id,
@@ -174,6 +180,22 @@ def score_shard(shard: Shard, job: ScoreJob) -> ShardResult:
         batch_size=batch_size,
         peak_rss_bytes=peak_rss_bytes(),
     )
+
+
+def check_written_part(output: pa.Table, part: Path, shard: Shard, job: ScoreJob) -> None:
+    """Run the per-part expectations while the part is in memory (``scoring.validation``).
+
+    A failure to check never fails the shard: the validate step checks again any
+    part without a fresh result.
+    """
+    if job.checks is None:
+        return
+    from scoring.validation import PartTarget, check_part
+
+    try:
+        check_part(output, PartTarget(shard.id, str(part), shard.rows), job.checks)
+    except Exception:
+        log.exception("per-part checks of %s failed; the validate step checks it again", part)
 
 
 def _output_table(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from scoring.drift import judge, ks, moved_share, psi
@@ -22,6 +26,14 @@ from scoring.quality import (
     target_dtype,
     within_limit,
 )
+from scoring.validation import (
+    PartChecks,
+    PartReport,
+    duplicate_keys,
+    merge_results,
+    overlapping_groups,
+)
+from scoring.validation import _outcome as outcome_of
 
 RNG = np.random.default_rng(0)
 BASE = RNG.uniform(0, 1, 20_000)
@@ -188,3 +200,148 @@ def test_samples_join_on_the_key_and_survive_a_first_publish(tmp_path: Path) -> 
 
     sampled = read_samples([live], [new], "k", "k", ["p"], sample_rows=1)
     assert len(sampled.live["p"]) == 1 and len(sampled.live_joined["p"]) == 1
+
+
+# --- validation across parts: key uniqueness by merging sorted parts, summed results ------
+
+
+def _sorted_part(folder: Path, shard: int, keys: list[Any], row_group: int = 3) -> PartReport:
+    """A sorted part on disk and the result its worker would have stored for it."""
+    ordered = sorted(keys)
+    path = folder / f"part-{shard:05d}.parquet"
+    pq.write_table(pa.table({"k": ordered}), path, row_group_size=row_group)
+    counts = Counter(ordered)
+    repeated = [k for k in ordered if counts[k] > 1]
+    unique = {
+        "success": not repeated,
+        "expectation_config": {
+            "type": "expect_column_values_to_be_unique",
+            "kwargs": {"column": "k"},
+        },
+        "result": {"unexpected_count": len(repeated), "partial_unexpected_list": repeated[:20]},
+    }
+    return PartReport(
+        shard_id=shard, part=str(path), expected_rows=len(keys), rows=len(keys),
+        success=not repeated, seconds=0.0,
+        min_key=ordered[0] if ordered else None, max_key=ordered[-1] if ordered else None,
+        fingerprint="", part_size=0, part_mtime_ns=0, checked_by="", results=[unique],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["int", "string"])
+def test_duplicate_keys_across_parts_match_a_full_count(tmp_path: Path, kind: str) -> None:
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        folder = tmp_path / f"{kind}-{trial}"
+        folder.mkdir()
+        drawn = [
+            rng.integers(0, int(rng.integers(10, 300)), int(rng.integers(0, 40))).tolist()
+            for _ in range(int(rng.integers(1, 6)))
+        ]
+        keys = [[f"key-{k:04d}" for k in p] if kind == "string" else p for p in drawn]
+        reports = [
+            _sorted_part(folder, i, p, row_group=int(rng.integers(1, 8)))
+            for i, p in enumerate(keys)
+        ]
+        everywhere = Counter(k for p in keys for k in p)
+        found = duplicate_keys(reports, "k")
+        assert found.rows == sum(n for n in everywhere.values() if n > 1)
+        assert found.parts == {
+            r.name: n
+            for r, p in zip(reports, keys, strict=True)
+            if (n := sum(everywhere[k] > 1 for k in p))
+        }
+        assert set(found.sample) <= {k for k, n in everywhere.items() if n > 1}
+
+
+def test_parts_with_disjoint_key_ranges_are_not_read(tmp_path: Path) -> None:
+    reports = [_sorted_part(tmp_path, i, list(range(100 * i, 100 * i + 50))) for i in range(4)]
+    reports.append(_sorted_part(tmp_path, 4, [7, 7, 8]))  # overlaps part 0; repeats its own key 7
+    for report in reports[1:4]:
+        Path(report.part).unlink()  # a disjoint part's own result is all the check needs
+    found = duplicate_keys(reports, "k")
+    assert [len(g) for g in overlapping_groups(reports)] == [2, 1, 1, 1]
+    assert found.parts_merged == 2
+    assert (found.rows, found.parts) == (5, {"part-00000.parquet": 2, "part-00004.parquet": 3})
+    assert found.sample == [7, 8]
+
+
+def _not_null(column: str, elements: int, unexpected: int) -> dict[str, Any]:
+    counts = [{"value": None, "count": unexpected}] if unexpected else []
+    return {
+        "success": unexpected == 0,
+        "expectation_config": {
+            "type": "expect_column_values_to_not_be_null",
+            "kwargs": {"column": column},
+        },
+        "result": {
+            "element_count": elements,
+            "unexpected_count": unexpected,
+            "partial_unexpected_list": [None] * min(unexpected, 20),
+            "partial_unexpected_counts": counts,
+        },
+        "exception_info": {"raised_exception": False},
+    }
+
+
+def test_per_part_results_are_summed_and_the_failing_part_named(tmp_path: Path) -> None:
+    first, second = (
+        _sorted_part(tmp_path, 0, list(range(10))),
+        _sorted_part(tmp_path, 1, list(range(10, 20))),
+    )
+    first = replace(first, results=first.results + [_not_null("p", 10, 0)])
+    second = replace(second, rows=9, results=second.results + [_not_null("p", 9, 4)])
+    merged = merge_results([first, second], "k", 20, duplicate_keys([first, second], "k"))
+    outcomes = {o.expectation: o for o in map(outcome_of, merged)}
+    rows = outcomes["expect_table_row_count_to_equal"]
+    assert not rows.success and (rows.observed, rows.expected) == (19, 20)
+    assert rows.parts == {"part-00001.parquet": "9 rows, its shard has 10"}
+    assert rows.describe() == (
+        "expect_table_row_count_to_equal across all parts (observed 19, expected 20) "
+        "in part-00001.parquet (9 rows, its shard has 10)"
+    )
+    nulls = outcomes["expect_column_values_to_not_be_null"]
+    assert not nulls.success and nulls.unexpected_count == 4 and nulls.scope == "each part"
+    assert nulls.describe() == (
+        "expect_column_values_to_not_be_null on column 'p' (4 unexpected values, "
+        "e.g. [None, None, None, None]) in part-00001.parquet (4 unexpected)"
+    )
+    summed = next(d for d in merged if d["expectation_config"]["kwargs"].get("column") == "p")
+    assert summed["result"]["element_count"] == 19
+    assert summed["result"]["partial_unexpected_counts"] == [{"value": None, "count": 4}]
+    assert outcomes["expect_column_values_to_be_unique"].success
+
+
+def test_part_checks_default_unnamed_outputs_and_fingerprint_the_suite() -> None:
+    checks = PartChecks("k", {"revenue": OutputRules(min_value=0)}, "/tmp/v")
+    assert checks.rules_for(["revenue", "p_proba", "prediction"]) == {
+        "revenue": OutputRules(min_value=0),
+        "p_proba": OutputRules(0.0, 1.0),
+        "prediction": OutputRules(),
+    }
+    other = PartChecks("k", {"revenue": OutputRules(min_value=1)}, "/tmp/v")
+    assert checks.fingerprint != other.fingerprint
+    assert checks.fingerprint == PartChecks("k", dict(checks.rules), "/elsewhere").fingerprint
+    assert checks.result_path("/runs/r/parts/part-00003.parquet") == Path("/tmp/v/part-00003.json")
+
+
+def test_an_expectation_gx_could_not_evaluate_fails_and_says_why(tmp_path: Path) -> None:
+    part = _sorted_part(tmp_path, 0, [1, 2, 3])
+    broken = _not_null("p", 3, 0) | {
+        "success": False,
+        "result": {},
+        "exception_info": {
+            "raised_exception": True,
+            "exception_message": 'Error: The column "p" in BatchData does not exist.',
+            "exception_traceback": "…",
+        },
+    }
+    merged = merge_results(
+        [replace(part, results=[*part.results, broken])], "k", 3, duplicate_keys([part], "k")
+    )
+    (failed,) = [o for o in map(outcome_of, merged) if not o.success]
+    assert failed.parts == {"part-00000.parquet": "GX raised"}
+    assert failed.describe() == (
+        "expect_column_values_to_not_be_null on column 'p' (GX raised: Error: The column \"p\" "
+        "in BatchData does not exist.) in part-00000.parquet (GX raised)"
+    )

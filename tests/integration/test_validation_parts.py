@@ -1,0 +1,178 @@
+"""Output validation per part on the Dask workers, and across parts in the validate step.
+
+Every run here scores on a real LocalCluster (two worker processes): the per-part
+GX suite runs on the workers as each part is written; the validate step merges the
+results, re-checks stale parts on a cluster of its own, and checks the row count and
+key uniqueness across all parts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from batchscore.settings import RunSettings, load_settings
+from jobs import steps
+from jobs.manifest import Manifest, load_manifest
+from kv_export.store import open_store
+from scoring.errors import ValidationFailed
+from tests.conftest import KEY
+from tests.integration.test_bad_input import write
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+OUTPUT = "churn_probability"
+ROWS = 200  # per input file; one file per shard (BATCHSCORE_SHARD_ROWS below)
+
+
+@pytest.fixture
+def one_file_per_shard(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHSCORE_SHARD_ROWS", str(ROWS))
+
+
+def score(input_path: Path, namespace: str) -> Manifest:
+    """resolve → plan → score, as the DAG's first tasks do; validation comes separately."""
+    settings = load_settings(RunSettings)
+    params = steps.make_params(
+        settings,
+        input_path=str(input_path),
+        model_uri="models:/churn/1",
+        key_column=KEY,
+        namespace=namespace,
+    )
+    run_dir = steps.resolve(settings, params)["run_dir"]
+    steps.plan(run_dir)
+    steps.score(run_dir)
+    return load_manifest(run_dir)
+
+
+def failed_validation(manifest: Manifest) -> tuple[str, Manifest]:
+    with pytest.raises(ValidationFailed) as caught:
+        steps.validate(manifest.run_dir)
+    assert open_store(manifest.params.store_url).state(manifest.namespace).versions == {}
+    return " ".join(str(caught.value).split()), load_manifest(manifest.run_dir)
+
+
+def part_result(manifest: Manifest, shard: int) -> dict[str, object]:
+    stem = Path(manifest.shards[shard].part).stem
+    return json.loads((Path(manifest.run_dir) / "validation" / f"{stem}.json").read_text())
+
+
+def test_a_part_failing_an_expectation_on_its_worker_is_named(
+    one_file_per_shard: None, tmp_path: Path
+) -> None:
+    nan_rows = np.full(ROWS, 0.5, dtype=np.float32)
+    nan_rows[:7] = np.nan  # not null for the input checks; a NaN prediction for the model
+    write(tmp_path / "in", "a.parquet")
+    write(tmp_path / "in", "b.parquet", f01=nan_rows, **{KEY: np.arange(ROWS) + ROWS})
+    write(tmp_path / "in", "c.parquet", **{KEY: np.arange(ROWS) + 2 * ROWS})
+    manifest = score(tmp_path / "in", "per-part")
+    assert len(manifest.shards) == 3
+
+    # The workers checked each part as they wrote it: part 1 failed there.
+    worker_side = [part_result(manifest, i) for i in range(3)]
+    assert [r["success"] for r in worker_side] == [True, False, True]
+    assert all(r["rows"] == ROWS and r["checked_by"] for r in worker_side)
+
+    message, checked = failed_validation(manifest)
+    assert (
+        f"expect_column_values_to_not_be_null on column '{OUTPUT}' (7 unexpected values, "
+        f"e.g. [None, None, None, None, None]) in part-00001.parquet (7 unexpected)"
+    ) in message
+    assert "part-00000" not in message and "part-00002" not in message
+    step = checked.steps["validate"]
+    assert step["failed_parts"] == ["part-00001.parquet"]
+    assert (step["parts_reused"], step["parts_rechecked"]) == (3, 0)
+    assert checked.summary()["validation"]["failed_parts"] == ["part-00001.parquet"]
+    # The Data Docs: the run's summed result, and a page of its own for the failing part.
+    docs = Path(checked.reports["data_docs"]).parent
+    pages = sorted(p.name for p in docs.glob("validations/**/*.html"))
+    assert pages == ["all-parts.html", "part-00001.parquet.html"], pages
+    summed = next(docs.glob("validations/**/all-parts.html")).read_text()
+    assert "7 unexpected values found" in summed and "part-00001.parquet" in summed
+
+
+def test_duplicate_keys_across_two_parts_fail_the_global_check(
+    one_file_per_shard: None, tmp_path: Path
+) -> None:
+    write(tmp_path / "in", "a.parquet")  # keys 0..199
+    write(tmp_path / "in", "b.parquet", **{KEY: np.arange(ROWS) + 150})  # 150..349
+    write(tmp_path / "in", "c.parquet", **{KEY: np.arange(ROWS) + 1000})  # its own range
+    manifest = score(tmp_path / "in", "dupes")
+    # Within each part the keys are unique: only the check across parts can see it.
+    assert all(part_result(manifest, i)["success"] for i in range(3))
+
+    message, checked = failed_validation(manifest)
+    assert (
+        f"expect_column_values_to_be_unique on column '{KEY}' across all parts "
+        "(100 unexpected values, e.g. [150, 151, 152, 153, 154]) in "
+        "part-00000.parquet (50 rows with a repeated key), "
+        "part-00001.parquet (50 rows with a repeated key)"
+    ) in message
+    assert "part-00002" not in message
+    assert checked.steps["validate"]["failed_parts"] == ["part-00000.parquet", "part-00001.parquet"]
+    assert checked.validation is not None
+    (unique,) = [
+        o for o in checked.validation["outcomes"] if o["column"] == KEY and not o["success"]
+    ]
+    assert unique["scope"] == "all parts" and unique["unexpected_count"] == 100
+    assert unique["parts"] == {
+        "part-00000.parquet": "50 rows with a repeated key",
+        "part-00001.parquet": "50 rows with a repeated key",
+    }
+
+
+def test_a_row_count_mismatch_is_caught_and_the_part_checked_again(
+    one_file_per_shard: None, tmp_path: Path
+) -> None:
+    for i, name in enumerate(("a", "b", "c")):
+        write(tmp_path / "in", f"{name}.parquet", **{KEY: np.arange(ROWS) + i * ROWS})
+    manifest = score(tmp_path / "in", "rows")
+    assert steps.validate(manifest.run_dir)["success"]
+    # A part loses a row after scoring: its worker-side result no longer describes it.
+    part = Path(manifest.shards[2].part)
+    table = pq.read_table(part)
+    pq.write_table(table.slice(0, ROWS - 1), part)
+
+    message, checked = failed_validation(manifest)
+    assert (
+        f"expect_table_row_count_to_equal across all parts (observed {3 * ROWS - 1}, "
+        f"expected {3 * ROWS}) "
+        f"in part-00002.parquet ({ROWS - 1} rows, its shard has {ROWS})"
+    ) in message
+    step = checked.steps["validate"]
+    assert (step["parts_reused"], step["parts_rechecked"]) == (2, 1)
+    assert step["rows"] == 3 * ROWS - 1 and step["failed_parts"] == ["part-00002.parquet"]
+    rechecked = part_result(checked, 2)
+    assert rechecked["rows"] == ROWS - 1 and rechecked["success"] is False
+    assert rechecked["checked_by"] != part_result(checked, 0)["checked_by"]
+
+
+def test_without_checks_in_score_the_validate_step_checks_every_part_on_a_cluster(
+    one_file_per_shard: None, tmp_path: Path
+) -> None:
+    for i, name in enumerate(("a", "b")):
+        write(tmp_path / "in", f"{name}.parquet", **{KEY: np.arange(ROWS) + i * ROWS})
+    settings = load_settings(RunSettings)
+    params = steps.make_params(
+        settings,
+        input_path=str(tmp_path / "in"),
+        model_uri="models:/churn/1",
+        key_column=KEY,
+        namespace="late",
+        check_parts_in_score=False,
+    )
+    run_dir = steps.resolve(settings, params)["run_dir"]
+    steps.plan(run_dir)
+    steps.score(run_dir)
+    assert not (Path(run_dir) / "validation").exists()
+    assert steps.validate(run_dir) == {"run_dir": run_dir, "success": True, "rows": 2 * ROWS}
+    step = load_manifest(run_dir).steps["validate"]
+    assert (step["parts_reused"], step["parts_rechecked"]) == (0, 2)
+    # Checked once: running the step again uses the results it stored.
+    steps.validate(run_dir)
+    step = load_manifest(run_dir).steps["validate"]
+    assert (step["parts_reused"], step["parts_rechecked"]) == (2, 0)
