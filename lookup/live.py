@@ -53,9 +53,14 @@ class LiveCache:
 
     async def state(self, namespace: str) -> NamespaceState:
         """The namespace's state; raises ``StoreUnavailable`` only if it was never read."""
+        return self.current(namespace) or await self._refresh(namespace)
+
+    def current(self, namespace: str) -> NamespaceState | None:
+        """The cached state without waiting (a refresh is started when it is due), or None
+        if the namespace was never read: the hot path's check, no coroutine needed."""
         entry = self._entries.get(namespace)
         if entry is None:
-            return await self._refresh(namespace)
+            return None
         if time.monotonic() - entry.fetched >= self._ttl:
             self._refresh(namespace)
         return entry.state

@@ -8,13 +8,16 @@ from kv_export.errors import BadStoreUrl
 from kv_export.store import AsyncPredictionReader, redact_url
 
 
-def open_reader(url: str, *, timeout_seconds: float) -> AsyncPredictionReader:
-    """``redis[s]://`` → redis.asyncio with tight timeouts; ``lmdb://PATH`` → direct LMDB reads."""
+def open_reader(
+    url: str, *, timeout_seconds: float, password: str | None = None
+) -> AsyncPredictionReader:
+    """``redis[s]://`` → auto-pipelined redis.asyncio connections with tight timeouts
+    (``password`` when the URL carries none); ``lmdb://PATH`` → direct LMDB reads."""
     scheme = urlsplit(url).scheme
     if scheme in ("redis", "rediss", "unix"):
-        from kv_export.redis_store import AsyncRedisReader
+        from lookup.redis_reader import RedisReader
 
-        return AsyncRedisReader(url, timeout_seconds=timeout_seconds)
+        return RedisReader(url, timeout_seconds=timeout_seconds, password=password)
     if scheme in ("lmdb", ""):
         from kv_export.lmdb_store import LmdbReader
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from batchscore.settings import ApiSettings
 from kv_export.errors import StoreUnavailable
@@ -34,8 +33,7 @@ log = logging.getLogger("batchscore.lookup")
 Source = Literal["kv", "batch"]
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):  # a tuple: built for every key looked up
     value: bytes
     info: VersionInfo
     source: Source
@@ -49,7 +47,9 @@ class Lookup:
         self.settings = settings
         self.reader = reader
         self.metrics = metrics
-        self.breaker = StoreBreaker(settings.breaker_failures, settings.breaker_reset_seconds)
+        self.breaker = StoreBreaker(
+            settings.breaker_failures, settings.breaker_reset_seconds, probe=reader.ping
+        )
         self.batch = BatchFallback(settings.fallback_cache_row_groups)
         self.cache = LiveCache(self._read_state, settings.live_cache_seconds, self._new_live)
         self._background: set[asyncio.Task[object]] = set()
@@ -100,7 +100,7 @@ class Lookup:
         self, namespace: str, keys: Sequence[str]
     ) -> tuple[VersionInfo, Source, list[Answer | None]]:
         """The live version, where it was read from, and one answer (or None) per key."""
-        state = await self.state(namespace)
+        state = self.cache.current(namespace) or await self.state(namespace)
         info = state.live_info()
         if info is None:
             raise ApiError(
@@ -115,19 +115,21 @@ class Lookup:
     async def _read(
         self, namespace: str, info: VersionInfo, keys: Sequence[str]
     ) -> tuple[list[bytes | None], Source]:
+        if self.breaker.refuses():  # open: no store call, no exception raised and caught
+            return await self._from_batch(namespace, info, keys, "circuit_open"), "batch"
         try:
             raw = [k.encode() for k in keys]
             return await self.breaker.call(self.reader.get_many, namespace, info, raw), "kv"
         except StoreUnavailable as exc:
-            return await self._from_batch(namespace, info, keys, exc), "batch"
+            reason = "circuit_open" if isinstance(exc, CircuitOpen) else "store_error"
+            return await self._from_batch(namespace, info, keys, reason), "batch"
 
     async def _from_batch(
-        self, namespace: str, info: VersionInfo, keys: Sequence[str], cause: StoreUnavailable
+        self, namespace: str, info: VersionInfo, keys: Sequence[str], reason: str
     ) -> list[bytes | None]:
         if not self.settings.batch_fallback or not self.batch.available(info):
             self.metrics.errors.labels("store_unavailable").inc()
             raise ApiError(503, "store_unavailable", "The prediction store is unavailable")
-        reason = "circuit_open" if isinstance(cause, CircuitOpen) else "store_error"
         try:
             values = await self.batch.get_many(namespace, info, keys)
         except (OSError, ValueError, KeyError) as exc:
@@ -140,7 +142,7 @@ class Lookup:
                 "store_unavailable",
                 "The prediction store and the batch output are unavailable",
             ) from None
-        self.metrics.fallbacks.labels("batch", reason).inc()
+        self.metrics.fallback("batch", reason)
         return values
 
     async def _fill_stale(
@@ -162,7 +164,7 @@ class Lookup:
         for i, value in zip(todo, values, strict=True):
             if value is not None:
                 answers[i] = Answer(value, previous, source, True)
-                self.metrics.fallbacks.labels("stale", source).inc()
+                self.metrics.fallback("stale", source)
 
     async def ready(self) -> dict[str, str]:
         """Ready when the store answers, or when a batch fallback can answer instead."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -216,6 +217,49 @@ def test_redis_dies_and_returns_no_5xx_for_live_keys_and_kv_again_after(
     check(get(api, f"/v1/predictions/{NS}/{sample[3]}").json(), sample[3], "1", "kv")
 
 
+def metric(api: ApiProcess, sample: str) -> float:
+    """The value of one sample line of /metrics (0 when absent)."""
+    for line in get(api, "/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.redis
+def test_a_hung_redis_is_probed_in_the_background_never_on_a_request(
+    api_env: dict[str, str], redis_server: RedisServer, start_api: Start, tmp_path: Path
+) -> None:
+    """Redis stops answering (SIGSTOP: connections open, no replies). Once the breaker is
+    open no lookup is sent to the store any more, also when the breaker is due for a probe
+    (every 0.3 s here): the probe runs in the background and every request is answered
+    from the batch output at once, until Redis answers again."""
+    write_version(redis_server.url, tmp_path / "v1", KEYS, "1")
+    api = start_api(api_env | {"BATCHSCORE_BREAKER_RESET_SECONDS": "0.3"}, redis_server.url)
+    sample = [int(k) for k in KEYS[::499]]
+    check(get(api, f"/v1/predictions/{NS}/{sample[0]}").json(), sample[0], "1", "kv")
+    store_errors = 'batchscore_lookup_fallbacks_total{fallback="batch",reason="store_error"}'
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(
+            lambda: (
+                get(api, f"/v1/predictions/{NS}/{sample[1]}").json()["source"] == "batch"
+                and metric(api, 'batchscore_store_circuit_state{state="opened"}') == 1.0
+            )
+        )
+        failed_on_requests = metric(api, store_errors)
+        deadline = time.monotonic() + 3  # ten reset periods: probes go out and time out
+        with httpx.Client(base_url=api.base, timeout=10) as client:
+            while time.monotonic() < deadline:
+                for key in sample:
+                    check(client.get(f"/v1/predictions/{NS}/{key}").json(), key, "1", "batch")
+        assert metric(api, store_errors) == failed_on_requests  # no request waited on Redis
+        assert get(api, "/readyz").json()["status"] == "degraded"
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    wait_for(lambda: get(api, f"/v1/predictions/{NS}/{sample[2]}").json()["source"] == "kv")
+
+
 @pytest.mark.redis
 def test_keys_the_live_version_lacks_come_from_the_previous_one_marked_stale(
     api_env: dict[str, str], redis_server: RedisServer, start_api: Start, tmp_path: Path
@@ -244,6 +288,40 @@ def test_keys_the_live_version_lacks_come_from_the_previous_one_marked_stale(
     redis_server.stop()  # the stale answer then comes from the previous run's batch output
     wait_for(lambda: get(api, f"/v1/predictions/{NS}/{both}").json()["source"] == "batch")
     check(get(api, f"/v1/predictions/{NS}/{old_only}").json(), old_only, "1", "batch", stale=True)
+
+
+@pytest.mark.redis
+def test_redis_password_comes_from_the_setting_and_never_reaches_a_client_or_log(
+    api_env: dict[str, str], start_api: Start, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path, "--requirepass", "s3cret")
+    server.start(password="s3cret")
+    try:
+        authed = f"redis://:s3cret@127.0.0.1:{server.port}/0"
+        write_version(authed, tmp_path / "v1", KEYS, "1")
+        key = int(KEYS[11])
+        path = f"/v1/predictions/{NS}/{key}"
+
+        api = start_api(api_env | {"BATCHSCORE_STORE_PASSWORD": "s3cret"}, server.url)
+        check(get(api, path).json(), key, "1", "kv")
+        batch = httpx.post(api.base + f"/v1/predictions/{NS}/batch", json={"keys": [str(key)]})
+        assert batch.json()["results"][0]["source"] == "kv"
+        assert get(api, "/readyz").json()["status"] == "ready"
+
+        without = start_api(api_env, server.url)  # the server refuses it: NOAUTH
+        refused = get(without, path)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "store_unavailable"
+        assert get(without, "/readyz").status_code == 503
+
+        wrong = start_api(api_env | {"BATCHSCORE_STORE_PASSWORD": "wrong"}, authed)
+        check(get(wrong, path).json(), key, "1", "kv")  # the URL's password wins
+
+        for process in (api, without, wrong):
+            assert "s3cret" not in process.log.read_text()
+        assert "s3cret" not in refused.text
+    finally:
+        server.stop()
 
 
 def test_api_keys_scopes_and_namespaces(
