@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -85,51 +83,15 @@ def write_version(
     return info
 
 
-class PersistentRedis(RedisServer):
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server that keeps its data across stop/start (AOF, fsync on every write).
 
     The shared fixture's server has no persistence, so a restarted one is empty:
     the API would then rightly see no live version. A production Redis persists
     (or is replicated); recovery is tested against that.
     """
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is not installed: run `make system-deps`"
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.folder),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis(port=self.port).ping():
-                    return
-            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-
-@pytest.fixture
-def persistent_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
-    server = PersistentRedis(tmp_path)
+    server = RedisServer(tmp_path, "--appendonly", "yes", "--appendfsync", "always")
     server.start()
     yield server
     server.stop()
@@ -167,7 +129,7 @@ def wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
 
 @pytest.mark.redis
 def test_redis_dies_and_returns_no_5xx_for_live_keys_and_kv_again_after(
-    api_env: dict[str, str], persistent_redis: PersistentRedis, start_api: Start, tmp_path: Path
+    api_env: dict[str, str], persistent_redis: RedisServer, start_api: Start, tmp_path: Path
 ) -> None:
     write_version(persistent_redis.url, tmp_path / "v1", KEYS, "1")
     api = start_api(api_env, persistent_redis.url)
