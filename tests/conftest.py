@@ -11,11 +11,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
+if TYPE_CHECKING:
+    from jobs.manifest import Manifest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -248,3 +252,21 @@ def run_cli(
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+def run_job(dataset: Path, model: str, namespace: str, **given: Any) -> Manifest:
+    """The whole pipeline in this process, as `batchscore run` runs it, for the test dataset."""
+    from batchscore.settings import RunSettings, load_settings
+    from jobs import steps
+    from jobs.pipeline import run_pipeline
+
+    settings = load_settings(RunSettings)
+    params = steps.make_params(
+        settings,
+        input_path=str(dataset),
+        model_uri=model,
+        key_column=KEY,
+        namespace=namespace,
+        **given,
+    )
+    return run_pipeline(settings, params)

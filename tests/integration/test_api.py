@@ -11,26 +11,15 @@ import numpy as np
 import pytest
 
 from batchscore.settings import RunSettings, load_settings
-from jobs import steps
 from jobs.manifest import Manifest
-from jobs.pipeline import run_pipeline
-from tests.conftest import KEY, RedisServer, Registry, direct_forward, read_rows
+from tests.conftest import RedisServer, Registry, direct_forward, read_rows, run_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 KEYS = [1_000_003, 1_004_321, 1_011_998]
 
 
 def publish_run(dataset: Path, store_url: str, model: str, namespace: str = "api") -> Manifest:
-    settings = load_settings(RunSettings)
-    params = steps.make_params(
-        settings,
-        input_path=str(dataset),
-        model_uri=model,
-        key_column=KEY,
-        namespace=namespace,
-        store_url=store_url,
-    )
-    return run_pipeline(settings, params)
+    return run_job(dataset, model, namespace, store_url=store_url)
 
 
 def expected(registry: Registry, dataset: Path, model_uri: str, keys: list[int]) -> list[float]:

@@ -14,10 +14,9 @@ import pytest
 from batchscore.settings import RunSettings, load_settings
 from jobs import steps
 from jobs.manifest import Manifest, load_manifest
-from jobs.pipeline import run_pipeline
 from kv_export.store import open_store
 from scoring.errors import BadColumnType, DriftDetected, TooManyNulls
-from tests.conftest import KEY, N_FEATURES, Registry, run_cli
+from tests.conftest import KEY, N_FEATURES, Registry, run_cli, run_job
 from tests.integration.test_bad_input import attempt, write
 from tests.integration.test_pipeline import SAMPLE, lookup
 
@@ -135,16 +134,7 @@ def variants(registry: Registry) -> dict[str, str]:
 
 
 def run(dataset: Path, model: str, namespace: str = "drift", force: bool = False) -> Manifest:
-    settings = load_settings(RunSettings)
-    params = steps.make_params(
-        settings,
-        input_path=str(dataset),
-        model_uri=model,
-        key_column=KEY,
-        namespace=namespace,
-        force=force,
-    )
-    return run_pipeline(settings, params)
+    return run_job(dataset, model, namespace, force=force)
 
 
 def live_version(namespace: str) -> int | None:
