@@ -33,7 +33,9 @@ from scoring.validation import (
     merge_results,
     overlapping_groups,
 )
+from scoring.validation import _document as document_of
 from scoring.validation import _outcome as outcome_of
+from scoring.validation import _part_suite as part_suite
 
 RNG = np.random.default_rng(0)
 BASE = RNG.uniform(0, 1, 20_000)
@@ -345,3 +347,18 @@ def test_an_expectation_gx_could_not_evaluate_fails_and_says_why(tmp_path: Path)
         "expect_column_values_to_not_be_null on column 'p' (GX raised: Error: The column \"p\" "
         "in BatchData does not exist.) in part-00000.parquet (GX raised)"
     )
+
+
+def test_a_passing_part_costs_basic_yet_stores_what_summary_would() -> None:
+    """The suite runs BASIC first; its documents must equal SUMMARY's, failing or not."""
+    checks = PartChecks("k", {}, "/tmp/unused")
+    suite = part_suite(checks, ("p_proba",))
+    keys = np.arange(1000, dtype=np.int64)
+    for values, passes in [(RNG.uniform(0, 1, 1000), True), (np.full(1000, 1.5), False)]:
+        frame = pa.table({"k": keys, "p_proba": values}).to_pandas()
+        stored = suite.run(frame, 1000)
+        summary = suite._run(frame, 1000, "SUMMARY")
+        assert stored["success"] is passes is summary.success
+        assert stored["results"] == [document_of(r) for r in summary.results]
+    counts = [r["result"].get("partial_unexpected_counts") for r in stored["results"]]
+    assert {"value": 1.5, "count": 20} in counts[-1]  # a failing part keeps its value counts
