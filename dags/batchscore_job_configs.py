@@ -7,7 +7,14 @@ list-import-errors``. The valid configs' DAGs come from ``batchscore_jobs.py`` a
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+# Make this folder's helpers importable for every DAG parser: the DAG processor puts the
+# DAGs folder on sys.path, a plain DagBag (`airflow dags list --local`) does not. Appended,
+# so installed packages keep precedence (the top-level `jobs` package over dags/jobs/).
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.append(str(Path(__file__).parent))
 
 from batchscore_dags.config import jobs_dir, load_jobs
 

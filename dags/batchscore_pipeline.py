@@ -9,7 +9,15 @@ they run the same tasks: resolve → plan → score → validate → export → 
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
+from pathlib import Path
+
+# Make this folder's helpers importable for every DAG parser: the DAG processor puts the
+# DAGs folder on sys.path, a plain DagBag (`airflow dags list --local`) does not. Appended,
+# so installed packages keep precedence (the top-level `jobs` package over dags/jobs/).
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.append(str(Path(__file__).parent))
 
 from batchscore_dags.pipeline import DagSpec, FormDefaults, build_dag
 

@@ -74,6 +74,24 @@ def test_dagbag_has_no_import_errors(airflow_home: Path) -> None:
     # That parsing the DAGs folder imports no heavy library: tests/unit/test_dag_config.py.
 
 
+def test_plain_dagbag_parses_the_dags_from_any_directory(
+    airflow_home: Path, tmp_path: Path
+) -> None:
+    """``airflow dags list --local`` parses with a plain DagBag, without the DAGs folder on
+    sys.path: the DAG files make their helpers importable themselves."""
+    done = subprocess.run(
+        [str(BIN / "airflow"), "dags", "list", "--local", "--output", "json"],
+        cwd=tmp_path,  # not the repository: nothing importable by accident
+        env=airflow_env(airflow_home, {}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    listed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"batchscore", "score_churn_daily"} <= {d["dag_id"] for d in listed}
+
+
 def dags_test(
     home: Path, env: dict[str, str], conf: dict[str, object]
 ) -> subprocess.CompletedProcess[str]:
