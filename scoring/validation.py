@@ -500,9 +500,6 @@ def validate_parts(
     """The run's verdict: fresh per-part results (``recheck`` makes the missing ones),
     the global row count and key uniqueness, summed into one suite result."""
     started = time.perf_counter()
-    # GX is needed only for the Data Docs, at the end: its import (2-3 s, Python-bound)
-    # runs in a thread meanwhile, beside the key merge (NumPy and Arrow, mostly GIL-free).
-    importing = _start_gx_import() if docs_dir is not None else None
     found = {t.shard_id: fresh_report(t, checks) for t in targets}
     stale = [t for t in targets if found[t.shard_id] is None]
     rechecked = list(recheck(stale)) if stale else []
@@ -519,8 +516,6 @@ def validate_parts(
     docs_started = time.perf_counter()
     index = None
     if docs_dir is not None:
-        if importing is not None:
-            importing.join()  # a failed import is raised again, here, by build_data_docs
         failing = [r for r in reports if r.name in failed_parts]
         index = build_data_docs(docs_dir, run_name, merged, success, reports, failing)
     return ValidationReport(
@@ -773,19 +768,6 @@ def _import_gx() -> Any:
     import great_expectations as gx
 
     return gx
-
-
-def _start_gx_import() -> threading.Thread:
-    thread = threading.Thread(target=_import_gx_quietly, name="import-gx", daemon=True)
-    thread.start()
-    return thread
-
-
-def _import_gx_quietly() -> None:
-    try:
-        _import_gx()
-    except Exception:  # the caller's own import raises it again, with its traceback
-        pass
 
 
 def _gx_version() -> str:
