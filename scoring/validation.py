@@ -53,6 +53,7 @@ FINITE_NAME = "expect_column_values_to_be_finite (between ±float max)"
 ROW_COUNT = "expect_table_row_count_to_equal"
 UNIQUE = "expect_column_values_to_be_unique"
 PARTIAL = 20  # GX's SUMMARY keeps this many unexpected values per expectation
+SUMMARY_ONLY = ("partial_unexpected_counts", "partial_unexpected_index_list")  # not in BASIC
 NAMED_PARTS = 5  # parts named in a message; the manifest keeps them all
 DOCS_PART_PAGES = 20  # failing parts with a Data Docs page of their own
 NO_EXCEPTION = {"raised_exception": False, "exception_traceback": None, "exception_message": None}
@@ -272,8 +273,7 @@ class _PartSuite:
         documents = [_document(r) for r in result.results]
         for document in documents:
             if "unexpected_count" in document["result"]:
-                empty = {"partial_unexpected_counts": [], "partial_unexpected_index_list": []}
-                document["result"] |= empty
+                document["result"] |= {name: [] for name in SUMMARY_ONLY}
         return {"success": True, "results": documents}
 
     def _run(self, frame: Any, expected_rows: int, result_format: str) -> Any:
