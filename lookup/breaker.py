@@ -62,13 +62,29 @@ class StoreBreaker:
         try:
             result = await function(*args)
         except BaseException as exc:
-            context.handle_exception(exc)
-            await self._publish(breaker)
+            await self.failed(exc)
             raise
         if context.failure_count:
-            context.handle_end_request()
-            await self._publish(breaker)
+            await self.succeeded()
         return result
+
+    async def failed(self, exc: BaseException) -> None:
+        """Count a store call that raised ``exc``, as ``call`` does: for a caller that made the
+        call itself after ``refuses()`` said no, with nothing awaited in between."""
+        breaker = self._breaker or await self._create()
+        breaker.context.handle_exception(exc)
+        await self._publish(breaker)
+
+    def recovering(self) -> bool:
+        """Failures were counted since the last success: the next success must reset them
+        (``succeeded``). False on the hot path, so a success costs no coroutine there."""
+        return self._breaker is not None and bool(self._breaker.context.failure_count)
+
+    async def succeeded(self) -> None:
+        """Count a store call that succeeded while ``recovering()``, as ``call`` does."""
+        breaker = self._breaker
+        breaker.context.handle_end_request()
+        await self._publish(breaker)
 
     @staticmethod
     async def _publish(breaker: Any) -> None:

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from kv_export.errors import BadStoreUrl
-from kv_export.store import AsyncPredictionReader, redact_url
+from kv_export.store import AsyncPredictionReader, VersionInfo, redact_url
+
+GetOne = Callable[[str, VersionInfo, bytes], Awaitable[bytes | None]]
+
+
+@runtime_checkable
+class SingleKeyReader(Protocol):
+    """A reader with a cheaper single-key read than ``get_many``: the same value (or None),
+    its failures the same ``StoreUnavailable``, as the cheapest awaitable for the store: the
+    pipeline's future for Redis (a lookup waiting on a reply has no extra layer to suspend
+    and resume through), a coroutine that returns at once for LMDB (awaiting one costs less
+    than a done future)."""
+
+    def get_one(self, namespace: str, info: VersionInfo, key: bytes) -> Awaitable[bytes | None]: ...
+
+
+def single_key_read(reader: AsyncPredictionReader) -> GetOne:
+    """The reader's ``get_one``, or ``get_many`` of one key for a reader without it."""
+    if isinstance(reader, SingleKeyReader):
+        return reader.get_one
+
+    async def get_one(namespace: str, info: VersionInfo, key: bytes) -> bytes | None:
+        return (await reader.get_many(namespace, info, (key,)))[0]
+
+    return get_one
 
 
 def open_reader(

@@ -7,7 +7,8 @@ Invariants:
   batch); the namespace state comes from ``LiveCache``, never per request.
 - Every answer names the version it came from (model, run, scored_at) and its
   ``source``; an answer from another version than the live one is ``stale``.
-- The store is only called through the circuit breaker, so a dead store costs
+- The store is only called through the circuit breaker (``breaker.call``, or for a
+  single key its check and accounting unrolled in ``find_one``), so a dead store costs
   nothing per request while the breaker is open.
 - The batch fallback is used only when the store fails, never for keys the live
   version simply lacks (those go to the stale fallback, if enabled, or 404).
@@ -28,6 +29,7 @@ from lookup.errors import ApiError, CircuitOpen
 from lookup.fallback import BatchFallback
 from lookup.live import LiveCache
 from lookup.observability import Metrics
+from lookup.readers import single_key_read
 
 log = logging.getLogger("batchscore.lookup")
 Source = Literal["kv", "batch"]
@@ -46,6 +48,7 @@ class Lookup:
     ) -> None:
         self.settings = settings
         self.reader = reader
+        self._get_one = single_key_read(reader)
         self.metrics = metrics
         self.breaker = StoreBreaker(
             settings.breaker_failures, settings.breaker_reset_seconds, probe=reader.ping
@@ -101,16 +104,44 @@ class Lookup:
     ) -> tuple[VersionInfo, Source, list[Answer | None]]:
         """The live version, where it was read from, and one answer (or None) per key."""
         state = self.cache.current(namespace) or await self.state(namespace)
-        info = state.live_info()
-        if info is None:
-            raise ApiError(
-                404, "namespace_not_found", f"Namespace '{namespace}' has no live version"
-            )
+        info = _live_info(namespace, state)
         values, source = await self._read(namespace, info, keys)
         answers = [Answer(v, info, source, False) if v is not None else None for v in values]
         if self.settings.stale_fallback and None in values:
             await self._fill_stale(namespace, state, keys, answers)
         return info, source, answers
+
+    async def find_one(self, namespace: str, key: str) -> tuple[VersionInfo, Source, Answer | None]:
+        """``find`` for one key, the hot route: the same answer through the same chain, with
+        no lists and the store's reply awaited through the reader's ``get_one`` (see
+        ``SingleKeyReader``), not ``get_many``'s coroutine."""
+        state = self.cache.current(namespace) or await self.state(namespace)
+        info = _live_info(namespace, state)
+        value: bytes | None
+        source: Source = "kv"
+        if self.breaker.refuses():  # as in ``_read``
+            value, source = await self._one_from_batch(namespace, info, key, "circuit_open")
+        else:
+            # ``breaker.call`` unrolled: the circuit is closed (just checked, nothing awaited
+            # since), so the read goes straight out and only its outcome is counted; one
+            # coroutine layer fewer to create and to resume through when the reply comes.
+            try:
+                value = await self._get_one(namespace, info, key.encode())
+            except BaseException as exc:
+                await self.breaker.failed(exc)
+                if not isinstance(exc, StoreUnavailable):
+                    raise
+                value, source = await self._one_from_batch(namespace, info, key, "store_error")
+            else:
+                if self.breaker.recovering():
+                    await self.breaker.succeeded()
+        if value is not None:
+            return info, source, Answer(value, info, source, False)
+        if self.settings.stale_fallback:
+            answers: list[Answer | None] = [None]
+            await self._fill_stale(namespace, state, (key,), answers)
+            return info, source, answers[0]
+        return info, source, None
 
     async def _read(
         self, namespace: str, info: VersionInfo, keys: Sequence[str]
@@ -121,8 +152,13 @@ class Lookup:
             raw = [k.encode() for k in keys]
             return await self.breaker.call(self.reader.get_many, namespace, info, raw), "kv"
         except StoreUnavailable as exc:
-            reason = "circuit_open" if isinstance(exc, CircuitOpen) else "store_error"
-            return await self._from_batch(namespace, info, keys, reason), "batch"
+            return await self._from_batch(namespace, info, keys, _reason(exc)), "batch"
+
+    async def _one_from_batch(
+        self, namespace: str, info: VersionInfo, key: str, reason: str
+    ) -> tuple[bytes | None, Source]:
+        (value,) = await self._from_batch(namespace, info, (key,), reason)
+        return value, "batch"
 
     async def _from_batch(
         self, namespace: str, info: VersionInfo, keys: Sequence[str], reason: str
@@ -179,3 +215,15 @@ class Lookup:
         ):
             return {"status": "degraded", "store": "down", "fallback": "batch"}
         raise ApiError(503, "not_ready", "The store is unreachable and no fallback is available")
+
+
+def _live_info(namespace: str, state: NamespaceState) -> VersionInfo:
+    info = state.live_info()
+    if info is None:
+        raise ApiError(404, "namespace_not_found", f"Namespace '{namespace}' has no live version")
+    return info
+
+
+def _reason(exc: StoreUnavailable) -> str:
+    """The fallback metric's reason for a failed store call."""
+    return "circuit_open" if isinstance(exc, CircuitOpen) else "store_error"

@@ -1,0 +1,148 @@
+"""The lookup API's Redis reader against a real redis-server.
+
+A single-key read (``get_one``, the pipeline's future) answers as ``get_many``
+does; a failure reaches exactly the lookups it concerns as ``StoreUnavailable``
+(a Redis error reply: its own lookup; a hung server: every waiting lookup,
+within the timeout); a lookup that goes away leaves the others their replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from kv_export.encoding import (
+    bucket_count,
+    bucket_of,
+    encode_keys,
+    pack_values,
+    redis_bucket_key,
+)
+from kv_export.errors import StoreUnavailable
+from kv_export.store import NewVersion, VersionInfo, open_store
+from lookup.redis_reader import RedisReader
+from tests.conftest import RedisServer
+
+pytestmark = [pytest.mark.redis]
+KEYS = 2000
+
+
+def publish(url: str) -> VersionInfo:
+    """A live version of the keys '0'..'1999'; key k predicts k / 2."""
+    store = open_store(url)
+    new = NewVersion(
+        run_id="r1",
+        expected_keys=KEYS,
+        buckets=bucket_count(KEYS),
+        outputs=["p"],
+        model_name="m",
+        model_version="1",
+        scored_at="2026-11-23T00:00:00+00:00",
+        key_column="k",
+    )
+    info = store.begin_version("ns", new)
+    store.write("ns", info, encode_keys(range(KEYS)), pack_values(np.arange(KEYS) / 2))
+    store.complete_version("ns", info.version, KEYS)
+    live = store.publish("ns", info.version, keep=2)
+    store.close()
+    return live
+
+
+def value(key: int) -> bytes:
+    return pack_values(np.array([key / 2]))[0]
+
+
+def test_one_key_reads_as_a_batch_does(redis_server: RedisServer) -> None:
+    info = publish(redis_server.url)
+
+    async def reads() -> None:
+        reader = RedisReader(redis_server.url)
+        keys = [b"0", b"1234", b"missing"]
+        expected = [value(0), value(1234), None]
+        assert await reader.get_many("ns", info, keys) == expected
+        assert [await reader.get_one("ns", info, k) for k in keys] == expected
+        assert [(await reader.get_many("ns", info, [k]))[0] for k in keys] == expected
+        expired = info.model_copy(update={"expires_at": "2000-01-01T00:00:00+00:00"})
+        assert await reader.get_one("ns", expired, b"0") is None
+        await reader.close()
+
+    asyncio.run(reads())
+
+
+def test_a_redis_error_reply_fails_only_its_own_lookup(redis_server: RedisServer) -> None:
+    info = publish(redis_server.url)
+    broken = b"5"
+    bucket = bucket_of(broken, info.buckets)
+    fine = next(k for k in range(KEYS) if bucket_of(b"%d" % k, info.buckets) != bucket)
+    client = redis.Redis(port=redis_server.port)
+    client.set(redis_bucket_key("ns", info.version, bucket, info.encoding), b"not a hash")
+
+    async def reads() -> list[object]:
+        reader = RedisReader(redis_server.url)
+        found: list[object] = list(
+            await asyncio.gather(
+                reader.get_one("ns", info, broken),
+                reader.get_one("ns", info, b"%d" % fine),
+                reader.get_many("ns", info, [broken, b"%d" % fine]),
+                return_exceptions=True,
+            )
+        )
+        found.append(await reader.get_one("ns", info, b"%d" % fine))  # the stream is intact
+        await reader.close()
+        return found
+
+    one, other, batch, after = asyncio.run(reads())
+    assert isinstance(one, StoreUnavailable) and "reading 'ns'" in one.what
+    assert isinstance(batch, StoreUnavailable)
+    assert other == after == value(fine)
+
+
+def test_a_cancelled_lookup_leaves_the_others_their_replies(redis_server: RedisServer) -> None:
+    info = publish(redis_server.url)
+
+    async def reads() -> None:
+        reader = RedisReader(redis_server.url)
+        gone = asyncio.ensure_future(reader.get_many("ns", info, [b"1"]))
+        stays = asyncio.ensure_future(reader.get_many("ns", info, [b"2"]))
+        await asyncio.sleep(0)  # both commands are queued
+        gone.cancel()
+        assert await stays == [value(2)]
+        assert gone.cancelled()
+        assert await reader.get_one("ns", info, b"3") == value(3)
+        await reader.close()
+
+    asyncio.run(reads())
+
+
+def test_a_hung_server_fails_every_waiting_lookup_within_the_timeout(
+    redis_server: RedisServer,
+) -> None:
+    info = publish(redis_server.url)
+    server = redis_server.process
+    assert server is not None
+
+    async def reads() -> None:
+        reader = RedisReader(redis_server.url, timeout_seconds=0.3)
+        assert await reader.get_one("ns", info, b"1") == value(1)  # connected
+        server.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            failed = await asyncio.gather(
+                *(reader.get_one("ns", info, b"%d" % k) for k in range(5)),
+                reader.get_many("ns", info, [b"1", b"2", b"3"]),
+                reader.ping(),
+                return_exceptions=True,
+            )
+            assert time.monotonic() - started < 2
+            assert all(isinstance(f, StoreUnavailable) for f in failed), failed
+        finally:
+            server.send_signal(signal.SIGCONT)
+        assert await reader.get_one("ns", info, b"4") == value(4)
+        await reader.close()
+
+    asyncio.run(reads())
