@@ -146,12 +146,12 @@ def test_max_failed_shards_lets_a_run_finish_without_them(
     assert load_manifest(manifest.run_dir).validation["success"] is True
 
 
-def test_local_workers_allocate_arrow_memory_with_the_system_allocator() -> None:
-    """Peak RSS per worker must not depend on how many shards it scored: the system
-    allocator, not Arrow's default mimalloc (see scoring.engine.WORKER_ENV)."""
+def test_local_workers_allocate_arrow_memory_with_jemalloc() -> None:
+    """Peak RSS per worker must not depend on how many shards it scored: Arrow memory from
+    jemalloc, not Arrow's default mimalloc (see scoring.engine.WORKER_ENV)."""
 
     def backend() -> str:
         return str(pa.default_memory_pool().backend_name)
 
     with dask_client("local", 1, 1) as client:
-        assert set(client.run(backend).values()) == {"system"}
+        assert set(client.run(backend).values()) == {"jemalloc"}
