@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from pathlib import Path
@@ -17,7 +18,7 @@ from jobs import steps
 from jobs.manifest import load_manifest
 from jobs.pipeline import run_pipeline
 from kv_export.store import open_store
-from scoring.engine import ScoreJob, ShardResult, dask_client, run_shards
+from scoring.engine import PLUGIN_NAME, ModelPlugin, ScoreJob, ShardResult, dask_client, run_shards
 from scoring.errors import ShardFailed
 from scoring.inputs import inspect_input
 from scoring.model import read_model_spec
@@ -155,3 +156,26 @@ def test_local_workers_allocate_arrow_memory_with_jemalloc() -> None:
 
     with dask_client("local", 1, 1) as client:
         assert set(client.run(backend).values()) == {"jemalloc"}
+
+
+HELD: list[list[int]] = []
+
+
+def hold_new_objects() -> int:
+    HELD.extend([i] for i in range(10_000))  # tracked by the collector, not yet frozen
+    return gc.get_freeze_count()
+
+
+def test_the_model_plugin_freezes_what_a_worker_holds(tmp_path: Path) -> None:
+    """Once the model is loaded, no collection walks torch, MLflow or the model again; at
+    teardown everything is frozen, so the worker's exit skips a last walk over it all."""
+    model_dir = slow_model(tmp_path)
+    plugin = ModelPlugin(str(model_dir), read_model_spec(model_dir), 1, "cpu", "fp32")
+    with dask_client("local", 1, 1) as client:
+        client.register_plugin(plugin, name=PLUGIN_NAME)
+        (after_setup,) = client.run(gc.get_freeze_count).values()
+        assert after_setup > 100_000  # torch and MLflow's objects, at the least
+        (before_teardown,) = client.run(hold_new_objects).values()
+        client.unregister_worker_plugin(PLUGIN_NAME)
+        (after_teardown,) = client.run(gc.get_freeze_count).values()
+    assert after_teardown >= before_teardown + 10_000
