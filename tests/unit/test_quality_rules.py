@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from scoring.validation import (
     overlapping_groups,
 )
 from scoring.validation import _document as document_of
+from scoring.validation import _import_gx as import_gx
 from scoring.validation import _outcome as outcome_of
 from scoring.validation import _part_suite as part_suite
 
@@ -362,3 +364,17 @@ def test_a_passing_part_costs_basic_yet_stores_what_summary_would() -> None:
         assert stored["results"] == [document_of(r) for r in summary.results]
     counts = [r["result"].get("partial_unexpected_counts") for r in stored["results"]]
     assert {"value": 1.5, "count": 20} in counts[-1]  # a failing part keeps its value counts
+
+
+def test_importing_gx_leaves_the_garbage_collector_as_it_was() -> None:
+    """GX is imported with the collector paused; it is back on after, and stays off for a
+    caller that had turned it off."""
+    assert gc.isenabled()
+    assert import_gx().__name__ == "great_expectations"
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        import_gx()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
