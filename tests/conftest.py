@@ -20,6 +20,7 @@ import pytest
 
 if TYPE_CHECKING:
     from jobs.manifest import Manifest
+    from kv_export.store import NewVersion, PredictionStore
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -133,6 +134,36 @@ def direct_forward(tracking_uri: str, model_uri: str, rows: np.ndarray) -> np.nd
     model = mlflow.pytorch.load_model(model_uri)
     with torch.no_grad():
         return model(torch.from_numpy(rows)).numpy().reshape(len(rows), -1)
+
+
+def new_version(run: str, keys: int, outputs: tuple[str, ...] = ("p",)) -> NewVersion:
+    """A version of the store tests' model "m" (version ``run``), keyed by column "k"."""
+    from kv_export.encoding import bucket_count
+    from kv_export.store import NewVersion
+
+    return NewVersion(
+        run_id=run,
+        expected_keys=keys,
+        buckets=bucket_count(keys),
+        outputs=list(outputs),
+        model_name="m",
+        model_version=run,
+        scored_at="2026-11-23T00:00:00+00:00",
+        key_column="k",
+    )
+
+
+def load_version(store: PredictionStore, run: str, values: np.ndarray, *, chunk: int = 1000) -> int:
+    """A complete, unpublished version of namespace "ns": the keys "0".."n-1" hold the rows
+    of ``values`` (one output "p"), written ``chunk`` keys at a time; its number."""
+    from kv_export.encoding import encode_keys, pack_values
+
+    keys = len(values)
+    info = store.begin_version("ns", new_version(run, keys))
+    names, packed = encode_keys(range(keys)), pack_values(values)
+    for start in range(0, keys, chunk):
+        store.write("ns", info, names[start : start + chunk], packed[start : start + chunk])
+    return store.complete_version("ns", info.version, keys).version
 
 
 class RedisServer:

@@ -17,16 +17,14 @@ import pytest
 import redis
 
 from kv_export.encoding import (
-    bucket_count,
     bucket_of,
-    encode_keys,
     pack_values,
     redis_bucket_key,
 )
 from kv_export.errors import StoreUnavailable
-from kv_export.store import NewVersion, VersionInfo, open_store
+from kv_export.store import VersionInfo, open_store
 from lookup.redis_reader import RedisReader
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, load_version
 
 pytestmark = [pytest.mark.redis]
 KEYS = 2000
@@ -35,20 +33,7 @@ KEYS = 2000
 def publish(url: str) -> VersionInfo:
     """A live version of the keys '0'..'1999'; key k predicts k / 2."""
     store = open_store(url)
-    new = NewVersion(
-        run_id="r1",
-        expected_keys=KEYS,
-        buckets=bucket_count(KEYS),
-        outputs=["p"],
-        model_name="m",
-        model_version="1",
-        scored_at="2026-11-23T00:00:00+00:00",
-        key_column="k",
-    )
-    info = store.begin_version("ns", new)
-    store.write("ns", info, encode_keys(range(KEYS)), pack_values(np.arange(KEYS) / 2))
-    store.complete_version("ns", info.version, KEYS)
-    live = store.publish("ns", info.version, keep=2)
+    live = store.publish("ns", load_version(store, "r1", np.arange(KEYS) / 2), keep=2)
     store.close()
     return live
 

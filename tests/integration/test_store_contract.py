@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from kv_export.encoding import bucket_count, encode_keys, pack_values, text_keys, unpack_value
+from kv_export.encoding import encode_keys, text_keys, unpack_value
 from kv_export.errors import BadStoreUrl, StoreUnavailable, VersionIncomplete
-from kv_export.store import NewVersion, PredictionStore, open_store
-from tests.conftest import RedisServer
+from kv_export.store import PredictionStore, open_store
+from tests.conftest import RedisServer, load_version, new_version
 
 KEYS = 5_000
 
@@ -33,22 +33,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Prediction
 
 
 def load(store: PredictionStore, run: str, value: float, keys: int = KEYS) -> int:
-    new = NewVersion(
-        run_id=run,
-        expected_keys=keys,
-        buckets=bucket_count(keys),
-        outputs=["p"],
-        model_name="m",
-        model_version=run,
-        scored_at="2026-11-23T00:00:00+00:00",
-        key_column="k",
-    )
-    info = store.begin_version("ns", new)
-    names = encode_keys(range(keys))
-    values = pack_values(np.full((keys, 1), value, dtype=np.float32))
-    for start in range(0, keys, 1000):
-        store.write("ns", info, names[start : start + 1000], values[start : start + 1000])
-    return store.complete_version("ns", info.version, keys).version
+    return load_version(store, run, np.full((keys, 1), value, dtype=np.float32))
 
 
 def live_values(store: PredictionStore, keys: list[bytes]) -> set[float]:
@@ -69,16 +54,7 @@ def test_a_loaded_version_is_invisible_until_published(store: PredictionStore) -
 
 
 def test_an_incomplete_version_cannot_be_published(store: PredictionStore) -> None:
-    new = NewVersion(
-        run_id="r",
-        expected_keys=1,
-        outputs=["p"],
-        model_name="m",
-        model_version="1",
-        scored_at="t",
-        key_column="k",
-    )
-    info = store.begin_version("ns", new)
+    info = store.begin_version("ns", new_version("r", 1))
     with pytest.raises(VersionIncomplete):
         store.publish("ns", info.version, keep=2)
 
@@ -97,18 +73,8 @@ def test_rollback_restores_the_previous_version_and_old_data_is_deleted(
     store.publish("ns", v4, keep=2)
     old = store.state("ns")
     assert sorted(old.versions) == [v3, v4]
-    gone = NewVersion(
-        run_id="r1",
-        expected_keys=KEYS,
-        buckets=bucket_count(KEYS),
-        outputs=["p"],
-        model_name="m",
-        model_version="1",
-        scored_at="t",
-        key_column="k",
-    )
     # The data of a dropped version is gone, not merely unreferenced.
-    ghost = store.begin_version("other", gone).model_copy(update={"version": v1})
+    ghost = store.begin_version("other", new_version("r1", KEYS)).model_copy(update={"version": v1})
     assert store.get_many("ns", ghost, [b"1"]) == [None]
 
 
@@ -159,11 +125,7 @@ def test_unreachable_redis_is_a_clear_error(tmp_path: Path) -> None:
 
 def bulk_load(store: PredictionStore, run: str, value: float, keys: int = KEYS) -> int:
     """The bulk path the export step uses: Arrow keys and a float32 matrix per write."""
-    new = NewVersion(
-        run_id=run, expected_keys=keys, buckets=bucket_count(keys), outputs=["p", "q"],
-        model_name="m", model_version=run, scored_at="2026-11-23T00:00:00+00:00", key_column="k",
-    )  # fmt: skip
-    info = store.begin_version("ns", new)
+    info = store.begin_version("ns", new_version(run, keys, outputs=("p", "q")))
     names = text_keys(pa.array(np.arange(keys, dtype=np.int64)))
     matrix = np.column_stack([np.full(keys, value), np.arange(keys)]).astype(np.float32)
     for start in range(0, keys, 1500):
@@ -189,10 +151,7 @@ def test_gc_deletes_beyond_keep_and_stale_versions_but_not_live_or_in_flight(
     v2, v3 = load(store, "r2", 2.0), load(store, "r3", 3.0)
     for version in (v1, v2, v3):
         store.publish("ns", version, keep=5)
-    in_flight = store.begin_version("ns", NewVersion(
-        run_id="r4", expected_keys=1, outputs=["p"], model_name="m", model_version="4",
-        scored_at="t", key_column="k",
-    ))  # fmt: skip
+    in_flight = store.begin_version("ns", new_version("r4", 1))
     deleted = store.gc("ns", keep=2)
     assert sorted(info.version for info in deleted) == [v1, stale]
     state = store.state("ns")

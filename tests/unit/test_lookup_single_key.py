@@ -10,34 +10,21 @@ import numpy as np
 import pytest
 
 from batchscore.settings import ApiSettings
-from kv_export.encoding import bucket_count, encode_keys, pack_values
 from kv_export.errors import StoreUnavailable
 from kv_export.lmdb_store import LmdbReader, LmdbStore
-from kv_export.store import NewVersion, VersionInfo
+from kv_export.store import VersionInfo
 from lookup.errors import ApiError
 from lookup.observability import Metrics
 from lookup.service import Lookup
+from tests.conftest import load_version
 
 KEYS = 100
 
 
 def published(path: Path) -> LmdbStore:
     store = LmdbStore(path)
-    new = NewVersion(
-        run_id="r1",
-        expected_keys=KEYS,
-        buckets=bucket_count(KEYS),
-        outputs=["p"],
-        model_name="m",
-        model_version="1",
-        scored_at="2026-11-23T00:00:00+00:00",
-        key_column="k",
-    )
-    info = store.begin_version("ns", new)
     values = np.arange(KEYS, dtype=np.float32).reshape(KEYS, 1)
-    store.write("ns", info, encode_keys(range(KEYS)), pack_values(values))
-    store.complete_version("ns", info.version, KEYS)
-    store.publish("ns", info.version, keep=2)
+    store.publish("ns", load_version(store, "r1", values), keep=2)
     return store
 
 
