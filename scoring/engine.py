@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from scoring.validation import PartChecks
 
 PLUGIN_NAME = "batchscore-model"
+QUICK_EXIT_PLUGIN = "batchscore-quick-exit"
 PART_ROW_GROUP_ROWS = 32_768
 # Arrow's default pool (mimalloc) kept growing a worker's peak RSS for the first ~7 shards
 # (about +110 MB at 40 shards, measured), so a small run's peak said little about a big
@@ -85,6 +86,16 @@ class ShardResult:
     peak_rss_bytes: int = 0
 
 
+class QuickExit(WorkerPlugin):
+    """Registered on every local cluster: a closing worker freezes what it holds, so that
+    its interpreter's exit skips a last garbage collection over all of it. With torch,
+    MLflow and GX loaded that walk took ~1.5 s per worker, and the cluster's close (the
+    end of the score step, of a re-check in the validate step) waited for it."""
+
+    def teardown(self, worker: object) -> None:
+        gc.freeze()
+
+
 class ModelPlugin(WorkerPlugin):
     """Holds one loaded model per worker process, on the worker's device."""
 
@@ -118,12 +129,6 @@ class ModelPlugin(WorkerPlugin):
         self.predictor()
         # What start-up loaded (torch, MLflow, the model) lives as long as the worker:
         # no garbage collection needs to walk it again.
-        gc.freeze()
-
-    def teardown(self, worker: object) -> None:
-        """Freeze what the worker holds, so that its exit skips a last collection over all
-        of it: with torch, MLflow and GX loaded that walk takes ~1.5 s per worker at the
-        end of every run, the cluster's close waiting on it."""
         gc.freeze()
 
     def predictor(self) -> Predictor:
@@ -329,6 +334,7 @@ def dask_client(cluster: str, workers: int, threads_per_worker: int) -> Iterator
     with _spawned_workers_skip_main_script():
         with _local_cluster(cluster, workers, threads_per_worker) as local_cluster:
             with Client(local_cluster) as client:
+                client.register_plugin(QuickExit(), name=QUICK_EXIT_PLUGIN)
                 yield client
 
 

@@ -18,7 +18,15 @@ from jobs import steps
 from jobs.manifest import load_manifest
 from jobs.pipeline import run_pipeline
 from kv_export.store import open_store
-from scoring.engine import PLUGIN_NAME, ModelPlugin, ScoreJob, ShardResult, dask_client, run_shards
+from scoring.engine import (
+    PLUGIN_NAME,
+    QUICK_EXIT_PLUGIN,
+    ModelPlugin,
+    ScoreJob,
+    ShardResult,
+    dask_client,
+    run_shards,
+)
 from scoring.errors import ShardFailed
 from scoring.inputs import inspect_input
 from scoring.model import read_model_spec
@@ -166,16 +174,20 @@ def hold_new_objects() -> int:
     return gc.get_freeze_count()
 
 
-def test_the_model_plugin_freezes_what_a_worker_holds(tmp_path: Path) -> None:
-    """Once the model is loaded, no collection walks torch, MLflow or the model again; at
-    teardown everything is frozen, so the worker's exit skips a last walk over it all."""
+def test_the_model_plugin_freezes_what_start_up_loaded(tmp_path: Path) -> None:
+    """Once the model is loaded, no collection walks torch, MLflow or the model again."""
     model_dir = slow_model(tmp_path)
     plugin = ModelPlugin(str(model_dir), read_model_spec(model_dir), 1, "cpu", "fp32")
     with dask_client("local", 1, 1) as client:
         client.register_plugin(plugin, name=PLUGIN_NAME)
-        (after_setup,) = client.run(gc.get_freeze_count).values()
-        assert after_setup > 100_000  # torch and MLflow's objects, at the least
-        (before_teardown,) = client.run(hold_new_objects).values()
-        client.unregister_worker_plugin(PLUGIN_NAME)
-        (after_teardown,) = client.run(gc.get_freeze_count).values()
-    assert after_teardown >= before_teardown + 10_000
+        (frozen,) = client.run(gc.get_freeze_count).values()
+    assert frozen > 100_000  # torch's and MLflow's objects, at the least
+
+
+def test_a_local_cluster_worker_freezes_everything_as_it_closes() -> None:
+    """So that its exit skips a last collection over all it loaded (scoring.engine.QuickExit)."""
+    with dask_client("local", 1, 1) as client:
+        (before,) = client.run(hold_new_objects).values()
+        client.unregister_worker_plugin(QUICK_EXIT_PLUGIN)  # as the worker's close does
+        (after,) = client.run(gc.get_freeze_count).values()
+    assert after >= before + 10_000
