@@ -639,7 +639,7 @@ def main() -> None:
     )
     parser.add_argument("--shard-rows", type=int, default=500_000)
     parser.add_argument(
-        "--rounds", type=int, default=2, help="interleaved rounds; each contender keeps its best"
+        "--rounds", type=int, default=3, help="interleaved rounds; each contender keeps its best"
     )
     parser.add_argument("--cache", default=str(REPO / ".bench-data" / "score"))
     parser.add_argument("--skip-peers", action="store_true")
