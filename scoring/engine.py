@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import dask
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,14 +40,31 @@ if TYPE_CHECKING:
 
 PLUGIN_NAME = "batchscore-model"
 QUICK_EXIT_PLUGIN = "batchscore-quick-exit"
+PRE_SPAWN_ENV = "distributed.nanny.pre-spawn-environ"
 PART_ROW_GROUP_ROWS = 32_768
 # Arrow's default pool (mimalloc) kept growing a worker's peak RSS for the first ~7 shards
 # (about +110 MB at 40 shards, measured), so a small run's peak said little about a big
 # one's. jemalloc's peak stays within ~25 MB of its second shard at mimalloc's speed (the
 # system allocator was flatter still but ~10% slower: Dask's nanny trims glibc's heap, so
 # every decoded row group faulted its pages in again). A pool chosen by the user's own
-# ARROW_DEFAULT_MEMORY_POOL is kept. CPU LocalCluster workers only.
+# ARROW_DEFAULT_MEMORY_POOL is kept.
 WORKER_ENV = {"ARROW_DEFAULT_MEMORY_POOL": os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")}
+# glibc (torch's tensors, numpy's arrays): Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536,
+# which also pins glibc's mmap threshold at its 128 KiB default, so every activation
+# tensor of every batch was mmapped fresh and faulted in page by page: a worker thread
+# ran the 64-256-256-1 MLP at ~220,000 rows/s with the kernel zeroing pages for 40% of
+# it, ~420,000 rows/s without (measured, batches of 4,096 rows). Heap memory is kept
+# instead (the mmap threshold at glibc's maximum, 32 MiB; trimming only beyond 1 GiB
+# free); peak memory is still bounded by shard and batch size. glibc reads these when
+# the process starts, so they go in the nanny's pre-spawn environment. Values the user
+# set are kept. CPU LocalCluster workers only.
+WORKER_MALLOC_ENV = {
+    name: os.environ.get(name, default)
+    for name, default in (
+        ("MALLOC_MMAP_THRESHOLD_", str(32 << 20)),
+        ("MALLOC_TRIM_THRESHOLD_", str(1 << 30)),
+    )
+}
 log = logging.getLogger(__name__)
 
 _model_loads = 0  # per process: how many times this process loaded a model
@@ -379,14 +397,16 @@ def _local_cluster(cluster: str, workers: int, threads_per_worker: int) -> Itera
             silence_logs=logging.ERROR,
         )
     else:
-        local_cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            env=WORKER_ENV,
-            dashboard_address=dashboard,
-            silence_logs=logging.ERROR,
-        )
+        pre_spawn = dask.config.get(PRE_SPAWN_ENV) | WORKER_MALLOC_ENV
+        with dask.config.set({PRE_SPAWN_ENV: pre_spawn}):  # each nanny keeps its copy
+            local_cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=threads_per_worker,
+                processes=True,
+                env=WORKER_ENV,
+                dashboard_address=dashboard,
+                silence_logs=logging.ERROR,
+            )
     with local_cluster:
         yield local_cluster
 

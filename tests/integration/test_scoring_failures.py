@@ -166,6 +166,33 @@ def test_local_workers_allocate_arrow_memory_with_jemalloc() -> None:
         assert set(client.run(backend).values()) == {"jemalloc"}
 
 
+def page_faults_of_reallocating(size: int, times: int = 5) -> int:
+    """Minor page faults of allocating and freeing ``size`` bytes ``times`` times, after
+    once: memory kept by the heap is not faulted in again, a fresh mapping is."""
+    import resource
+
+    bytearray(size)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(times):
+        bytearray(size)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_local_workers_keep_glibc_heap_memory_instead_of_mmapping_each_batch() -> None:
+    """A 31 MiB allocation (a large batch's activations) comes from the worker's heap, not
+    from a fresh mapping faulted in page by page (scoring.engine.WORKER_MALLOC_ENV)."""
+
+    def environment() -> dict[str, str | None]:
+        return {n: os.environ.get(n) for n in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+
+    with dask_client("local", 1, 1) as client:
+        (found,) = client.run(environment).values()
+        (faults,) = client.run(page_faults_of_reallocating, 16 << 20).values()
+    kept = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+    assert found == kept
+    assert faults < 1_000  # mmapped afresh each time, 16 MiB would be 5 x 4,096 faults
+
+
 HELD: list[list[int]] = []
 
 
