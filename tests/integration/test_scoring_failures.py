@@ -179,8 +179,9 @@ def page_faults_of_reallocating(size: int, times: int = 5) -> int:
 
 
 def test_local_workers_keep_glibc_heap_memory_instead_of_mmapping_each_batch() -> None:
-    """A 31 MiB allocation (a large batch's activations) comes from the worker's heap, not
-    from a fresh mapping faulted in page by page (scoring.engine.WORKER_MALLOC_ENV)."""
+    """A 16 MiB allocation (a batch's activations) freed and made again comes from the
+    worker's heap, not from a fresh mapping faulted in page by page
+    (scoring.engine.WORKER_MALLOC_ENV)."""
 
     def environment() -> dict[str, str | None]:
         return {n: os.environ.get(n) for n in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
