@@ -45,8 +45,9 @@ PART_ROW_GROUP_ROWS = 32_768
 # Arrow's default pool (mimalloc) kept growing a worker's peak RSS for the first ~7 shards
 # (about +110 MB at 40 shards, measured), so a small run's peak said little about a big
 # one's. jemalloc's peak stays within ~25 MB of its second shard at mimalloc's speed (the
-# system allocator was flatter still but ~10% slower: Dask's nanny trims glibc's heap, so
-# every decoded row group faulted its pages in again). A pool chosen by the user's own
+# system allocator was flatter still but ~10% slower: Dask's nanny trimmed glibc's heap,
+# so every decoded row group faulted its pages in again; measured before
+# WORKER_MALLOC_ENV below stopped that trimming). A pool chosen by the user's own
 # ARROW_DEFAULT_MEMORY_POOL is kept.
 WORKER_ENV = {"ARROW_DEFAULT_MEMORY_POOL": os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")}
 # glibc (torch's tensors, numpy's arrays): Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536,
