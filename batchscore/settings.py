@@ -18,6 +18,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from batchscore.errors import BatchscoreError
 
 ENV_PREFIX = "BATCHSCORE_"
+SCHEDULER_SCHEMES = ("tcp://", "tls://")
+
+
+def is_running_cluster(cluster: str) -> bool:
+    """``cluster`` is an existing scheduler's address, whose workers outlive the run,
+    rather than a cluster started for it (local, cuda, auto)."""
+    return cluster.startswith(SCHEDULER_SCHEMES)
 
 
 class SettingsError(BatchscoreError):
@@ -137,7 +144,7 @@ class RunSettings(_Common):
     @field_validator("cluster")
     @classmethod
     def _cluster_value(cls, value: str) -> str:
-        if value not in ("local", "cuda", "auto") and not value.startswith(("tcp://", "tls://")):
+        if value not in ("local", "cuda", "auto") and not is_running_cluster(value):
             raise ValueError(
                 "expected local, cuda, auto or a scheduler address like tcp://host:8786"
             )

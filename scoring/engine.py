@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from distributed import Client, LocalCluster, as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from batchscore.settings import is_running_cluster
 from scoring.errors import ShardFailed
 from scoring.model import ModelSpec, Predictor, pick_device
 from scoring.reader import prefetch, read_row_groups
@@ -67,6 +68,14 @@ WORKER_MALLOC_ENV = {
     )
 }
 log = logging.getLogger(__name__)
+
+
+def worker_process_env() -> dict[str, str]:
+    """The environment a worker process starts with, wherever it is started: a
+    LocalCluster's workers get it here; docker-compose's ``x-worker-env`` holds the same
+    values for ``dask worker`` (tests/unit/test_compose.py keeps them equal)."""
+    return WORKER_ENV | WORKER_MALLOC_ENV
+
 
 _model_loads = 0  # per process: how many times this process loaded a model
 
@@ -346,7 +355,7 @@ def dask_client(cluster: str, workers: int, threads_per_worker: int) -> Iterator
     respected) and imports dask-cuda only then: the CPU path never needs it.
     """
     cluster = resolve_cluster(cluster)
-    if cluster.startswith(("tcp://", "tls://")):
+    if is_running_cluster(cluster):
         with Client(cluster) as client:
             yield client
         return

@@ -243,7 +243,7 @@ class _PartSuite:
     """One GX context, suite and validation definition, built once per process and suite."""
 
     def __init__(self, checks: PartChecks, outputs: tuple[str, ...]) -> None:
-        gx = _import_gx()
+        gx = import_gx()
         self.context = _context(gx)
         batch = (
             self.context.data_sources.add_pandas("batchscore")
@@ -489,6 +489,12 @@ def _window_duplicates(window: list[np.ndarray], names: list[str]) -> KeyDuplica
 # --- one verdict for the run ------------------------------------------------------------
 
 
+DocsBuilder = Callable[
+    [Path, str, list[dict[str, Any]], bool, Sequence[PartReport], Sequence[PartReport]],
+    Path | None,
+]
+
+
 def validate_parts(
     targets: Sequence[PartTarget],
     checks: PartChecks,
@@ -497,9 +503,11 @@ def validate_parts(
     recheck: Callable[[list[PartTarget]], Sequence[PartReport]],
     docs_dir: Path | None = None,
     run_name: str = "run",
+    build_docs: DocsBuilder | None = None,
 ) -> ValidationReport:
     """The run's verdict: fresh per-part results (``recheck`` makes the missing ones),
-    the global row count and key uniqueness, summed into one suite result."""
+    the global row count and key uniqueness, summed into one suite result; its Data Docs
+    in ``docs_dir``, by ``build_docs`` (``build_data_docs`` in this process by default)."""
     started = time.perf_counter()
     found = {t.shard_id: fresh_report(t, checks) for t in targets}
     stale = [t for t in targets if found[t.shard_id] is None]
@@ -518,7 +526,9 @@ def validate_parts(
     index = None
     if docs_dir is not None:
         failing = [r for r in reports if r.name in failed_parts]
-        index = build_data_docs(docs_dir, run_name, merged, success, reports, failing)
+        index = (build_docs or build_data_docs)(
+            docs_dir, run_name, merged, success, reports, failing
+        )
     return ValidationReport(
         success=success,
         rows=sum(r.rows for r in reports),
@@ -689,7 +699,7 @@ def build_data_docs(
 ) -> Path | None:
     """The run's Data Docs in ``docs_dir``: the summed result, and a page per failing part
     (the first ``DOCS_PART_PAGES``)."""
-    gx = _import_gx()
+    gx = import_gx()
     from great_expectations.core.expectation_validation_result import (
         ExpectationSuiteValidationResultSchema,
     )
@@ -763,7 +773,7 @@ def _add_docs_site(context: Any, docs_dir: Path) -> None:
 # --- helpers --------------------------------------------------------------------------
 
 
-def _import_gx() -> Any:
+def import_gx() -> Any:
     """GX costs 2-3 s to import: once per process, on first use, with the cyclic garbage
     collector paused meanwhile. The import leaves next to no garbage, but the full
     collections its allocations trigger each walk every object loaded so far: ~0.5 s of

@@ -338,6 +338,19 @@ def test_pipelines_use_the_stack_services() -> None:
         assert f"tcp://dask-scheduler:{port}" in command(services()[worker])
 
 
+def test_dask_workers_preload_and_start_with_the_engines_worker_environment() -> None:
+    """The workers of the stack's long-lived cluster import torch, MLflow and GX as they
+    start (``scoring.preload``); the CPU workers run with the same process environment as
+    a LocalCluster's (jemalloc for Arrow, glibc's heap not trimmed per batch)."""
+    from scoring.engine import worker_process_env
+
+    for worker in ("dask-worker", "dask-cuda-worker"):
+        argv_ = command(services()[worker])
+        assert argv_[argv_.index("--preload") + 1] == "scoring.preload", worker
+    env = environment(services()["dask-worker"])
+    assert {k: env.get(k) for k in worker_process_env()} == worker_process_env()
+
+
 def test_the_runs_folder_is_one_volume_at_one_path() -> None:
     """Parts written by a Dask worker are read by the next Airflow task and the lookup API."""
     home = {environment(services()[n]).get("BATCHSCORE_HOME") for n in RUNS_READERS}

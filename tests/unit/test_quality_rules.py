@@ -31,11 +31,11 @@ from scoring.validation import (
     PartChecks,
     PartReport,
     duplicate_keys,
+    import_gx,
     merge_results,
     overlapping_groups,
 )
 from scoring.validation import _document as document_of
-from scoring.validation import _import_gx as import_gx
 from scoring.validation import _outcome as outcome_of
 from scoring.validation import _part_suite as part_suite
 

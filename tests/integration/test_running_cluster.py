@@ -1,0 +1,135 @@
+"""Runs on a Dask cluster that outlives them, deployed as docker-compose deploys it:
+``dask scheduler`` and ``dask worker --preload scoring.preload`` processes, with the
+workers' environment of ``scoring.engine.worker_process_env``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from distributed import Client
+
+from batchscore.settings import RunSettings, load_settings
+from jobs import steps
+from jobs.manifest import load_manifest
+from scoring.engine import worker_process_env
+from tests.conftest import BIN, KEY, run_job
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+WORKERS = 2
+REPO = Path(__file__).resolve().parents[2]
+
+
+class RunningCluster:
+    def __init__(self, folder: Path) -> None:
+        self.file = folder / "scheduler.json"
+        # The test models' classes live in this repository's tests package.
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = os.environ | worker_process_env() | {"PYTHONPATH": path}
+        common = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        self.scheduler = subprocess.Popen(
+            [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+             "--dashboard-address", ":0", "--scheduler-file", str(self.file)],
+            **common,
+        )  # fmt: skip
+        self.workers = [
+            subprocess.Popen(
+                [
+                    str(BIN / "dask"),
+                    "worker",
+                    "--scheduler-file",
+                    str(self.file),
+                    "--nworkers",
+                    "1",
+                    "--nthreads",
+                    "1",
+                    "--dashboard-address",
+                    ":0",
+                    "--preload",
+                    "scoring.preload",
+                ],
+                **common,
+            )  # fmt: skip
+            for _ in range(WORKERS)
+        ]
+        self.client = Client(scheduler_file=str(self.file), timeout=60)
+        self.client.wait_for_workers(WORKERS, timeout=120)
+        self.address = self.client.scheduler.address
+
+    def stop_scheduler(self) -> None:
+        self.scheduler.terminate()
+        self.scheduler.wait(30)
+
+    def stop(self) -> None:
+        self.client.close()
+        for process in [*self.workers, self.scheduler]:
+            process.terminate()
+        for process in [*self.workers, self.scheduler]:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[RunningCluster]:
+    running = RunningCluster(tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _imported() -> dict[str, bool]:
+    return {m: m in sys.modules for m in ("torch", "mlflow.pytorch", "great_expectations")}
+
+
+def _pid() -> int:
+    return os.getpid()
+
+
+def test_a_run_on_a_running_cluster_uses_its_preloaded_workers(
+    env: dict[str, str], dataset: Path, cluster: RunningCluster
+) -> None:
+    before = cluster.client.run(_imported)
+    assert all(all(found.values()) for found in before.values()), before  # the preload
+    manifest = run_job(dataset, "models:/churn@champion", "on-cluster", cluster=cluster.address)
+    assert manifest.published and manifest.summary()["rows"] == 12_000
+    worker_pids = set(cluster.client.run(_pid).values())
+    scored_by = {int(s.worker.rsplit(":", 1)[1]) for s in manifest.shards}
+    assert scored_by <= worker_pids and len(manifest.shards) == 6
+    validate = manifest.steps["validate"]
+    assert validate["success"] and validate["parts_reused"] == len(manifest.shards)
+    assert validate["docs_built_on"] == cluster.address  # not in the validate task's process
+    assert Path(manifest.reports["data_docs"]).is_file()
+    # The run left the workers as it found them: the same processes, the model plugin
+    # replaced by the next run's rather than piling up.
+    assert set(cluster.client.run(_pid).values()) == worker_pids
+
+
+def test_data_docs_are_built_here_when_the_cluster_is_gone(
+    env: dict[str, str], dataset: Path, cluster: RunningCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = load_settings(RunSettings)
+    params = steps.make_params(
+        settings,
+        input_path=str(dataset),
+        model_uri="models:/churn@champion",
+        key_column=KEY,
+        namespace="cluster-gone",
+        cluster=cluster.address,
+    )
+    ref = steps.resolve(settings, params)
+    steps.plan(ref["run_dir"])
+    steps.score(ref["run_dir"])
+    cluster.stop_scheduler()
+    monkeypatch.setattr(steps, "DOCS_CLUSTER_TIMEOUT", 3)
+    steps.validate(ref["run_dir"])  # every part was checked as it was scored: no cluster needed
+    manifest = load_manifest(ref["run_dir"])
+    validate = manifest.steps["validate"]
+    assert validate["success"] and validate["docs_built_on"] == "validate task"
+    assert Path(manifest.reports["data_docs"]).is_file()
