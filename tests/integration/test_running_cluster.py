@@ -1,83 +1,30 @@
-"""Runs on a Dask cluster that outlives them, deployed as docker-compose deploys it:
-``dask scheduler`` and ``dask worker --preload scoring.preload`` processes, with the
-workers' environment of ``scoring.engine.worker_process_env``."""
+"""Runs on a Dask cluster that outlives them, deployed as docker-compose deploys it
+(``batchscore.devcluster``: real ``dask scheduler`` and ``dask worker --preload
+scoring.preload`` processes)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from distributed import Client
 
+from batchscore.devcluster import RunningCluster
 from batchscore.settings import RunSettings, load_settings
 from jobs import steps
 from jobs.manifest import load_manifest
-from scoring.engine import worker_process_env
-from tests.conftest import BIN, KEY, run_job
+from tests.conftest import KEY, run_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 WORKERS = 2
-REPO = Path(__file__).resolve().parents[2]
-
-
-class RunningCluster:
-    def __init__(self, folder: Path) -> None:
-        self.file = folder / "scheduler.json"
-        # The test models' classes live in this repository's tests package.
-        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        env = os.environ | worker_process_env() | {"PYTHONPATH": path}
-        common = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        self.scheduler = subprocess.Popen(
-            [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
-             "--dashboard-address", ":0", "--scheduler-file", str(self.file)],
-            **common,
-        )  # fmt: skip
-        self.workers = [
-            subprocess.Popen(
-                [
-                    str(BIN / "dask"),
-                    "worker",
-                    "--scheduler-file",
-                    str(self.file),
-                    "--nworkers",
-                    "1",
-                    "--nthreads",
-                    "1",
-                    "--dashboard-address",
-                    ":0",
-                    "--preload",
-                    "scoring.preload",
-                ],
-                **common,
-            )  # fmt: skip
-            for _ in range(WORKERS)
-        ]
-        self.client = Client(scheduler_file=str(self.file), timeout=60)
-        self.client.wait_for_workers(WORKERS, timeout=120)
-        self.address = self.client.scheduler.address
-
-    def stop_scheduler(self) -> None:
-        self.scheduler.terminate()
-        self.scheduler.wait(30)
-
-    def stop(self) -> None:
-        self.client.close()
-        for process in [*self.workers, self.scheduler]:
-            process.terminate()
-        for process in [*self.workers, self.scheduler]:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[RunningCluster]:
-    running = RunningCluster(tmp_path)
+    running = RunningCluster(tmp_path, WORKERS, pythonpath=REPO)  # the test models' classes
     try:
         yield running
     finally:
