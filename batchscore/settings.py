@@ -82,6 +82,13 @@ class RunSettings(_Common):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32", description="Autocast precision of the forward pass."
     )
+    prefetch_row_groups: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description="Row groups a worker decodes ahead of the forward pass; unset: 2 on a "
+        "GPU, 0 on CPU (raise it for CPU workers that leave cores idle).",
+    )
     max_failed_shards: int = Field(
         default=0, ge=0, description="Shards allowed to fail before the run fails."
     )

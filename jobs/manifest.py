@@ -46,6 +46,7 @@ class RunParams(BaseModel):
     cluster: str = "local"
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    prefetch_row_groups: int | None = None  # None: scoring.engine.prefetch_depth decides
     max_failed_shards: int = 0
     keep_versions: int = 2
     dry_run: bool = False

@@ -41,6 +41,7 @@ def make_params(settings: RunSettings, **given: Any) -> RunParams:
         "workers": settings.workers,
         "device": settings.device,
         "precision": settings.precision,
+        "prefetch_row_groups": settings.prefetch_row_groups,
         "max_failed_shards": settings.max_failed_shards,
         "threads_per_worker": settings.threads_per_worker,
         "shard_rows": settings.shard_rows,
@@ -191,6 +192,7 @@ def score(run_dir: str | Path, *, on_progress: Progress | None = None) -> dict[s
         force=params.force,
         device=params.device,
         precision=params.precision,
+        prefetch=params.prefetch_row_groups,
         checks=_part_checks(manifest) if params.check_parts_in_score else None,
     )
     shards = [
