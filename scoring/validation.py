@@ -287,14 +287,19 @@ class _PartSuite:
 
 _suites: dict[tuple[str, tuple[str, ...]], _PartSuite] = {}
 _suites_lock = threading.Lock()
+KEPT_SUITES = 32  # per process: a long-lived worker serves many namespaces' suites
 
 
 def _part_suite(checks: PartChecks, outputs: tuple[str, ...]) -> _PartSuite:
+    """The process's suite for these checks and outputs, built on first use; the least
+    recently used beyond ``KEPT_SUITES`` are dropped."""
     with _suites_lock:
         key = (checks.fingerprint, outputs)
-        if key not in _suites:
-            _suites[key] = _PartSuite(checks, outputs)
-        return _suites[key]
+        suite = _suites.pop(key, None) or _PartSuite(checks, outputs)
+        _suites[key] = suite  # now the most recently used
+        while len(_suites) > KEPT_SUITES:
+            del _suites[next(iter(_suites))]
+        return suite
 
 
 def _expectations(gx: Any, key: str, rules: Mapping[str, OutputRules]) -> list[Any]:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from scoring import validation
 from scoring.drift import judge, ks, moved_share, psi
 from scoring.errors import QualityConfigError
 from scoring.quality import (
@@ -364,6 +365,18 @@ def test_a_passing_part_costs_basic_yet_stores_what_summary_would() -> None:
         assert stored["results"] == [document_of(r) for r in summary.results]
     counts = [r["result"].get("partial_unexpected_counts") for r in stored["results"]]
     assert {"value": 1.5, "count": 20} in counts[-1]  # a failing part keeps its value counts
+
+
+def test_a_process_keeps_a_bounded_number_of_suites(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived worker checks parts for many namespaces: the least recently used suites
+    are dropped, the ones in use are kept and reused."""
+    monkeypatch.setattr(validation, "KEPT_SUITES", 2)
+    monkeypatch.setattr(validation, "_suites", {})
+    first = part_suite(PartChecks("k", {}, "/tmp/unused"), ("a",))
+    part_suite(PartChecks("k", {}, "/tmp/unused"), ("b",))
+    assert part_suite(PartChecks("k", {}, "/tmp/other"), ("a",)) is first  # same suite
+    part_suite(PartChecks("k", {}, "/tmp/unused"), ("c",))  # drops b, the least recent
+    assert [outputs for _, outputs in validation._suites] == [("a",), ("c",)]
 
 
 def test_importing_gx_leaves_the_garbage_collector_as_it_was() -> None:
