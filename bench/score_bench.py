@@ -354,8 +354,9 @@ def score_model(
     uri: str,
     cluster: Any,
 ) -> dict[str, Any]:
-    """One model's limits, score-step variants and peers, in interleaved rounds. The
-    variants beyond the default run for the main (first) model only."""
+    """One model's limits, score-step variants and peers, in interleaved rounds. Every
+    model runs the default and the running cluster; the variants without per-part checks
+    and the peers run for the main (first) model only."""
     model_dir = model_dir_of(uri, tracking, cache)
     main_model = name == next(iter(MODELS))
     rows = args.rows if main_model else min(args.rows, args.wide_rows)
@@ -365,8 +366,9 @@ def score_model(
     variants: dict[str, dict[str, Any]] = {"batchscore": {}}
     if main_model and not args.skip_peers:
         variants["batchscore_no_checks"] = {"check_parts_in_score": False}
-        if cluster is not None:
-            variants["on_cluster"] = {"cluster": cluster.address}
+    if cluster is not None:
+        variants["on_cluster"] = {"cluster": cluster.address}
+        if main_model and not args.skip_peers:
             variants["on_cluster_no_checks"] = {
                 "cluster": cluster.address,
                 "check_parts_in_score": False,
@@ -409,6 +411,7 @@ def score_model(
     return entry
 
 
+SERIAL_TARGET = 0.85
 # The score-step runs of each model, and how the table names them.
 VARIANTS = {
     "batchscore": "",
@@ -416,6 +419,30 @@ VARIANTS = {
     "on_cluster": ", on a running cluster",
     "on_cluster_no_checks": ", on a running cluster, per-part GX checks off",
 }
+
+
+def verdicts(results: dict[str, Any]) -> str:
+    """The targets, per model and deployment: ≥ 0.85× the serial limit, ahead of peers."""
+    lines = []
+    for name, entry in results["models"].items():
+        best_peer = max((v for v in entry["peers"].values() if isinstance(v, float)), default=None)
+        for variant in ("batchscore", "on_cluster"):
+            run = entry.get(variant)
+            if not run:
+                continue
+            ratio = run["rows_per_second"] / entry["serial"]
+            where = "on a running cluster" if variant == "on_cluster" else "LocalCluster per run"
+            ahead = (
+                f", {run['rows_per_second'] / best_peer:.2f}× the best peer "
+                f"({'met' if run['rows_per_second'] > best_peer else 'NOT met'})"
+                if best_peer
+                else ""
+            )
+            lines.append(
+                f"{name}, {where}: {ratio:.2f}× the serial limit "
+                f"({'met' if ratio >= SERIAL_TARGET else 'NOT met'}){ahead}."
+            )
+    return "Verdicts (default settings, per-part checks on): " + " ".join(lines)
 
 
 def render_cpu(results: dict[str, Any], args: argparse.Namespace) -> str:
@@ -476,10 +503,9 @@ def render_cpu(results: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         "Seconds of every score step, in round order: "
         + "; ".join(
-            f"{VARIANTS[v].lstrip(', ') or 'default'}: {', '.join(map(str, seconds))}"
-            for entry in results["models"].values()
+            f"{name}{VARIANTS[v]}: {', '.join(map(str, seconds))}"
+            for name, entry in results["models"].items()
             for v, seconds in entry.get("runs", {}).items()
-            if len(entry.get("runs", {})) > 1
         )
         + ".",
         "",
@@ -500,6 +526,7 @@ def render_cpu(results: dict[str, Any], args: argparse.Namespace) -> str:
         table(["model", "peer", "rows/s", "batchscore ×"], peer_rows) if peer_rows else "",
         "",
     ]
+    text += [verdicts(results), ""]
     rss = results["rss"]
     if rss:
         sizes = sorted(rss)
