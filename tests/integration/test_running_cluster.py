@@ -53,8 +53,7 @@ def test_a_run_on_a_running_cluster_uses_its_preloaded_workers(
     assert validate["success"] and validate["parts_reused"] == len(manifest.shards)
     assert validate["docs_built_on"] == cluster.address  # not in the validate task's process
     assert Path(manifest.reports["data_docs"]).is_file()
-    # The run left the workers as it found them: the same processes, the model plugin
-    # replaced by the next run's rather than piling up.
+    # No worker was lost or restarted by the run.
     assert set(cluster.client.run(_pid).values()) == worker_pids
 
 
