@@ -3,7 +3,9 @@
 A single-key read (``get_one``, the pipeline's future) answers as ``get_many``
 does; a failure reaches exactly the lookups it concerns as ``StoreUnavailable``
 (a Redis error reply: its own lookup; a hung server: every waiting lookup,
-within the timeout); a lookup that goes away leaves the others their replies.
+within the timeout; a stopped one: every waiting lookup at once); a lookup that
+goes away leaves the others their replies; the next lookup after a failure
+connects again.
 """
 
 from __future__ import annotations
@@ -128,6 +130,32 @@ def test_a_hung_server_fails_every_waiting_lookup_within_the_timeout(
         finally:
             server.send_signal(signal.SIGCONT)
         assert await reader.get_one("ns", info, b"4") == value(4)
+        await reader.close()
+
+    asyncio.run(reads())
+
+
+def test_a_stopped_server_fails_the_waiting_lookups_and_a_restarted_one_is_reconnected(
+    redis_server: RedisServer,
+) -> None:
+    info = publish(redis_server.url)
+
+    async def reads() -> None:
+        reader = RedisReader(redis_server.url, timeout_seconds=1)
+        assert await reader.get_one("ns", info, b"7") == value(7)  # connected
+        waiting = asyncio.gather(
+            *(reader.get_one("ns", info, b"%d" % k) for k in range(50)), return_exceptions=True
+        )
+        redis_server.stop()  # the connection is closed under the waiting lookups, or before
+        started = time.monotonic()
+        failed = [f for f in await waiting if not isinstance(f, bytes)]
+        refused = await asyncio.gather(reader.get_one("ns", info, b"1"), return_exceptions=True)
+        assert time.monotonic() - started < 1  # a closed connection is not waited out
+        assert all(isinstance(f, StoreUnavailable) for f in failed + refused), failed + refused
+        assert "ConnectionRefusedError" in str(refused[0])  # nothing listens: says so
+        redis_server.start()  # empty: no persistence in this fixture
+        assert await reader.get_one("ns", info, b"7") is None  # read again on a new connection
+        assert (await reader.state("ns")).live is None
         await reader.close()
 
     asyncio.run(reads())

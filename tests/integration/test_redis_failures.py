@@ -7,6 +7,7 @@ stop and restart, as a production Redis with persistence would.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -61,6 +62,27 @@ def served(store: PredictionStore, keys: list[int]) -> set[float]:
     found = store.get_many("ns", info, encode_keys(keys))
     assert all(found), "a key of the live version is missing"
     return {unpack_value(v, ["p"])["p"] for v in found if v}
+
+
+def lookup_reads(url: str, keys: list[int], password: str | None = None) -> set[float]:
+    """What the lookup API's reader (its own RESP connection, not redis-py's) reads for
+    ``keys`` of the live version, one key at a time and as one batch."""
+    from lookup.redis_reader import RedisReader
+
+    async def reads() -> set[float]:
+        reader = RedisReader(url, timeout_seconds=2, password=password)
+        try:
+            info = (await reader.state("ns")).live_info()
+            assert info is not None
+            raw = encode_keys(keys)
+            one = [await reader.get_one("ns", info, k) for k in raw]
+            assert one == await reader.get_many("ns", info, raw)
+        finally:
+            await reader.close()
+        assert all(one), "a key of the live version is missing"
+        return {unpack_value(v, ["p"])["p"] for v in one if v}
+
+    return asyncio.run(reads())
 
 
 def test_redis_stopped_mid_export_fails_clearly_and_the_retry_publishes_once(
@@ -127,6 +149,28 @@ def test_auth_password_from_the_url_or_the_setting(tmp_path: Path, servers: list
         result = export_parts(store, "ns", new("r1"), write_parts(tmp_path / "d", 1.0))
         store.publish("ns", result.info.version, keep=2)
         assert served(store, [0, ROWS - 1]) == {1.0}
+    assert lookup_reads(plain.replace("redis://", "redis://:s3cret@"), [0, ROWS - 1]) == {1.0}
+    assert lookup_reads(plain, [0, ROWS - 1], password="s3cret") == {1.0}
+    for url, password in ((plain, None), (plain.replace("redis://", "redis://:wrong@"), "s3cret")):
+        with pytest.raises(StoreUnavailable) as failed:  # the URL's (wrong) password wins
+            lookup_reads(url, [0], password=password)
+        assert "wrong" not in str(failed.value) and "ResponseError" in str(failed.value)
+
+
+def test_the_lookup_reader_selects_the_database_and_reads_over_a_unix_socket(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    socket = tmp_path / "redis.sock"
+    server = Server(tmp_path, "--unixsocket", str(socket), "--unixsocketperm", "700")
+    servers.append(server)
+    server.start()
+    store = open_store(f"redis://127.0.0.1:{server.port}/3")
+    result = export_parts(store, "ns", new("r1"), write_parts(tmp_path / "d", 3.0))
+    store.publish("ns", result.info.version, keep=2)
+    assert lookup_reads(f"redis://127.0.0.1:{server.port}/3", [0, 5, ROWS - 1]) == {3.0}
+    assert lookup_reads(f"unix://{socket}?db=3", [0, 5, ROWS - 1]) == {3.0}
+    with pytest.raises(AssertionError):  # database 0 holds no live version
+        lookup_reads(f"redis://127.0.0.1:{server.port}/0", [0])
 
 
 def make_certificate(folder: Path) -> tuple[Path, Path]:
@@ -157,6 +201,7 @@ def test_tls_with_rediss_and_a_private_ca(tmp_path: Path, servers: list[Server])
     result = export_parts(store, "ns", new("r1"), write_parts(tmp_path / "d", 1.0))
     store.publish("ns", result.info.version, keep=2)
     assert served(store, list(range(0, ROWS, 11))) == {1.0}
+    assert lookup_reads(url, list(range(0, ROWS, 11))) == {1.0}
     with pytest.raises(StoreUnavailable):  # plain text to a TLS port is refused
         open_store(f"redis://:s3cret@127.0.0.1:{port}/0", timeout_seconds=1).state("ns")
 
