@@ -258,6 +258,14 @@ class ApiProcess:
 
 
 @pytest.fixture
+def api_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a ``batchscore serve`` subprocess: no BATCHSCORE_ setting of the
+    caller's, its own home."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSCORE_")}
+    return env | {"BATCHSCORE_HOME": str(tmp_path / "home")}
+
+
+@pytest.fixture
 def start_api(tmp_path: Path) -> Iterator[object]:
     started: list[ApiProcess] = []
 

@@ -9,7 +9,6 @@ tests need no MLflow or Dask and run in seconds.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -95,12 +94,6 @@ def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def api_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSCORE_")}
-    return env | {"BATCHSCORE_HOME": str(tmp_path / "home")}
 
 
 Start = Callable[[dict[str, str], str], ApiProcess]
