@@ -195,12 +195,17 @@ class RespConnection(asyncio.Protocol):
             self._transport.abort()
 
 
+POOL_OPTIONS = ("max_connections", "timeout")  # URL options of redis-py's pools, not used here
+
+
 def connection_settings(url: str, password: str | None) -> AbstractConnection:
     """redis-py's reading of ``url`` (an unconnected ``Connection`` of the URL's class): host
-    and port or socket path, TLS context, username, password and database. A password in
-    the URL wins over ``password``, as in redis-py."""
+    and port or socket path, TLS context, username, password, database and client name. A
+    password in the URL wins over ``password``, as in redis-py."""
     options: dict[str, Any] = {"password": password} if password else {}
     options |= parse_url(url)
+    for name in POOL_OPTIONS:
+        options.pop(name, None)
     kind = options.pop("connection_class", Connection)
     return kind(**options)  # type: ignore[no-any-return]
 
@@ -266,7 +271,8 @@ class AutoPipeline:
             self._flush()
 
     async def _open(self) -> RespConnection:
-        """Connect, authenticate and select the database, as redis-py's ``on_connect`` does."""
+        """Connect, authenticate, name the client and select the database, as redis-py's
+        ``on_connect`` does."""
         settings = self._settings
         loop = asyncio.get_running_loop()
 
@@ -286,6 +292,8 @@ class AutoPipeline:
             if settings.password:
                 user = [settings.username.encode()] if settings.username else []
                 hello.append(resp(b"AUTH", *user, settings.password.encode()))
+            if settings.client_name:
+                hello.append(resp(b"CLIENT", b"SETNAME", settings.client_name.encode()))
             if settings.db:
                 hello.append(resp(b"SELECT", b"%d" % int(settings.db)))
             if hello:

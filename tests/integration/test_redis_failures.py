@@ -17,12 +17,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import redis
 
 from kv_export.encoding import bucket_count, encode_keys, unpack_value
 from kv_export.errors import StoreUnavailable
 from kv_export.export import export_parts, export_parts_on_dask
 from kv_export.redis_store import RedisStore
 from kv_export.store import NewVersion, PredictionStore, open_store
+from lookup.redis_reader import RedisReader
 from tests.conftest import RedisServer as Server
 from tests.conftest import free_port
 
@@ -67,7 +69,6 @@ def served(store: PredictionStore, keys: list[int]) -> set[float]:
 def lookup_reads(url: str, keys: list[int], password: str | None = None) -> set[float]:
     """What the lookup API's reader (its own RESP connection, not redis-py's) reads for
     ``keys`` of the live version, one key at a time and as one batch."""
-    from lookup.redis_reader import RedisReader
 
     async def reads() -> set[float]:
         reader = RedisReader(url, timeout_seconds=2, password=password)
@@ -157,7 +158,7 @@ def test_auth_password_from_the_url_or_the_setting(tmp_path: Path, servers: list
         assert "wrong" not in str(failed.value) and "ResponseError" in str(failed.value)
 
 
-def test_the_lookup_reader_selects_the_database_and_reads_over_a_unix_socket(
+def test_the_lookup_reader_selects_the_database_names_itself_and_reads_over_a_unix_socket(
     tmp_path: Path, servers: list[Server]
 ) -> None:
     socket = tmp_path / "redis.sock"
@@ -169,6 +170,17 @@ def test_the_lookup_reader_selects_the_database_and_reads_over_a_unix_socket(
     store.publish("ns", result.info.version, keep=2)
     assert lookup_reads(f"redis://127.0.0.1:{server.port}/3", [0, 5, ROWS - 1]) == {3.0}
     assert lookup_reads(f"unix://{socket}?db=3", [0, 5, ROWS - 1]) == {3.0}
+    options = "client_name=lookup-api&max_connections=4"  # a pool's option is ignored
+    assert lookup_reads(f"redis://127.0.0.1:{server.port}/3?{options}", [0]) == {3.0}
+
+    async def named() -> list[str]:
+        reader = RedisReader(f"redis://127.0.0.1:{server.port}/3?{options}")
+        await reader.ping()
+        clients = redis.Redis(port=server.port).client_list()
+        await reader.close()
+        return [c["name"] for c in clients]
+
+    assert "lookup-api" in asyncio.run(named())
     with pytest.raises(AssertionError):  # database 0 holds no live version
         lookup_reads(f"redis://127.0.0.1:{server.port}/0", [0])
 
