@@ -188,6 +188,12 @@ class AirflowServer:
                 f"(expected {expected!r})\n{self.describe_run(dag_id, run_id)}"
             )
 
+    def callback_log(self, dag_id: str, run_id: str) -> str:
+        """What the executor's callbacks of a run (Deadline Alerts) logged, all files."""
+        folder = self.home / "logs" / "executor_callbacks" / dag_id / run_id
+        files = sorted(folder.rglob("*")) if folder.is_dir() else []
+        return "".join(f.read_text(errors="replace") for f in files if f.is_file())
+
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         answer = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
         assert answer.status_code == 200, answer.text
@@ -375,6 +381,7 @@ def rest_job(dataset: Path, scratch: Path, run_env: dict[str, str]) -> DagJob:
         "store_url": store_url,
         "schedule": None,
         "retries": 0,  # a failure shows at once, with its log
+        "deadline": "2s",  # always missed: its alert is tested too
     }
     if not generated_dags_available():
         conf = {k: job[k] for k in ("input_path", "model_uri", "key_column", "namespace")}

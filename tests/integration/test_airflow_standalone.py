@@ -3,11 +3,14 @@
 The DAG is unpaused and triggered with a ``conf`` as a user or another system would do
 it; the run's tasks execute in Airflow's own task processes (LocalExecutor). The test
 then serves the store that the run published with the lookup API and checks that a key
-returns what the registered model computes for that row.
+returns what the registered model computes for that row. The job's deadline (2 s) is
+always missed: the scheduler's Deadline Alert must call the job's callback, whose line
+in the executor's callback log names the run and the step it was in.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,3 +70,19 @@ def test_rest_triggered_run_publishes_what_the_model_computes(
         assert body["prediction"]["churn_probability"] == pytest.approx(
             float(np.asarray(expected)[0, 0]), rel=1e-5, abs=1e-6
         )
+
+
+def test_a_run_past_its_deadline_is_reported_by_the_deadline_alert(airflow: AirflowSetup) -> None:
+    server, job = airflow.server, airflow.rest_job
+    dag_id = job.dag_id
+    server.wait_for_dag(dag_id)
+    server.unpause(dag_id)
+    run_id = server.trigger(dag_id, job.conf)
+    server.wait_for_run(dag_id, run_id)  # the alert does not stop the run
+    waited = time.monotonic() + 60
+    while "is late" not in (logged := server.callback_log(dag_id, run_id)):
+        assert time.monotonic() < waited, f"no Deadline Alert for {run_id}:\n{logged}"
+        time.sleep(1)
+    line = next(x for x in logged.splitlines() if "is late" in x)
+    assert f"batchscore: run {run_id} of DAG {dag_id} is late: its deadline" in line
+    assert "passed while it is in step '" in line and "(steps done: " in line
