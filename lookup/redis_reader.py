@@ -118,6 +118,7 @@ class RespConnection(asyncio.Protocol):
     """One Redis connection: commands written as they come, replies matched in order."""
 
     def __init__(self, timeout_seconds: float, unavailable: Unavailable) -> None:
+        self.loop = asyncio.get_running_loop()  # the transport's; a connection serves no other
         self._timeout = timeout_seconds
         self._unavailable = unavailable
         self._parser = hiredis.Reader()  # bulk strings as bytes; error replies as ReplyError
@@ -182,6 +183,13 @@ class RespConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.abort(exc or RedisConnectionError("Connection closed by the server"))
 
+    def forget(self) -> None:
+        """Drop a connection of an event loop that is gone (its callers went with it)."""
+        self.closed = True
+        self._waiting.clear()
+        if self._transport is not None and not self.loop.is_closed():
+            self._transport.abort()
+
     def abort(self, error: BaseException) -> None:
         """Fail every waiting caller with ``error`` and drop the connection."""
         self.closed = True
@@ -228,7 +236,7 @@ class AutoPipeline:
         self._connecting: asyncio.Task[None] | None = None
         self._commands: list[bytes] = []
         self._waiters: list[Waiter] = []
-        self._scheduled = False
+        self._scheduled: asyncio.AbstractEventLoop | None = None  # the loop a flush is due in
 
     def call(self, command: bytes, doing: str, replies: int = 0) -> asyncio.Future[Any]:
         """Queue RESP-encoded commands. With ``replies`` 0, ``command`` is one command and
@@ -239,18 +247,22 @@ class AutoPipeline:
         future = loop.create_future()
         self._commands.append(command)
         self._waiters.append(Waiter(future, replies, doing))
-        if not self._scheduled:
-            self._scheduled = True
+        if self._scheduled is not loop:  # (a flush due in an ended loop never runs)
+            self._scheduled = loop
             loop.call_soon(self._flush)
         return future
 
     def _flush(self) -> None:
-        self._scheduled = False
+        self._scheduled = None
+        loop = asyncio.get_running_loop()
         connection = self._connection
-        if connection is None or connection.closed:
+        if connection is None or connection.closed or connection.loop is not loop:
+            if connection is not None and connection.loop is not loop:
+                connection.forget()  # made in an earlier event loop (asyncio.run per call)
+                self._forget_other_loops(loop)
             self._connection = None
-            if self._connecting is None:
-                self._connecting = asyncio.get_running_loop().create_task(self._connect())
+            if self._connecting is None or self._connecting.get_loop() is not loop:
+                self._connecting = loop.create_task(self._connect())
             return  # sent once connected
         if self._waiters:
             data, self._commands = b"".join(self._commands), []
@@ -266,7 +278,8 @@ class AutoPipeline:
             cause = exc.__cause__ if isinstance(exc, StoreUnavailable) else exc
             self._fail_queued(cause or exc)
         finally:
-            self._connecting = None
+            if self._connecting is asyncio.current_task():
+                self._connecting = None
         if self._connection is not None:
             self._flush()
 
@@ -305,6 +318,12 @@ class AutoPipeline:
             raise
         return connection
 
+    def _forget_other_loops(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Drop queued commands whose callers waited in an event loop that is gone."""
+        kept = [i for i, w in enumerate(self._waiters) if w.future.get_loop() is loop]
+        self._waiters = [self._waiters[i] for i in kept]
+        self._commands = [self._commands[i] for i in kept]
+
     def _fail_queued(self, error: BaseException) -> None:
         failed, self._waiters, self._commands = self._waiters, [], []
         for waiter in failed:
@@ -315,10 +334,13 @@ class AutoPipeline:
             self._connecting.cancel()
             await asyncio.gather(self._connecting, return_exceptions=True)
         closed = RedisConnectionError("The reader was closed")
+        self._forget_other_loops(asyncio.get_running_loop())
         self._fail_queued(closed)
-        if self._connection is not None:
-            self._connection.abort(closed)
-            self._connection = None
+        connection, self._connection = self._connection, None
+        if connection is not None and connection.loop is asyncio.get_running_loop():
+            connection.abort(closed)
+        elif connection is not None:
+            connection.forget()
 
 
 class RedisReader:

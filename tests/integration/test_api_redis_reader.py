@@ -159,3 +159,17 @@ def test_a_stopped_server_fails_the_waiting_lookups_and_a_restarted_one_is_recon
         await reader.close()
 
     asyncio.run(reads())
+
+
+def test_a_reader_serves_one_event_loop_after_another(redis_server: RedisServer) -> None:
+    """``asyncio.run`` per call (tests, scripts): a connection made in a loop that has
+    ended is dropped, not written to, and the next loop connects again."""
+    info = publish(redis_server.url)
+    reader = RedisReader(redis_server.url, timeout_seconds=1)
+
+    async def read(key: bytes) -> bytes | None:
+        return await asyncio.wait_for(reader.get_one("ns", info, key), 5)
+
+    for key in (b"1", b"2", b"3"):
+        assert asyncio.run(read(key)) == value(int(key))
+    asyncio.run(reader.close())
