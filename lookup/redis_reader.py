@@ -63,6 +63,7 @@ from kv_export.store import NamespaceState, VersionInfo, redact_url
 STATE_PATTERN = b"bs:{*}:state"
 HGET_PREFIXES = 16_384  # bucket keys kept: every bucket of a 1M-key version, ~3 MB at most
 Unavailable = Callable[[str, BaseException], StoreUnavailable]
+NOT_YET = object()  # what hiredis gives while a reply is incomplete (no reply can be it)
 
 
 def resp(*parts: bytes) -> bytes:
@@ -121,7 +122,8 @@ class RespConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()  # the transport's; a connection serves no other
         self._timeout = timeout_seconds
         self._unavailable = unavailable
-        self._parser = hiredis.Reader()  # bulk strings as bytes; error replies as ReplyError
+        # Bulk strings as bytes, error replies as ReplyError, NOT_YET for an incomplete reply.
+        self._parser = hiredis.Reader(notEnoughData=NOT_YET)
         self._waiting: deque[Waiter] = deque()
         self._transport: asyncio.Transport | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -147,7 +149,7 @@ class RespConnection(asyncio.Protocol):
         waiting = self._waiting
         try:
             reply = self._parser.gets()
-            while reply is not False:
+            while reply is not NOT_YET:
                 waiter = waiting[0]
                 if waiter.replies:
                     waiter.collected.append(reply)
