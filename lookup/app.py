@@ -157,6 +157,14 @@ def answer_body(key: str, answer: Answer) -> dict[str, Any]:
     }
 
 
+def found_item(key: str, answer: Answer) -> dict[str, Any]:
+    """A batch's item for a key found: its answer with ``"status": "found"`` (one dict built,
+    not copied into another)."""
+    item = answer_body(key, answer)
+    item["status"] = "found"
+    return item
+
+
 def describe(namespace: str, state: NamespaceState) -> dict[str, Any] | None:
     info = state.live_info()
     if info is None:
@@ -419,6 +427,7 @@ def _add_prediction_routes(
         info, source, answers = await lookup.find(namespace, body.keys)
         request.state.source = source
         missing = {
+            "status": "not_found",
             "prediction": None,
             "model": {"name": info.model_name, "version": info.model_version},
             "run_id": info.run_id,
@@ -427,9 +436,7 @@ def _add_prediction_routes(
             "stale": False,
         }
         results = [
-            {"status": "found", **answer_body(key, a)}
-            if a is not None
-            else {"key": key, "status": "not_found", **missing}
+            found_item(key, a) if a is not None else {"key": key, **missing}
             for key, a in zip(body.keys, answers, strict=True)
         ]
         return json_response({"results": results})

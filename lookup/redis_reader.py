@@ -80,6 +80,15 @@ def hget_prefix(namespace: str, version: int, bucket: int, encoding: int) -> byt
     return b"*3\r\n$4\r\nHGET\r\n$%d\r\n%s\r\n" % (len(name), name)
 
 
+@lru_cache(maxsize=HGET_PREFIXES)
+def hmget_head(namespace: str, version: int, bucket: int, encoding: int) -> bytes:
+    """``HMGET <bucket key>`` in RESP without the array header and the fields: a batch
+    touches about one bucket per key, so formatting the bucket key was most of building
+    its commands."""
+    name = redis_bucket_key(namespace, version, bucket, encoding)
+    return b"$5\r\nHMGET\r\n$%d\r\n%s\r\n" % (len(name), name)
+
+
 def _done(result: Any) -> asyncio.Future[Any]:
     future = asyncio.get_running_loop().create_future()
     future.set_result(result)
@@ -404,14 +413,17 @@ class RedisReader:
         by_bucket: dict[int, list[int]] = defaultdict(list)
         for i, key in enumerate(keys):
             by_bucket[bucket_of(key, info.buckets)].append(i)
-        commands = b"".join(
-            resp(
-                b"HMGET",
-                redis_bucket_key(namespace, info.version, bucket, info.encoding),
-                *(keys[i] for i in positions),
-            )
-            for bucket, positions in by_bucket.items()
-        )
+        parts: list[bytes] = []  # = resp(b"HMGET", bucket key, *keys) for every bucket
+        for bucket, positions in by_bucket.items():
+            head = hmget_head(namespace, info.version, bucket, info.encoding)
+            if len(positions) == 1:  # the usual case: a batch's keys spread over buckets
+                key = keys[positions[0]]
+                parts.append(b"*3\r\n%s$%d\r\n%s\r\n" % (head, len(key), key))
+                continue
+            parts.append(b"*%d\r\n%s" % (len(positions) + 2, head))
+            for i in positions:
+                parts.append(b"$%d\r\n%s\r\n" % (len(keys[i]), keys[i]))
+        commands = b"".join(parts)
         values = await self._pipeline.call(commands, f"reading '{namespace}'", len(by_bucket))
         found: list[bytes | None] = [None] * len(keys)
         for positions, reply in zip(by_bucket.values(), values, strict=True):
