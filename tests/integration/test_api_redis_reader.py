@@ -54,6 +54,9 @@ def test_one_key_reads_as_a_batch_does(redis_server: RedisServer) -> None:
         assert await reader.get_many("ns", info, keys) == expected
         assert [await reader.get_one("ns", info, k) for k in keys] == expected
         assert [(await reader.get_many("ns", info, [k]))[0] for k in keys] == expected
+        every = [b"%d" % k for k in range(KEYS)] + [b"missing"]  # many keys a bucket
+        assert len({bucket_of(k, info.buckets) for k in every}) < KEYS / 10
+        assert await reader.get_many("ns", info, every) == [value(k) for k in range(KEYS)] + [None]
         expired = info.model_copy(update={"expires_at": "2000-01-01T00:00:00+00:00"})
         assert await reader.get_one("ns", expired, b"0") is None
         await reader.close()
