@@ -61,7 +61,7 @@ from kv_export.errors import StoreUnavailable
 from kv_export.store import NamespaceState, VersionInfo, redact_url
 
 STATE_PATTERN = b"bs:{*}:state"
-HGET_PREFIXES = 16_384  # bucket keys kept: every bucket of a 1M-key version, ~3 MB at most
+HGET_PREFIXES = 16_384  # bucket keys kept per cache: every bucket of a 1M-key version, ~3 MB
 Unavailable = Callable[[str, BaseException], StoreUnavailable]
 NOT_YET = object()  # what hiredis gives while a reply is incomplete (no reply can be it)
 
