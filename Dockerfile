@@ -32,25 +32,19 @@ COPY docker/requirements.py docker/
 
 FROM base AS deps-cpu
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG PSYCOPG2_VERSION=2.9.13
-ARG ASYNCPG_VERSION=0.32.0
 # The CPU torch (2.13.0+cpu) satisfies the project's torch==2.13.0 pin, so the second
-# install keeps it. The Postgres drivers: psycopg2-binary for Airflow's and MLflow's
+# install keeps it. The project's `postgres` extra holds the Postgres drivers (the same
+# pins `make install` puts in the dev venv): psycopg2-binary for Airflow's and MLflow's
 # backends (postgresql+psycopg2://); asyncpg because Airflow 3 also opens an async
 # engine on its database, on a URL it derives as postgresql+asyncpg://.
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
-    && python docker/requirements.py > /tmp/requirements.txt \
+    && python docker/requirements.py postgres > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
-        "psycopg2-binary==${PSYCOPG2_VERSION}" "asyncpg==${ASYNCPG_VERSION}" \
     && rm /tmp/requirements.txt
 
 FROM base AS deps-gpu
-ARG PSYCOPG2_VERSION=2.9.13
-ARG ASYNCPG_VERSION=0.32.0
-RUN python docker/requirements.py gpu > /tmp/requirements.txt \
+RUN python docker/requirements.py gpu postgres > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
-        "psycopg2-binary==${PSYCOPG2_VERSION}" "asyncpg==${ASYNCPG_VERSION}" \
     && rm /tmp/requirements.txt
 # The NVIDIA container runtime mounts the driver libraries these ask for.
 ENV NVIDIA_VISIBLE_DEVICES=all \
@@ -82,6 +76,7 @@ ENV AIRFLOW_HOME=/opt/airflow \
     GX_ANALYTICS_ENABLED=false
 USER 50000
 WORKDIR /home/batchscore
-# 8000 lookup API, 8080 Airflow API server and UI, 5000 MLflow, 8786/8787 Dask scheduler.
+# 8000 lookup API, 8080 Airflow API server and UI, 5000 MLflow, 8786/8787 Dask scheduler
+# (8787: its dashboard, which needs bokeh, a dependency of the project).
 EXPOSE 8000 8080 5000 8786 8787
 CMD ["batchscore", "--help"]
