@@ -90,30 +90,32 @@ def airflow_env(home: Path, port: int, run_env: dict[str, str]) -> dict[str, str
     )
 
 
-@dataclass
-class AirflowServer:
-    """A running ``airflow standalone`` and a small REST API v2 client for it."""
+class RestApiV2:
+    """A small REST API v2 client of a running Airflow, whichever way it was started.
 
-    home: Path
-    port: int
-    env: dict[str, str]
-    log: Path
-    process: subprocess.Popen[bytes]
-    username: str = "admin"
-    _password: str | None = field(default=None, repr=False)
-    _token: str | None = field(default=None, repr=False)
+    A subclass gives ``base``, ``username``, ``password`` and a ``_token`` attribute, and
+    says whether its processes still run (``check_alive``) and what they logged
+    (``log_tail``): ``AirflowServer`` here for ``airflow standalone``, the stack test's
+    client for api-server, scheduler, DAG processor and triggerer run apart.
+    """
+
+    username: str
+    _token: str | None
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        raise NotImplementedError
 
     @property
     def password(self) -> str:
-        """The admin password that SimpleAuthManager generated on first start."""
-        if self._password is None:
-            generated = self.home / "simple_auth_manager_passwords.json.generated"
-            self._password = str(json.loads(generated.read_text())[self.username])
-        return self._password
+        raise NotImplementedError
+
+    def check_alive(self) -> None:
+        """Raise ``AirflowStartError`` with the log's tail when a process has exited."""
+        raise NotImplementedError
+
+    def log_tail(self) -> str:
+        raise NotImplementedError
 
     def token(self) -> str:
         if self._token is None:
@@ -144,7 +146,7 @@ class AirflowServer:
         errors = self.api("GET", "/importErrors").json()
         raise AssertionError(
             f"DAG {dag_id!r} did not appear within {timeout:.0f} s; import errors: "
-            f"{json.dumps(errors, indent=1)}\n--- standalone.log ---\n{tail(self.log)}"
+            f"{json.dumps(errors, indent=1)}\n{self.log_tail()}"
         )
 
     def set_pool(self, name: str, slots: int) -> None:
@@ -188,12 +190,6 @@ class AirflowServer:
                 f"(expected {expected!r})\n{self.describe_run(dag_id, run_id)}"
             )
 
-    def callback_log(self, dag_id: str, run_id: str) -> str:
-        """What the executor's callbacks of a run (Deadline Alerts) logged, all files."""
-        folder = self.home / "logs" / "executor_callbacks" / dag_id / run_id
-        files = sorted(folder.rglob("*")) if folder.is_dir() else []
-        return "".join(f.read_text(errors="replace") for f in files if f.is_file())
-
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         answer = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
         assert answer.status_code == 200, answer.text
@@ -222,6 +218,41 @@ class AirflowServer:
                 parts.append(f"--- log of {ti['task_id']}, try {attempt} ---")
                 parts.append(self.task_log(dag_id, run_id, ti["task_id"], attempt)[-8000:])
         return "\n".join(parts)
+
+
+@dataclass
+class AirflowServer(RestApiV2):
+    """A running ``airflow standalone`` and a small REST API v2 client for it."""
+
+    home: Path
+    port: int
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen[bytes]
+    username: str = "admin"
+    _password: str | None = field(default=None, repr=False)
+    _token: str | None = field(default=None, repr=False)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def password(self) -> str:
+        """The admin password that SimpleAuthManager generated on first start."""
+        if self._password is None:
+            generated = self.home / "simple_auth_manager_passwords.json.generated"
+            self._password = str(json.loads(generated.read_text())[self.username])
+        return self._password
+
+    def log_tail(self) -> str:
+        return f"--- {self.log} ---\n{tail(self.log)}"
+
+    def callback_log(self, dag_id: str, run_id: str) -> str:
+        """What the executor's callbacks of a run (Deadline Alerts) logged, all files."""
+        folder = self.home / "logs" / "executor_callbacks" / dag_id / run_id
+        files = sorted(folder.rglob("*")) if folder.is_dir() else []
+        return "".join(f.read_text(errors="replace") for f in files if f.is_file())
 
     def check_alive(self) -> None:
         code = self.process.poll()
@@ -295,8 +326,9 @@ def start_airflow(
     return server
 
 
-def wait_until_healthy(server: AirflowServer, timeout: float) -> None:
-    """Health = the API answers and metadatabase, scheduler, DAG processor are healthy."""
+def wait_until_healthy(server: RestApiV2, timeout: float) -> None:
+    """Health = the API answers and metadatabase, scheduler, DAG processor, triggerer are
+    healthy."""
     started = time.monotonic()
     last = "no answer yet"
     while time.monotonic() - started < timeout:
@@ -313,8 +345,8 @@ def wait_until_healthy(server: AirflowServer, timeout: float) -> None:
             last = repr(exc)
         time.sleep(2)
     raise AirflowStartError(
-        f"airflow standalone was not healthy after {timeout:.0f} s (last health answer: "
-        f"{last})\n--- {server.log} ---\n{tail(server.log)}"
+        f"Airflow was not healthy after {timeout:.0f} s (last health answer: "
+        f"{last})\n{server.log_tail()}"
     )
 
 
