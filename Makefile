@@ -35,16 +35,34 @@ browser-deps:
 			apt-get install -y -qq chromium chromium-driver; } || \
 		echo "chromium could not be installed: the Airflow UI test will be skipped"; }
 
+# The stack test (tests/integration/test_stack.py) runs the services of docker-compose.yaml
+# as processes: it needs psql (the Postgres init script) and curl (the healthchecks);
+# tests/unit/test_compose.py checks the file with Debian's docker-compose 1.29, which reads
+# and validates it without a Docker engine. Each is installed when missing.
+.PHONY: stack-deps
+stack-deps:
+	@command -v psql >/dev/null 2>&1 && command -v curl >/dev/null 2>&1 && \
+		command -v docker-compose >/dev/null 2>&1 || { \
+		echo "installing postgresql-client, curl and docker-compose (Debian packages)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq postgresql-client curl docker-compose; } || \
+		echo "could not install them: the tests that need them say so"; }
+
+# docker-compose.yaml's secrets: writes .env with random values, never overwriting one.
+.PHONY: compose-env
+compose-env:
+	$(PYTHON) docker/compose_env.py
+
 demo: $(STAMP)
 	$(BIN)/batchscore demo
 
-test: $(STAMP) system-deps browser-deps
+test: $(STAMP) system-deps browser-deps stack-deps
 	$(BIN)/pytest
 
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit
 
-test-integration: $(STAMP) system-deps
+test-integration: $(STAMP) system-deps stack-deps
 	$(BIN)/pytest tests/integration
 
 lint: $(STAMP)

@@ -29,5 +29,8 @@ batchscore = build_dag(
         form=FormDefaults(),
         retries=1,
         retry_delay=timedelta(seconds=20),
+        # No schedule, so nothing runs until someone triggers it: unpaused from the start,
+        # also where new DAGs start paused (docker-compose.yaml).
+        paused_upon_creation=False,
     )
 )

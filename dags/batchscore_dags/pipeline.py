@@ -123,6 +123,8 @@ class DagSpec:
     retry_delay: timedelta = timedelta(seconds=20)
     max_retry_delay: timedelta = timedelta(hours=1)
     deadline: timedelta | None = None
+    # None: Airflow's [core] dags_are_paused_at_creation (the compose stack: paused).
+    paused_upon_creation: bool | None = None
     workers: int | None = None
 
 
@@ -251,6 +253,7 @@ def build_dag(spec: DagSpec) -> DAG:
         start_date=spec.start_date,
         catchup=spec.catchup,
         max_active_runs=spec.max_active_runs,
+        is_paused_upon_creation=spec.paused_upon_creation,
         params=form_params(spec.form),
         tags=sorted({"batchscore", *spec.tags}),
         default_args={

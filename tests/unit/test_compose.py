@@ -32,6 +32,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from batchscore.settings import ENV_PREFIX, ApiSettings, RunSettings, load_settings
+from tests.stack import MissingVariable, compose_env_module, service_spec
+from tests.stack import interpolate as stack_interpolate
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yaml"
@@ -51,6 +53,7 @@ EXPECTED_SERVICES = {
     "airflow-triggerer",
     "dask-scheduler",
     "dask-worker",
+    "dask-cuda-scheduler",
     "dask-cuda-worker",
     "lookup-api",
 }
@@ -64,20 +67,14 @@ LOCAL_HOSTS = {"localhost", "127.0.0.1", "0.0.0.0"}
 # ---------------------------------------------------------------------------- helpers
 
 _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+# What `make compose-env` writes into .env (random secrets), and nothing else: the other
+# variables take their defaults, so the tests are hermetic.
+DOTENV = compose_env_module().generate()
 
 
-def interpolate(value: Any) -> Any:
-    """Compose's `${VAR:-default}` with the defaults only, so the tests are hermetic."""
-    if not isinstance(value, str):
-        return value
-
-    def replace(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        operator, default = match.group(2), match.group(3)
-        return default if operator and operator.endswith("-") else ""
-
-    return _VARIABLE.sub(replace, value)
+def interpolate(value: Any, env: dict[str, str] = DOTENV) -> Any:
+    """Compose's interpolation (tests/stack.py, which the stack test runs with) over .env."""
+    return stack_interpolate(value, env) if isinstance(value, str) else value
 
 
 @cache
@@ -334,8 +331,7 @@ def test_pipelines_use_the_stack_services() -> None:
         assert env["BATCHSCORE_STORE_URL"] == "redis://redis:6379/0", name
         assert env["BATCHSCORE_CLUSTER"] == f"tcp://dask-scheduler:{port}", name
     assert environment(services()["lookup-api"])["BATCHSCORE_STORE_URL"] == "redis://redis:6379/0"
-    for worker in ("dask-worker", "dask-cuda-worker"):
-        assert f"tcp://dask-scheduler:{port}" in command(services()[worker])
+    assert f"tcp://dask-scheduler:{port}" in command(services()["dask-worker"])
 
 
 def test_dask_workers_preload_and_start_with_the_engines_worker_environment() -> None:
@@ -422,22 +418,28 @@ def test_the_dags_folder_is_the_one_the_image_copies_dags_into() -> None:
 
 
 def test_database_urls_match_the_postgres_init_script() -> None:
+    """Each URL names the role and database that the init script creates from the
+    postgres service's environment (one variable each: the role owns its namesake)."""
     postgres = environment(services()["postgres"])
     init = POSTGRES_INIT_SCRIPT.read_text()
     mlflow = command(services()["mlflow"])
     urls = {
-        "AIRFLOW_DB_PASSWORD": environment(services()["airflow-scheduler"])[
+        "AIRFLOW": environment(services()["airflow-scheduler"])[
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"
         ],
-        "MLFLOW_DB_PASSWORD": mlflow[mlflow.index("--backend-store-uri") + 1],
+        "MLFLOW": mlflow[mlflow.index("--backend-store-uri") + 1],
     }
-    for password_variable, url in urls.items():
+    for prefix, url in urls.items():
         parts = urlsplit(url)
         assert parts.hostname == "postgres" and parts.port == 5432, url
-        assert parts.password == postgres[password_variable], f"{url} vs {password_variable}"
-        assert f"CREATE ROLE {parts.username} LOGIN" in init, parts.username
-        assert f"CREATE DATABASE {parts.path.lstrip('/')} OWNER {parts.username}" in init
-        assert password_variable in init
+        assert parts.password == postgres[f"{prefix}_DB_PASSWORD"], f"{url}: password"
+        name = postgres[f"{prefix}_DB_NAME"]
+        assert parts.username == name and parts.path == f"/{name}", f"{url} vs {name}"
+        variable = prefix.lower() + "_db"
+        assert f'-v {variable}="${{{prefix}_DB_NAME:-{name}}}"' in init, variable
+        assert f'CREATE ROLE :"{variable}" LOGIN' in init
+        assert f'CREATE DATABASE :"{variable}" OWNER :"{variable}"' in init
+        assert f"{prefix}_DB_PASSWORD" in init
     mounts = volume_mounts(services()["postgres"])
     init_mount = mounts.get("/docker-entrypoint-initdb.d/10-init-databases.sh")
     assert init_mount == "./docker/postgres/init-databases.sh"
@@ -464,14 +466,15 @@ def test_mlflow_admits_the_host_that_the_pipelines_call_it_by() -> None:
 
 def test_the_gpu_profile_service_reserves_nvidia_gpus() -> None:
     gpu = {n: s for n, s in services().items() if "gpu" in s.get("profiles", [])}
-    assert set(gpu) == {"dask-cuda-worker"}
+    assert set(gpu) == {"dask-cuda-scheduler", "dask-cuda-worker"}
     service = gpu["dask-cuda-worker"]
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
     assert command(service)[:3] == ["dask", "cuda", "worker"]
     assert service["build"]["args"]["VARIANT"] == "gpu"
+    assert "deploy" not in gpu["dask-cuda-scheduler"], "the scheduler needs no GPU"
     for name, other in services().items():
-        if name not in gpu and "build" in other:
+        if name != "dask-cuda-worker" and "build" in other:
             assert other["build"].get("args", {}).get("VARIANT", "cpu") == "cpu", name
             assert other["image"] != service["image"], f"{name} shares the GPU image's tag"
 
@@ -622,11 +625,17 @@ def test_the_dockerfile_builds_the_project_on_python_311_slim() -> None:
         re.search(r"--mount=type=bind,source=\.,target=(\S+?),rw\s+pip install --no-deps \1", r)
         for r in runs
     ), "the runtime stage does not pip install the project"
+    # Airflow 3 opens a sync (psycopg2) and an async (asyncpg) engine on its database: the
+    # `postgres` extra has both, and both image variants install it (dev includes it too).
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    drivers = {Requirement(r).name for r in project["optional-dependencies"]["postgres"]}
+    assert drivers == {"psycopg2-binary", "asyncpg"}
+    assert "batchscore[postgres]" in project["optional-dependencies"]["dev"][0]
     for stage in ("deps-cpu", "deps-gpu"):
         text = " ".join(rest for i, rest in dockerfile_stage(stage) if i == "RUN")
-        # Airflow 3 opens a sync (psycopg2) and an async (asyncpg) engine on its database.
-        assert "psycopg2-binary" in text and "asyncpg" in text, f"{stage} lacks a Postgres driver"
-        assert "docker/requirements.py" in text
+        assert re.search(r"docker/requirements\.py [\w ]*\bpostgres\b", text), (
+            f"{stage}: no drivers"
+        )
     assert not any("gpu" in rest for i, rest in dockerfile_stage("deps-cpu") if i == "RUN")
     assert default_image_stages() == ["base", "deps-cpu", "runtime"], "not the CPU variant"
 
@@ -691,30 +700,186 @@ def test_the_docker_shell_scripts_parse() -> None:
         assert done.returncode == 0, f"{script}: {done.stderr}"
 
 
-# -------------------------------------------------- Docker itself, where there is one
+# ------------------------------------------------------------ secrets, Redis, the API
 
 
-def docker_compose_available() -> bool:
-    if not shutil.which("docker"):
-        return False
-    try:
-        done = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
+def variables(text: str) -> dict[str, set[str]]:
+    """Each interpolated variable of the compose file and the operators it is used with."""
+    found: dict[str, set[str]] = {}
+    for match in _VARIABLE.finditer(text):
+        if match.group(1):
+            found.setdefault(match.group(1), set()).add(match.group(2) or "")
+    return found
 
 
-@pytest.mark.skipif(
-    not docker_compose_available(),
-    reason="`docker compose` is not available here (no docker CLI or no compose plugin); "
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|FERNET|_KEY$")
+
+
+def test_no_secret_has_a_value_in_the_repository() -> None:
+    """Every secret is required (``${VAR:?...}``) and `make compose-env` writes each."""
+    used = variables(COMPOSE_FILE.read_text())
+    secrets = {name for name in used if SECRET_NAME.search(name)}
+    for name in secrets:
+        assert used[name] == {":?"}, f"{name} is used with {used[name]}: give no default"
+    required = {name for name, operators in used.items() if ":?" in operators}
+    assert required == set(compose_env_module().SECRETS), "compose_env.py and the file differ"
+    assert ".env" in (REPO / ".gitignore").read_text().split()
+    assert excluded(".env", [line.strip() for line in DOCKERIGNORE.read_text().splitlines()])
+    with pytest.raises(MissingVariable, match="make compose-env"):
+        service_spec(compose(), "airflow-scheduler", {})
+
+
+def test_compose_env_writes_a_private_env_file_once(tmp_path: Path) -> None:
+    target = tmp_path / ".env"
+    script = [sys.executable, str(REPO / "docker" / "compose_env.py"), str(target)]
+    subprocess.run(script, check=True, capture_output=True)
+    first = target.read_text()
+    assert target.stat().st_mode & 0o777 == 0o600
+    values = dict(
+        line.split("=", 1) for line in first.splitlines() if line and not line.startswith("#")
+    )
+    assert values.pop("COMPOSE_PROJECT_NAME") == "batchscore"
+    assert set(values) == set(compose_env_module().SECRETS)
+    assert all(re.fullmatch(r"[A-Za-z0-9_=-]{32,}", v) for v in values.values()), "not URL-safe"
+    again = subprocess.run(script, check=True, capture_output=True, text=True)
+    assert target.read_text() == first and "left as it is" in again.stdout
+    from cryptography.fernet import Fernet
+
+    Fernet(values["AIRFLOW_FERNET_KEY"].encode())  # a key Airflow accepts
+
+
+def test_redis_needs_its_password_and_every_client_is_given_it() -> None:
+    redis = services()["redis"]
+    password = DOTENV["REDIS_PASSWORD"]
+    args = command(redis)
+    assert args[:1] == ["redis-server"] and args[args.index("--requirepass") + 1] == password
+    assert environment(redis)["REDISCLI_AUTH"] == password, "the healthcheck cannot log in"
+    assert "redis-cli" in " ".join(healthcheck_argv(redis))
+    for name in PIPELINE_SERVICES | {"lookup-api"}:
+        assert environment(services()[name])["BATCHSCORE_STORE_PASSWORD"] == password, name
+
+
+def test_the_lookup_api_asks_every_caller_for_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = environment(services()["lookup-api"])
+    assert json.loads(env["BATCHSCORE_API_KEYS"]) == {DOTENV["LOOKUP_API_KEY"]: ["*"]}
+
+
+def test_dags_start_paused_except_the_ad_hoc_one(tmp_path: Path) -> None:
+    """A fresh stack must not run `score_churn_daily` every night on data it lacks; the
+    ad-hoc `batchscore` DAG (no schedule) stays triggerable: REST triggers of a paused
+    DAG stay queued."""
+    for name, service in services().items():
+        if name.startswith("airflow-"):
+            paused = environment(service)["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"]
+            assert paused == "true", name
+    code = (
+        "import json\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag({str(REPO / 'dags')!r})\n"
+        "assert not bag.import_errors, bag.import_errors\n"
+        "print(json.dumps({i: d.is_paused_upon_creation for i, d in bag.dags.items()}))\n"
+    )
+    env = {"AIRFLOW_HOME": str(tmp_path), "PATH": str(Path(sys.executable).parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    paused = json.loads(done.stdout.strip().splitlines()[-1])
+    assert paused["batchscore"] is False
+    assert paused["score_churn_daily"] is None, "the daily job follows the stack's default"
+
+
+# ----------------------------------------------------------------------------- Dask
+
+
+def test_the_dask_dashboard_is_published_on_loopback_and_can_render() -> None:
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    assert "127.0.0.1:8787:8787" in [interpolate(p) for p in services()["dask-scheduler"]["ports"]]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    bokeh = [Requirement(r) for r in project["dependencies"] if r.startswith("bokeh")]
+    assert bokeh and bokeh[0].specifier.contains("3.1"), "dask's dashboard needs bokeh>=3.1"
+    assert Version(version("bokeh")) >= Version("3.1")
+
+
+def test_gpu_workers_form_a_cluster_of_their_own() -> None:
+    """With the gpu profile on, no shard may go to a CPU worker: the GPU workers join
+    their own scheduler, which the runs are pointed at through BATCHSCORE_CLUSTER."""
+    cuda = command(services()["dask-cuda-scheduler"])
+    port = cuda[cuda.index("--port") + 1]
+    assert f"tcp://dask-cuda-scheduler:{port}" in command(services()["dask-cuda-worker"])
+    assert "tcp://dask-cuda-scheduler" not in " ".join(command(services()["dask-worker"]))
+    gpu_env = DOTENV | {"BATCHSCORE_CLUSTER": f"tcp://dask-cuda-scheduler:{port}"}
+    for name in PIPELINE_SERVICES:
+        env = service_spec(compose(), name, gpu_env).environment
+        assert env["BATCHSCORE_CLUSTER"] == f"tcp://dask-cuda-scheduler:{port}", name
+
+
+# ---------------------------------------------------------- a Compose CLI reads the file
+
+
+def compose_cli() -> list[str] | None:
+    """`docker compose` (v2) where there is one, else Debian's `docker-compose` (1.29):
+    both read and check a file without a Docker engine."""
+    if shutil.which("docker"):
+        try:
+            done = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+            if done.returncode == 0:
+                return ["docker", "compose"]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    found = shutil.which("docker-compose")
+    return [found] if found else None
+
+
+needs_compose_cli = pytest.mark.skipif(
+    compose_cli() is None,
+    reason="no Compose CLI here (`make stack-deps` installs Debian's docker-compose); "
     "the file was checked structurally only",
 )
-def test_docker_compose_config_accepts_the_file() -> None:
-    done = subprocess.run(
-        ["docker", "compose", "-f", str(COMPOSE_FILE), "--profile", "gpu", "config", "-q"],
+
+
+def run_compose(env_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cli = compose_cli()
+    assert cli
+    clean = {k: v for k, v in os.environ.items() if k not in DOTENV and k != "BATCHSCORE_CLUSTER"}
+    return subprocess.run(
+        [*cli, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "--profile", "gpu", *args],
         cwd=REPO,
+        env=clean,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
-    assert done.returncode == 0, done.stderr
+
+
+@needs_compose_cli
+def test_a_compose_cli_accepts_the_file_and_resolves_it_as_the_stack_test_does(
+    tmp_path: Path,
+) -> None:
+    """`config` validates the file against the Compose schema, then resolves merges and
+    interpolation: the commands and environments must be those that tests/stack.py
+    reads from the file, which the stack test runs."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in DOTENV.items()))
+    checked = run_compose(env_file, "config", "-q")
+    assert checked.returncode == 0, checked.stderr
+    resolved = yaml.safe_load(run_compose(env_file, "config").stdout)["services"]
+    assert set(resolved) == EXPECTED_SERVICES
+    for name in EXPECTED_SERVICES:
+        ours = service_spec(compose(), name, DOTENV)
+        theirs = resolved[name]
+        assert [str(w) for w in theirs.get("command", [])] == ours.command, name
+        env = {k: str(v) for k, v in (theirs.get("environment") or {}).items()}
+        assert env == ours.environment, name
+
+
+@needs_compose_cli
+def test_a_compose_cli_refuses_the_file_without_its_env(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    refused = run_compose(empty, "config", "-q")
+    assert refused.returncode != 0
+    assert "make compose-env" in refused.stderr
