@@ -3,6 +3,12 @@
 Model URIs are MLflow's: ``models:/name@alias``, ``models:/name/3``. The pin is
 taken once, when a run starts; every later step uses ``models:/name/<version>``
 and the local copy downloaded into the run folder, never the alias again.
+
+A model registered from a local folder is first copied into the tracking server's
+artifact store, as the files of a run of the ``batchscore-model-registry`` experiment;
+the version is registered from that run (``runs:/<id>/model``). A tracking server
+refuses a local source that belongs to no run, and a version whose source is the user's
+folder would break once the folder moved.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 from registry.errors import ModelNotFound, RegistryError
 
+REGISTER_EXPERIMENT = "batchscore-model-registry"
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w\-]+))$")
 
 
@@ -53,12 +60,15 @@ def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
 
 
 class MlflowRegistry:
-    def __init__(self, tracking_uri: str) -> None:
+    def __init__(self, tracking_uri: str, artifact_root: Path | None = None) -> None:
+        """``artifact_root``: where a registered folder's files go when the tracking URI is
+        a database (a server keeps its own); default ``mlartifacts`` beside a SQLite file."""
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
+        self.artifact_root = artifact_root or _default_artifact_root(tracking_uri)
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
         self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -118,11 +128,42 @@ class MlflowRegistry:
                     f"{path} is not an MLflow model folder",
                     expected="a folder with an MLmodel file (from mlflow.<flavor>.save_model)",
                 )
-            source = str(path.absolute())
+            source = self._upload(path, name)
         created = mlflow.register_model(source, name)
         if alias:
             self.promote(name, str(created.version), alias)
         return self._describe(self._client.get_model_version(name, str(created.version)))
+
+    def _upload(self, folder: Path, name: str) -> str:
+        """Copy a model folder into the artifact store as a run's ``model``; its runs:/ URI."""
+        run = self._client.create_run(
+            self._register_experiment(),
+            run_name=f"register-{name}",
+            tags={"batchscore.registered_from": str(folder.absolute())},
+        )
+        try:
+            self._client.log_artifacts(run.info.run_id, str(folder), artifact_path="model")
+        except BaseException:
+            self._client.set_terminated(run.info.run_id, status="FAILED")
+            raise
+        self._client.set_terminated(run.info.run_id)
+        return f"runs:/{run.info.run_id}/model"
+
+    def _register_experiment(self) -> str:
+        found = self._client.get_experiment_by_name(REGISTER_EXPERIMENT)
+        if found is not None:
+            return str(found.experiment_id)
+        location = None
+        if self.artifact_root is not None:
+            self.artifact_root.mkdir(parents=True, exist_ok=True)
+            location = self.artifact_root.absolute().as_uri()
+        try:
+            return str(self._client.create_experiment(REGISTER_EXPERIMENT, location))
+        except Exception as exc:  # created meanwhile by another process
+            found = self._client.get_experiment_by_name(REGISTER_EXPERIMENT)
+            if found is None:
+                raise exc from None
+            return str(found.experiment_id)
 
     def promote(self, name: str, version: str, alias: str) -> RegisteredVersion:
         """Point ``alias`` at ``version``; runs already started keep their pin."""
@@ -180,6 +221,14 @@ class MlflowRegistry:
             source=str(version.source),
             run_id=version.run_id,
         )
+
+
+def _default_artifact_root(tracking_uri: str) -> Path | None:
+    """Beside a SQLite database; none for a server, which has its own artifact store."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
+    return database.parent / "mlartifacts"
 
 
 def _missing(exc: Exception) -> bool:
