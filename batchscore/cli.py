@@ -219,7 +219,13 @@ def print_summary(summary: dict[str, Any]) -> None:
     out.print(
         f"namespace [bold]{summary['namespace']}[/] · model {model['name']} v{model['version']} · "
         f"{summary['rows']:,} rows · version {summary['version']} [bold]{state}[/]"
+        + (f" in {escape(summary['store'])}" if summary.get("store") else ""),
+        soft_wrap=True,
     )
+    for label, record in (summary.get("stores") or {}).items():
+        if label != summary.get("store"):
+            went = "published" if record["published"] else "exported, not published"
+            out.print(f"  also {went} in {escape(label)}: version {record['version']}")
     _print_drift(summary.get("drift"))
     for name, path in (summary.get("reports") or {}).items():
         out.print(f"{name}: file://{path}", soft_wrap=True, highlight=False)
@@ -328,7 +334,8 @@ def status(
     if json_out:
         out.print_json(data=report)
         return
-    table = Table(title=f"namespace {namespace}: live version {report['live']}")
+    title = f"namespace {namespace} in {report['store']}: live version {report['live']}"
+    table = Table(title=title)
     for column in ("version", "live", "state", "keys", "model", "run", "published at"):
         table.add_column(column)
     for v in report["versions"]:
@@ -351,22 +358,25 @@ def versions(
     namespace: str, store: StoreOpt = None, json_out: bool = typer.Option(False, "--json")
 ) -> None:
     """Every version of a namespace in the store: live, kept, loading, expiring, deleting."""
+    from jobs.status import namespace_state
+
     settings = _run_settings()
     try:
-        opened = _open_store(settings, store)
-        state = opened.state(namespace)
-        opened.close()
+        state = namespace_state(settings, namespace, store)
     except BatchscoreError as exc:
         _fail(exc)
         return
+    from kv_export.connect import store_target
+
+    label = store_target(settings, store).label
     if json_out:
-        out.print_json(
-            data=state.model_dump(mode="json", exclude={"versions": {"__all__": {"parts"}}})
-        )
+        dumped = state.model_dump(mode="json", exclude={"versions": {"__all__": {"parts"}}})
+        out.print_json(data={"store": label} | dumped)
         return
     ttl = f"{state.ttl_seconds:,} s" if state.ttl_seconds else "none"
     table = Table(
-        title=f"namespace {namespace}: live {state.live} · kept {state.history} · TTL {ttl}"
+        title=f"namespace {namespace} in {label}: live {state.live} · kept {state.history} · "
+        f"TTL {ttl}"
     )
     for column in ("version", "role", "keys", "model", "run", "completed", "published", "expires"):
         table.add_column(column)
@@ -398,9 +408,9 @@ def _role(state: Any, number: int) -> str:
 
 
 def _open_store(settings: RunSettings, store: str | None) -> Any:
-    from kv_export.store import open_store
+    from kv_export.connect import open_from_settings
 
-    return open_store(store or settings.resolved_store_url, password=settings.store_password)
+    return open_from_settings(settings, store)
 
 
 @app.command()

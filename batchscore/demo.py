@@ -207,15 +207,16 @@ def _airflow_dags_test(
 
 
 def _live_manifest(settings: RunSettings) -> dict[str, Any]:
-    from kv_export.store import open_store
+    """The live run's manifest as its summary shows it (the version in this store included)."""
+    from jobs.manifest import load_manifest
+    from kv_export.connect import open_from_settings
 
-    store = open_store(settings.resolved_store_url)
+    store = open_from_settings(settings)
     live = store.state(MODEL_NAME).live_info()
     if live is None:
         raise DemoFailed(f"Namespace '{MODEL_NAME}' has no live version after the DAG run")
-    path = settings.runs_dir / MODEL_NAME / live.run_id / "manifest.json"
-    manifest: dict[str, Any] = json.loads(path.read_text())
-    return manifest
+    manifest = load_manifest(settings.runs_dir / MODEL_NAME / live.run_id)
+    return json.loads(manifest.model_dump_json()) | manifest.summary()
 
 
 def _free_port() -> int:

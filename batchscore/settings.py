@@ -42,6 +42,11 @@ class _Common(BaseSettings):
         default=None,
         description="KV store: lmdb:///path (embedded, the default) or redis://host:port/db.",
     )
+    store_password: str | None = Field(
+        default=None,
+        repr=False,
+        description="Redis password when the store URL carries none (the URL's wins).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -101,11 +106,6 @@ class RunSettings(_Common):
     )
     keep_versions: int = Field(
         default=2, ge=1, description="Published versions kept per namespace."
-    )
-    store_password: str | None = Field(
-        default=None,
-        repr=False,
-        description="Redis password when the store URL carries none (the URL's wins).",
     )
     version_ttl_seconds: int | None = Field(
         default=None,
@@ -193,11 +193,6 @@ class ApiSettings(_Common):
         default=1.0, ge=0, description="How long the live-version pointer is cached."
     )
     store_timeout_seconds: float = Field(default=0.5, gt=0, description="Socket timeout to Redis.")
-    store_password: str | None = Field(
-        default=None,
-        repr=False,
-        description="Redis password when the store URL carries none (the URL's wins).",
-    )
     max_batch_keys: int = Field(default=1000, ge=1, description="Most keys in one batch request.")
     batch_fallback: bool = Field(default=True, description="Answer from the run's Parquet output.")
     stale_fallback: bool = Field(

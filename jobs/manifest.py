@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from jobs.errors import RunError
+from kv_export.connect import public_url
 
 MANIFEST = "manifest.json"
 
@@ -101,6 +102,21 @@ class ShardRecord(BaseModel):
     max_key: int | str | None = None
 
 
+class StoreRecord(BaseModel):
+    """What the run did in one store: the version it exported there and whether it went live.
+
+    A run aimed at another store exports and publishes there too; aimed at the same
+    store again, it publishes nothing twice.
+    """
+
+    store: str  # the store's URL without secrets (kv_export.connect.public_url)
+    version: int | None = None
+    keys: int | None = None
+    exported_at: str | None = None
+    published: bool = False
+    published_at: str | None = None
+
+
 class Manifest(BaseModel):
     run_id: str
     namespace: str
@@ -114,9 +130,42 @@ class Manifest(BaseModel):
     validation: dict[str, Any] | None = None
     drift: dict[str, Any] | None = None
     reports: dict[str, str] = Field(default_factory=dict)  # name → path (Data Docs, plots)
-    version: int | None = None
-    published: bool = False
-    published_at: str | None = None
+    stores: dict[str, StoreRecord] = Field(default_factory=dict)  # by store label
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_store_record(cls, data: Any) -> Any:
+        """A manifest written before runs kept a record per store: its version and
+        publish belong to the store its parameters name."""
+        if not isinstance(data, dict) or "version" not in data:
+            return data
+        data = dict(data)
+        legacy = {k: data.pop(k) for k in ("version", "published", "published_at") if k in data}
+        store = public_url(data["params"]["store_url"])
+        stores = dict(data.get("stores") or {})
+        stores.setdefault(store, {"store": store, **legacy})
+        return data | {"stores": stores}
+
+    @property
+    def store(self) -> str:
+        """The label of the store this run's parameters name (no secrets)."""
+        return public_url(self.params.store_url)
+
+    def store_record(self) -> StoreRecord:
+        """The run's record in its current store, created when the run first meets it."""
+        return self.stores.setdefault(self.store, StoreRecord(store=self.store))
+
+    @property
+    def version(self) -> int | None:
+        """The version this run exported to its current store."""
+        found = self.stores.get(self.store)
+        return found.version if found else None
+
+    @property
+    def published(self) -> bool:
+        """Whether this run went live in its current store (once; never again there)."""
+        found = self.stores.get(self.store)
+        return found.published if found else False
 
     @property
     def path(self) -> Path:
@@ -141,8 +190,10 @@ class Manifest(BaseModel):
             "namespace": self.namespace,
             "model": {"name": self.model.name, "version": self.model.version},
             "rows": self.input.rows if self.input else 0,
+            "store": self.store,
             "version": self.version,
             "published": self.published,
+            "stores": {label: r.model_dump() for label, r in self.stores.items()},
             "failed_shards": [
                 {"id": s.id, "rows": s.rows, "error": s.error}
                 for s in self.shards

@@ -66,8 +66,8 @@ def compare(run_dir: str | Path, settings: RunSettings | None = None) -> dict[st
 
     manifest = load_manifest(run_dir)
     started = time.perf_counter()
-    live = _live_version(settings or steps._settings(), manifest)
-    rules = steps._quality(manifest).drift
+    live = _live_version(settings, manifest)
+    rules = steps.quality_rules(manifest).drift
     samples, outputs = _compare_outputs(manifest, live, rules)
     reports = Path(manifest.run_dir) / "reports"
     plot = plot_distributions(
@@ -94,10 +94,10 @@ def compare(run_dir: str | Path, settings: RunSettings | None = None) -> dict[st
     return report | {"path": str(path)}
 
 
-def _live_version(settings: RunSettings, manifest: Manifest) -> Any:
+def _live_version(settings: RunSettings | None, manifest: Manifest) -> Any:
     from jobs import steps
 
-    store = steps._open_run_store(settings, manifest.params.store_url)
+    store = steps.open_run_store(manifest, settings)
     try:
         return store.state(manifest.namespace).live_info()
     finally:

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchscore.settings import RunSettings, is_running_cluster
 from jobs.errors import RunError
@@ -26,7 +26,12 @@ from jobs.manifest import (
     ShardRecord,
     load_manifest,
     safe_run_id,
+    utcnow,
 )
+from kv_export.connect import store_target
+
+if TYPE_CHECKING:
+    from kv_export.store import PredictionStore
 
 log = logging.getLogger("batchscore.jobs")
 DOCS_CLUSTER_TIMEOUT = 60  # seconds to connect to a running cluster, and for its Data Docs
@@ -75,6 +80,7 @@ def resolve(settings: RunSettings, params: RunParams, run_id: str | None = None)
     from scoring.inputs import discover
 
     started = time.perf_counter()
+    check_store(settings, params.store_url)
     registry = MlflowRegistry(settings.tracking_uri)
     pin = registry.resolve(params.model_uri)
     namespace = params.namespace or pin.name
@@ -357,7 +363,7 @@ def _part_checks(manifest: Manifest) -> Any:
 
     return PartChecks(
         key_column=manifest.params.key_column,
-        rules=_quality(manifest).outputs,
+        rules=quality_rules(manifest).outputs,
         results_dir=str(Path(manifest.run_dir) / "validation"),
     )
 
@@ -406,7 +412,7 @@ class _DocsOnCluster:
         return build_data_docs(*args)
 
 
-def check_drift(run_dir: str | Path) -> dict[str, Any]:
+def check_drift(run_dir: str | Path, settings: RunSettings | None = None) -> dict[str, Any]:
     """Gate the run on drift against the namespace's live version; ``force`` overrides.
 
     Reads the live version's output parts (``VersionInfo.parts``) and this run's,
@@ -415,7 +421,6 @@ def check_drift(run_dir: str | Path) -> dict[str, Any]:
     this run already live: nothing to compare, the gate passes. A blocked run keeps
     its output on disk; the live version is untouched.
     """
-    from kv_export.store import open_store
     from scoring.drift import judge, read_samples
     from scoring.errors import DriftDetected
     from scoring.reports import plot_distributions
@@ -423,8 +428,8 @@ def check_drift(run_dir: str | Path) -> dict[str, Any]:
     manifest = load_manifest(run_dir)
     _require_scored(manifest)
     started = time.perf_counter()
-    rules = _quality(manifest).drift
-    store = open_store(manifest.params.store_url)
+    rules = quality_rules(manifest).drift
+    store = open_run_store(manifest, settings)
     try:
         live = store.state(manifest.namespace).live_info()
     finally:
@@ -502,7 +507,7 @@ def _drift_note(compare: bool, results: list[Any], overridden: bool) -> str:
     return f"{state}: {worst.metric} {worst.distance:.3f}, moved {worst.moved_share:.1%}"
 
 
-def _quality(manifest: Manifest) -> Any:
+def quality_rules(manifest: Manifest) -> Any:
     from scoring.quality import DriftRules, load_quality_config, namespace_quality
 
     return namespace_quality(
@@ -527,7 +532,7 @@ def export(run_dir: str | Path, settings: RunSettings | None = None) -> dict[str
     manifest = load_manifest(run_dir)
     if manifest.params.dry_run:
         return _skipped(manifest, "export", "dry run")
-    if manifest.published:
+    if manifest.published:  # in this store; another store gets its own version
         return _exported_earlier(manifest)
     if not (manifest.validation or {}).get("success"):
         raise RunError(
@@ -559,20 +564,29 @@ def export(run_dir: str | Path, settings: RunSettings | None = None) -> dict[str
             PartInfo(path=s.part, rows=s.rows, min_key=s.min_key, max_key=s.max_key) for s in done
         ],
     )
-    settings = settings or _settings()
-    result = _export_version(settings, manifest, new, [Path(s.part) for s in done])
+    result = _export_version(
+        settings or load_run_settings(), manifest, new, [Path(s.part) for s in done]
+    )
     seconds = time.perf_counter() - started
-    manifest.version = result.info.version
+    record = manifest.store_record()
+    record.version, record.keys, record.exported_at = result.info.version, result.keys, utcnow()
     manifest.record_step(
         "export",
         seconds=seconds,
         rows=result.keys,
         version=result.info.version,
+        store=manifest.store,
         reused=result.reused,
         keys_per_second=result.keys / seconds if seconds and not result.reused else None,
     )
     manifest.save()
-    return {"run_dir": manifest.run_dir, "version": result.info.version, "keys": result.keys}
+    log.info("exported version %s to %s", result.info.version, manifest.store)
+    return {
+        "run_dir": manifest.run_dir,
+        "version": result.info.version,
+        "keys": result.keys,
+        "store": manifest.store,
+    }
 
 
 def _exported_earlier(manifest: Manifest) -> dict[str, Any]:
@@ -580,32 +594,59 @@ def _exported_earlier(manifest: Manifest) -> dict[str, Any]:
 
     (Loading it again after retention dropped its version would make a new version.)
     """
-    keys = manifest.steps.get("export", {}).get("rows")
+    keys = manifest.store_record().keys
     manifest.record_step(
-        "export", seconds=0.0, rows=keys, version=manifest.version, reused=True, note="published"
+        "export",
+        seconds=0.0,
+        rows=keys,
+        version=manifest.version,
+        store=manifest.store,
+        reused=True,
+        note="published",
     )
     manifest.save()
-    log.info("run %s published version %s; not exported again", manifest.run_id, manifest.version)
-    return {"run_dir": manifest.run_dir, "version": manifest.version, "keys": keys}
+    log.info(
+        "run %s published version %s in %s; not exported again",
+        manifest.run_id,
+        manifest.version,
+        manifest.store,
+    )
+    return {
+        "run_dir": manifest.run_dir,
+        "version": manifest.version,
+        "keys": keys,
+        "store": manifest.store,
+    }
 
 
-def _settings() -> RunSettings:
+def load_run_settings() -> RunSettings:
+    """The settings of a step run without a caller's (an Airflow task, ``batchscore step``)."""
     from batchscore.settings import load_settings
 
     return load_settings(RunSettings)
 
 
-def _open_run_store(settings: RunSettings, url: str) -> Any:
-    from kv_export.store import open_store
+def open_run_store(manifest: Manifest, settings: RunSettings | None = None) -> PredictionStore:
+    """The run's store, opened the one way (``kv_export.connect``): the URL of the run's
+    parameters, the password and other store settings of ``settings``."""
+    return store_target(settings or load_run_settings(), manifest.params.store_url).open()
 
-    return open_store(url, password=settings.store_password)
+
+def check_store(settings: RunSettings, url: str) -> None:
+    """Fail before any scoring when the run's store cannot be reached or refuses the
+    credentials; the error names the store without its secret and the setting to use."""
+    store = store_target(settings, url).open()
+    try:
+        store.ping()
+    finally:
+        store.close()
 
 
 def _export_version(settings: RunSettings, manifest: Manifest, new: Any, parts: list[Path]) -> Any:
     """Export from this process, or from the Dask workers when asked and a scheduler is named."""
     from kv_export.export import export_parts, export_parts_on_dask
 
-    store = _open_run_store(settings, manifest.params.store_url)
+    store = open_run_store(manifest, settings)
     try:
         if settings.version_ttl_seconds is not None:
             store.set_ttl(manifest.namespace, settings.version_ttl_seconds)
@@ -617,14 +658,8 @@ def _export_version(settings: RunSettings, manifest: Manifest, new: Any, parts: 
     from distributed import Client
 
     with Client(cluster) as client:
-        return export_parts_on_dask(
-            client,
-            manifest.params.store_url,
-            manifest.namespace,
-            new,
-            parts,
-            password=settings.store_password,
-        )
+        target = store_target(settings, manifest.params.store_url)
+        return export_parts_on_dask(client, target, manifest.namespace, new, parts)
 
 
 def publish(run_dir: str | Path, settings: RunSettings | None = None) -> dict[str, Any]:
@@ -649,7 +684,7 @@ def publish(run_dir: str | Path, settings: RunSettings | None = None) -> dict[st
         raise RunError(f"Run {manifest.run_id} has no exported version", fix="Run export first")
     started = time.perf_counter()
     was_published = manifest.published
-    store = _open_run_store(settings or _settings(), manifest.params.store_url)
+    store = open_run_store(manifest, settings)
     try:
         before = store.state(manifest.namespace).live
         info, note = None, "published earlier; not published again"
@@ -665,21 +700,25 @@ def publish(run_dir: str | Path, settings: RunSettings | None = None) -> dict[st
                 log.warning("%s", exc)
     finally:
         store.close()
-    manifest.published = True
-    manifest.published_at = manifest.published_at or (info.published_at if info else None)
+    record = manifest.store_record()
+    record.published = True
+    record.published_at = record.published_at or (info.published_at if info else None)
     manifest.record_step(
         "publish",
         seconds=time.perf_counter() - started,
         version=manifest.version,
         previous=before,
+        store=manifest.store,
         note=note,
     )
     manifest.save()
-    log.info("namespace %s: version %s %s", manifest.namespace, manifest.version, note)
+    where = f"namespace {manifest.namespace} in {manifest.store}"
+    log.info("%s: version %s %s", where, manifest.version, note)
     return {
         "run_dir": manifest.run_dir,
         "run_id": manifest.run_id,
         "namespace": manifest.namespace,
+        "store": manifest.store,
         "model": f"{manifest.model.name}/{manifest.model.version}",
         "version": manifest.version,
         "previous": before,

@@ -4,6 +4,8 @@
 
     StoreError
     ├── StoreUnavailable     the store cannot be reached or timed out
+    │   └── StoreAuthFailed  the store refused the credentials (password, ACL user)
+    ├── NamespaceNotFound    the store holds nothing of the namespace
     ├── BadStoreUrl          a store URL batchscore cannot open
     ├── VersionNotFound      no such version in the namespace
     └── VersionIncomplete    the version is still loading (or was never finished)
@@ -20,6 +22,14 @@ class StoreError(BatchscoreError):
 
 class StoreUnavailable(StoreError):
     pass
+
+
+class StoreAuthFailed(StoreUnavailable):
+    """Redis answered, but refused the password or ACL user it was given (or none)."""
+
+
+class NamespaceNotFound(StoreError):
+    """The store holds no version and no record of the namespace."""
 
 
 class BadStoreUrl(StoreError):

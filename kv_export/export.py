@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kv_export.connect import StoreTarget
 from kv_export.encoding import VALUE_DTYPE, text_keys
 from kv_export.errors import VersionNotFound
 from kv_export.store import NewVersion, PredictionStore, VersionInfo
@@ -126,23 +127,20 @@ def _complete(
 
 def export_parts_on_dask(
     client: Any,
-    store_url: str,
+    target: StoreTarget,
     namespace: str,
     new: NewVersion,
     parts: Sequence[Path],
     *,
-    password: str | None = None,
     flush_rows: int = FLUSH_ROWS,
 ) -> ExportResult:
     """``export_parts`` where each Dask worker loads its parts straight into the store.
 
     The driver only begins and completes the version (two small state
-    updates); the rows never pass through it. Workers must reach the store at
-    ``store_url`` and read the parts at the same paths (shared storage).
+    updates); the rows never pass through it. Workers must reach the store
+    ``target`` names and read the parts at the same paths (shared storage).
     """
-    from kv_export.store import open_store
-
-    store = open_store(store_url, password=password)
+    store = target.open()
     try:
         info = store.begin_version(namespace, new)
         if info.state == "complete":
@@ -150,10 +148,9 @@ def export_parts_on_dask(
         futures = client.map(
             _load_on_worker,
             [str(p) for p in parts],
-            store_url=store_url,
+            target=target,
             namespace=namespace,
             info=info,
-            password=password,
             flush_rows=flush_rows,
             pure=False,
         )
@@ -164,17 +161,9 @@ def export_parts_on_dask(
 
 
 def _load_on_worker(
-    part: str,
-    *,
-    store_url: str,
-    namespace: str,
-    info: VersionInfo,
-    password: str | None,
-    flush_rows: int,
+    part: str, *, target: StoreTarget, namespace: str, info: VersionInfo, flush_rows: int
 ) -> int:
-    from kv_export.store import open_store
-
-    store = open_store(store_url, password=password)
+    store = target.open()
     try:
         return load_parts(store, namespace, info, [part], flush_rows=flush_rows)
     finally:

@@ -34,7 +34,7 @@ from kv_export.encoding import (
     redis_hset_payload,
     redis_state_key,
 )
-from kv_export.errors import StoreError, StoreUnavailable
+from kv_export.errors import StoreAuthFailed, StoreError, StoreUnavailable
 from kv_export.store import NamespaceState, VersionInfo, redact_url
 
 T = TypeVar("T")
@@ -78,6 +78,13 @@ class RedisStore(StateBackedStore):
     def _errors(self, doing: str) -> Iterator[None]:
         try:
             yield
+        except redis.AuthenticationError as exc:
+            raise StoreAuthFailed(
+                f"Redis at {redact_url(self.url)} refused the credentials while {doing}",
+                found=str(exc),
+                fix="Set BATCHSCORE_STORE_PASSWORD to the server's password (an ACL user goes "
+                "in the URL: redis://USER@host:port/db)",
+            ) from exc
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailable(
                 f"Redis at {redact_url(self.url)} did not answer while {doing}",

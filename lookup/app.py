@@ -44,7 +44,7 @@ from kv_export.errors import StoreUnavailable
 from kv_export.store import AsyncPredictionReader, NamespaceState
 from lookup.errors import ApiError
 from lookup.observability import AccessLog, Metrics, ObserveMiddleware, StateCollector
-from lookup.readers import open_reader
+from lookup.readers import reader_from_settings
 from lookup.routing import LeanRoute
 from lookup.security import ApiKeys, Principal, RateLimiter, presented_key
 from lookup.service import Answer, Lookup
@@ -274,11 +274,7 @@ def create_app(
 ) -> FastAPI:
     """Build the API; with no arguments (uvicorn ``factory=True``) from ``get_settings()``."""
     settings = settings or get_settings()
-    reader = reader or open_reader(
-        settings.resolved_store_url,
-        timeout_seconds=settings.store_timeout_seconds,
-        password=settings.store_password,
-    )
+    reader = reader or reader_from_settings(settings)
     metrics = Metrics()
     lookup = Lookup(settings, reader, metrics)
     guard = Guard(settings)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+from kv_export.connect import StoreTarget, store_target
 from kv_export.errors import BadStoreUrl
 from kv_export.store import AsyncPredictionReader, VersionInfo, redact_url
+
+if TYPE_CHECKING:
+    from batchscore.settings import ApiSettings
 
 GetOne = Callable[[str, VersionInfo, bytes], Awaitable[bytes | None]]
 
@@ -34,16 +38,22 @@ def single_key_read(reader: AsyncPredictionReader) -> GetOne:
     return get_one
 
 
-def open_reader(
-    url: str, *, timeout_seconds: float, password: str | None = None
-) -> AsyncPredictionReader:
-    """``redis[s]://`` → auto-pipelined redis.asyncio connections with tight timeouts
-    (``password`` when the URL carries none); ``lmdb://PATH`` → direct LMDB reads."""
+def reader_from_settings(settings: ApiSettings) -> AsyncPredictionReader:
+    """The API's reader of the store the settings name, opened the one way
+    (``kv_export.connect``): the same URL and password as every step of a run, with the
+    API's tight timeout."""
+    return open_reader(store_target(settings, timeout_seconds=settings.store_timeout_seconds))
+
+
+def open_reader(target: StoreTarget) -> AsyncPredictionReader:
+    """``redis[s]://`` → one pipelined connection parsed by hiredis (``password`` when the
+    URL carries none); ``lmdb://PATH`` → direct LMDB reads."""
+    url = target.url
     scheme = urlsplit(url).scheme
     if scheme in ("redis", "rediss", "unix"):
         from lookup.redis_reader import RedisReader
 
-        return RedisReader(url, timeout_seconds=timeout_seconds, password=password)
+        return RedisReader(url, timeout_seconds=target.timeout_seconds, password=target.password)
     if scheme in ("lmdb", ""):
         from kv_export.lmdb_store import LmdbReader
 

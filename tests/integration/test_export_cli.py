@@ -18,6 +18,7 @@ from jobs.manifest import (
     ModelRecord,
     RunParams,
     ShardRecord,
+    load_manifest,
 )
 from kv_export.store import NewVersion, open_store
 from tests.conftest import RedisServer, run_cli
@@ -80,7 +81,7 @@ def test_publish_step_refuses_a_missing_or_incomplete_version(
         refused = run_cli("step", "publish", str(bad), env=cli_env)
         assert refused.returncode == 1
         assert re.search(message, refused.stderr), refused.stderr
-        assert json.loads((bad / "manifest.json").read_text())["published"] is False
+        assert load_manifest(bad).published is False
     state = store.state("ns")
     assert state.live == 1 and state.history == [1]
 

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
+from kv_export.connect import StoreTarget
 from kv_export.encoding import bucket_count, encode_keys, unpack_value
 from kv_export.errors import StoreUnavailable
 from kv_export.export import export_parts, export_parts_on_dask
@@ -232,7 +233,7 @@ def test_dask_workers_export_their_own_parts(tmp_path: Path, servers: list[Serve
         ) as cluster,
         Client(cluster) as client,
     ):
-        result = export_parts_on_dask(client, url, "ns", new("r1"), parts)
+        result = export_parts_on_dask(client, StoreTarget(url), "ns", new("r1"), parts)
     assert result.keys == ROWS and not result.reused
     store = open_store(url)
     store.publish("ns", result.info.version, keep=2)
