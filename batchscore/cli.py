@@ -268,6 +268,7 @@ def serve(
     import uvicorn
 
     from lookup.app import create_app
+    from lookup.observability import shared_metrics_for_workers
 
     try:
         settings = load_settings(
@@ -295,7 +296,9 @@ def serve(
         "API_WORKERS": str(settings.api_workers),
     }
     os.environ.update({f"BATCHSCORE_{name}": value for name, value in overrides.items()})
-    uvicorn.run("lookup.app:create_app", factory=True, workers=settings.api_workers, **common)
+    # One scrape of /metrics must show every worker: their metrics go to shared files.
+    with shared_metrics_for_workers():
+        uvicorn.run("lookup.app:create_app", factory=True, workers=settings.api_workers, **common)
 
 
 @app.command()

@@ -43,7 +43,7 @@ from kv_export.encoding import VALUE_DTYPE, unpack_value
 from kv_export.errors import StoreUnavailable
 from kv_export.store import AsyncPredictionReader, NamespaceState
 from lookup.errors import ApiError
-from lookup.observability import AccessLog, Metrics, ObserveMiddleware, StateCollector
+from lookup.observability import AccessLog, Metrics, ObserveMiddleware, shared_metrics_dir
 from lookup.readers import reader_from_settings
 from lookup.routing import LeanRoute
 from lookup.security import ApiKeys, Principal, RateLimiter, presented_key
@@ -275,7 +275,7 @@ def create_app(
     """Build the API; with no arguments (uvicorn ``factory=True``) from ``get_settings()``."""
     settings = settings or get_settings()
     reader = reader or reader_from_settings(settings)
-    metrics = Metrics()
+    metrics = Metrics(shared_metrics_dir())
     lookup = Lookup(settings, reader, metrics)
     guard = Guard(settings)
 
@@ -283,7 +283,8 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await lookup.warm()
         settle_heap()
-        yield
+        async with metrics.serving():
+            yield
         await reader.close()
 
     app = FastAPI(
@@ -294,7 +295,7 @@ def create_app(
     )
     app.router.route_class = LeanRoute
     app.state.lookup, app.state.guard = lookup, guard
-    metrics.registry.register(StateCollector(lambda: lookup.breaker.state, lookup.cache.cached))
+    metrics.watch(lambda: lookup.breaker.state, lookup.cache.cached)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
