@@ -404,13 +404,30 @@ def test_errors_are_json_and_leak_nothing(
     assert {"route", "status", "ms", "source", "method"} <= set(log_lines[-1])
 
 
+def worker_pids(api: ApiProcess) -> set[int]:
+    """The uvicorn worker processes of ``api``: its children started through
+    multiprocessing's spawn (uvicorn's way; its resource tracker is a child too)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+            continue
+        if parent == api.process.pid and b"spawn_main" in command:
+            found.add(int(stat.parent.name))
+    return found
+
+
 def test_serve_with_several_workers(
     api_env: dict[str, str], start_api: Start, tmp_path: Path
 ) -> None:
     store_url = f"lmdb://{tmp_path / 'store'}"
     write_version(store_url, tmp_path / "v1", KEYS, "1")
     api = start_api(api_env | {"BATCHSCORE_API_WORKERS": "2"}, store_url)
+    workers = worker_pids(api)
+    assert len(workers) == 2 and api.process.pid not in workers
     key = int(KEYS[7])
-    with httpx.Client(base_url=api.base, timeout=10) as client:
-        for _ in range(20):
-            check(client.get(f"/v1/predictions/{NS}/{key}").json(), key, "1", "kv")
+    for _ in range(20):  # a new connection each: any worker may take it
+        check(get(api, f"/v1/predictions/{NS}/{key}").json(), key, "1", "kv")
+    assert worker_pids(api) == workers  # none of them died serving
