@@ -3,7 +3,8 @@
 ``python docker/compose_env.py [PATH]`` (``make compose-env``): PATH defaults to ``.env``
 beside docker-compose.yaml. An existing file is never overwritten: its secrets are the
 ones the stack's volumes (the Postgres roles, Airflow's Fernet-encrypted connections)
-were created with. Every value is URL-safe, so it can stand in a database URL.
+were created with. Every password is hexadecimal: it can stand in a database URL and
+never starts with a dash that a command line would take for an option.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def fernet_key() -> str:
 
 
 def generate() -> dict[str, str]:
-    values = {name: secrets.token_urlsafe(24) for name in SECRETS}
+    values = {name: secrets.token_hex(20) for name in SECRETS}
     values["AIRFLOW_FERNET_KEY"] = fernet_key()
     return values
 

@@ -327,9 +327,19 @@ class Stack:
             f"{self.tails([name])}"
         )
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 30) -> None:
+        """TERM to every process group at once, KILL to what is left after ``grace`` s."""
+        for process in self.processes:
+            kill_group(process.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            for process in self.processes:
+                process.popen.poll()  # reap the leaders so that only live members count
+            if not any(group_alive(p.popen.pid) for p in self.processes):
+                break
+            time.sleep(0.2)
         for process in reversed(self.processes):
-            process.stop()
+            process.stop(grace=0)
         for stopper in reversed(self.stoppers):
             stopper()
         for database in self.databases:

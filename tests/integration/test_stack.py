@@ -15,6 +15,7 @@ lookup API.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,6 +94,13 @@ def test_a_model_registered_through_mlflow_is_scored_by_the_dag_and_served_with_
         airflow.wait_for_run("batchscore", run_id, timeout=RUN_TIMEOUT)
         states = {ti["task_id"]: ti["state"] for ti in airflow.task_instances("batchscore", run_id)}
         assert states.get("publish") == "success", states
+        # scored by the stack's workers (BATCHSCORE_CLUSTER), not a cluster of the task's own
+        (manifest,) = (stack.loopback.paths["/var/lib/batchscore"] / "runs").glob(
+            "*/*/manifest.json"
+        )
+        recorded = json.loads(manifest.read_text())
+        assert recorded["params"]["cluster"] == stack.loopback.text("tcp://dask-scheduler:8786")
+        assert recorded["steps"]["score"]["rows_scored"] == 12_000
 
         # The lookup API, with the key from .env and without.
         api = stack.url("lookup-api", 8000)
