@@ -120,6 +120,7 @@ def run(
         precision=precision,
         max_failed_shards=max_failed_shards,
         workers=workers,
+        store_url=store,  # a password in it moves to the settings, never to the manifest
     )
     try:
         from jobs.steps import make_params
@@ -130,7 +131,6 @@ def run(
             model_uri=model,
             key_column=key_column,
             namespace=namespace,
-            store_url=store,
             shard_rows=shard_rows,
             features=[f.strip() for f in features.split(",") if f.strip()] if features else None,
             dry_run=dry_run,
@@ -295,6 +295,8 @@ def serve(
         "PORT": str(settings.port),
         "API_WORKERS": str(settings.api_workers),
     }
+    if settings.store_password:  # it came out of --store's URL: the workers need it too
+        overrides["STORE_PASSWORD"] = settings.store_password
     os.environ.update({f"BATCHSCORE_{name}": value for name, value in overrides.items()})
     # One scrape of /metrics must show every worker: their metrics go to shared files.
     with shared_metrics_for_workers():

@@ -60,6 +60,20 @@ class _Common(BaseSettings):
             )
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _password_out_of_the_url(cls, data: Any) -> Any:
+        """A password in the store URL moves to ``store_password`` (the URL's wins, as
+        always): from here on the URL can be shown, recorded and sent anywhere."""
+        from kv_export.connect import split_password
+
+        if not isinstance(data, dict) or not isinstance(data.get("store_url"), str):
+            return data
+        url, password = split_password(data["store_url"])
+        if password is None:
+            return data
+        return data | {"store_url": url, "store_password": password}
+
     @field_validator("home")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
@@ -116,6 +130,26 @@ class RunSettings(_Common):
     export_on_workers: bool = Field(
         default=False,
         description="With a tcp:// scheduler as cluster, Dask workers export their own parts.",
+    )
+    loading_grace_seconds: int = Field(
+        default=3600,
+        ge=0,
+        description="A version still loading this long after its export began is an orphan "
+        "of a crashed export: the collection after each publish deletes it. Set it above "
+        "your longest export.",
+    )
+    keep_run_days: float = Field(
+        default=7.0,
+        ge=0,
+        description="Run folders (parts, model copy) not needed by a version the store keeps "
+        "are deleted this many days after their last change, by the collection after a "
+        "publish.",
+    )
+    gc_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Time the collection after a publish may spend deleting old versions; "
+        "what is left is deleted by the next one.",
     )
     max_feature_null_rate: float = Field(
         default=0.0,

@@ -13,10 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from jobs.errors import RunError
-from kv_export.connect import public_url
+from kv_export.connect import public_url, split_password
 
 MANIFEST = "manifest.json"
 
@@ -51,13 +51,29 @@ class RunParams(BaseModel):
     max_failed_shards: int = 0
     keep_versions: int = 2
     dry_run: bool = False
-    force: bool = False  # re-score existing parts, and publish past a failing drift gate
+    force: bool = False  # re-score existing parts, publish past the drift gate and out of order
+    # What the run's data is as of: a DAG run's logical date; unset, the run's created_at.
+    # Versions go live in this order (kv_export.store.VersionOrder).
+    data_as_of: str | None = None
     max_feature_null_rate: float = 0.0
     quality_config: str | None = None
     drift: dict[str, Any] = Field(default_factory=dict)  # scoring.quality.DriftRules defaults
     # Per-part expectations at the end of each shard's task on its worker; off: the
     # validate step checks every part on a cluster of its own (docs/quality.md).
     check_parts_in_score: bool = True
+
+    @field_validator("store_url")
+    @classmethod
+    def _no_password(cls, value: str) -> str:
+        """Parameters are written to manifest.json and shown in logs: never a secret."""
+        if split_password(value)[1] is not None:
+            # Not a ValueError: pydantic would quote the input, secret included.
+            raise RunError(
+                f"Store URL {public_url(value)} carries a password",
+                expected="a store URL without one",
+                fix="Give the password as BATCHSCORE_STORE_PASSWORD",
+            )
+        return value
 
 
 class ModelRecord(BaseModel):
@@ -175,10 +191,18 @@ class Manifest(BaseModel):
     def parts_dir(self) -> Path:
         return Path(self.run_dir) / "parts"
 
+    @property
+    def data_as_of(self) -> str:
+        """Where the run's version stands in the namespace's order."""
+        return self.params.data_as_of or self.created_at
+
     def save(self) -> None:
+        """Durably: the file is synced before the rename and the folder after it, so a
+        power loss leaves the old manifest or the new one, never an empty file."""
         temporary = self.path.with_name(f".{MANIFEST}.{uuid.uuid4().hex}")
-        temporary.write_text(self.model_dump_json(indent=2))
+        write_durably(temporary, self.model_dump_json(indent=2).encode())
         os.replace(temporary, self.path)
+        sync_folder(self.path.parent)
 
     def record_step(self, step: str, **details: Any) -> None:
         self.steps[step] = {"finished_at": utcnow(), **details}
@@ -219,6 +243,22 @@ def _validation_summary(validation: dict[str, Any] | None) -> dict[str, Any] | N
         "parts": validation.get("parts"),
         "failed_parts": validation.get("failed_parts", []),
     }
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename or a new file in it survives a power loss."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_manifest(run_dir: str | Path) -> Manifest:

@@ -19,7 +19,8 @@ def run_pipeline(
     steps.plan(run_dir)
     steps.score(run_dir, on_progress=on_progress)
     steps.validate(run_dir)
-    steps.check_drift(run_dir)
-    steps.export(run_dir)
-    steps.publish(run_dir)
+    # The caller's settings, not the environment's: a password from --store is only here.
+    steps.check_drift(run_dir, settings)
+    steps.export(run_dir, settings)
+    steps.publish(run_dir, settings)
     return load_manifest(run_dir)

@@ -44,6 +44,12 @@ class StoreTarget:
         """The store's URL without any secret: what manifests, summaries and logs show."""
         return public_url(self.url)
 
+    def __reduce__(self) -> tuple[object, tuple[str, float]]:
+        """Sent to a Dask worker (or pickled anywhere) without the password: the worker
+        takes it from its own ``BATCHSCORE_STORE_PASSWORD``. A secret never travels in
+        task arguments, where the scheduler keeps and may log them."""
+        return (_target_on_worker, (self.url, self.timeout_seconds))
+
     def open(self) -> PredictionStore:
         from kv_export.store import open_store
 
@@ -59,6 +65,23 @@ def store_target(
         password=settings.store_password,
         timeout_seconds=timeout_seconds or RUN_TIMEOUT_SECONDS,
     )
+
+
+def _target_on_worker(url: str, timeout_seconds: float) -> StoreTarget:
+    from batchscore.settings import RunSettings, load_settings
+
+    return store_target(load_settings(RunSettings), url, timeout_seconds=timeout_seconds)
+
+
+def split_password(url: str) -> tuple[str, str | None]:
+    """``url`` without the password in its user part, and that password (or None)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url, None
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    netloc = f"{user}@{host}" if user else host
+    return urlunsplit(parts._replace(netloc=netloc)), parts.password
 
 
 def open_from_settings(settings: StoreSettings, url: str | None = None) -> PredictionStore:
@@ -83,4 +106,11 @@ def public_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=urlencode(kept)))
 
 
-__all__ = ["StoreSettings", "StoreTarget", "open_from_settings", "public_url", "store_target"]
+__all__ = [
+    "StoreSettings",
+    "StoreTarget",
+    "open_from_settings",
+    "public_url",
+    "split_password",
+    "store_target",
+]

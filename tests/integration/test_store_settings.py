@@ -251,3 +251,30 @@ def test_status_and_versions_of_a_namespace_the_store_does_not_hold(
         )
         assert done.returncode != 0
         assert f"Store {redis_server.url} holds no namespace 'nowhere'" in done.stderr
+
+
+def test_a_password_in_the_store_url_reaches_no_file_and_no_output(
+    env: dict[str, str], dataset: Path, tmp_path: Path, locked_redis: RedisServer
+) -> None:
+    url = locked_redis.url.replace("redis://", f"redis://:{PASSWORD}@")
+    done = run_cli(
+        "run", "--input", str(dataset), "--model", "models:/churn/1", "--key-column", KEY,
+        "--namespace", "secretive", "--store", url, "--summary-json", str(tmp_path / "s.json"),
+        env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert PASSWORD not in done.stdout + done.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["published"] and summary["store"] == locked_redis.url
+    written = [p for p in Path(env["BATCHSCORE_HOME"]).rglob("*") if p.is_file()]
+    assert written and not [p for p in written if PASSWORD.encode() in p.read_bytes()]
+    assert PASSWORD not in (tmp_path / "s.json").read_text()
+    # A later step in another process (an Airflow task, `batchscore step`) has only the
+    # setting to go by, and says which one to set.
+    run_dir = Path(summary["run_dir"])
+    again = run_cli("step", "publish", str(run_dir), env=env | {"COLUMNS": "300"})
+    assert again.returncode != 0 and "BATCHSCORE_STORE_PASSWORD" in again.stderr
+    with_setting = run_cli(
+        "step", "publish", str(run_dir), env=env | {"BATCHSCORE_STORE_PASSWORD": PASSWORD}
+    )
+    assert with_setting.returncode == 0, with_setting.stderr
