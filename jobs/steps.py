@@ -204,7 +204,7 @@ def score(run_dir: str | Path, *, on_progress: Progress | None = None) -> dict[s
     shards = [
         Shard(s.id, tuple(Piece(**p.model_dump()) for p in s.pieces)) for s in manifest.shards
     ]
-    todo = [s for s in shards if params.force or not (manifest.parts_dir / s.part_name).exists()]
+    todo = [s for s in shards if params.force or not _keep_part(manifest.parts_dir, s)]
     todo_ids = {s.id for s in todo}
     results = {
         s.id: existing_result(s, manifest.parts_dir / s.part_name, job)
@@ -293,6 +293,24 @@ def score(run_dir: str | Path, *, on_progress: Progress | None = None) -> dict[s
         "shards_scored": len(todo),
         "seconds": round(seconds, 3),
     }
+
+
+def _keep_part(parts_dir: Path, shard: Any) -> bool:
+    """Whether the shard's part exists and can be kept: a part a power loss (or a full
+    disk) damaged is set aside and its shard rescored, instead of failing every retry."""
+    from scoring.engine import set_aside, usable_part
+
+    part = parts_dir / shard.part_name
+    if not part.exists():
+        return False
+    damage = usable_part(part, shard.rows)
+    if damage is None:
+        return True
+    aside = set_aside(part)
+    log.warning(
+        "part %s of shard %d is damaged (%s); moved to %s, rescoring", part, shard.id, damage, aside
+    )
+    return False
 
 
 def validate(run_dir: str | Path) -> dict[str, Any]:

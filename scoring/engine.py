@@ -316,14 +316,47 @@ def peak_rss_bytes() -> int:
 
 
 def write_part(table: pa.Table, part: Path) -> None:
-    """Write under a hidden temporary name, then rename: a part that exists is complete."""
+    """Write under a hidden temporary name, then rename: a part that exists is complete.
+
+    Durably: the file is synced before the rename and the folder after it, so a power
+    loss leaves no part or a whole one (``usable_part`` catches what a disk loses anyway).
+    """
     part.parent.mkdir(parents=True, exist_ok=True)
     temporary = part.with_name(f".{part.name}.{uuid.uuid4().hex}.tmp")
     try:
         pq.write_table(table, temporary, row_group_size=PART_ROW_GROUP_ROWS, compression="zstd")
+        _sync(temporary)
         os.replace(temporary, part)
+        _sync(part.parent)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _sync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def usable_part(part: Path, rows: int) -> str | None:
+    """Why an existing part cannot be kept (its footer unreadable, or not ``rows`` rows),
+    or None when it can: a footer read, cheap whatever the part's size."""
+    try:
+        found = pq.read_metadata(part).num_rows
+    except (OSError, pa.ArrowException) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None if found == rows else f"{found} rows, the shard has {rows}"
+
+
+def set_aside(part: Path) -> Path:
+    """Move a damaged part out of the way (kept for inspection) so its shard is rescored."""
+    aside = part.parent / ".damaged" / f"{part.name}.{uuid.uuid4().hex[:8]}"
+    aside.parent.mkdir(exist_ok=True)
+    os.replace(part, aside)
+    _sync(part.parent)
+    return aside
 
 
 def existing_result(
