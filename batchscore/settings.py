@@ -176,6 +176,12 @@ class RunSettings(_Common):
     drift_sample_rows: int = Field(
         default=200_000, ge=100, description="Rows sampled per run for the drift gate."
     )
+    allow_pickle: bool | None = Field(
+        default=None,
+        description="Load pickled models (PyTorch pickle, pyfunc cloudpickle): unpickling runs "
+        "code from the registry on the workers. Unset: MLflow's own "
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION (MLflow's default: true).",
+    )
     mlflow_tracking_uri: str | None = Field(
         default=None,
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "mlflow_tracking_uri"),
@@ -236,10 +242,11 @@ class ApiSettings(_Common):
     )
     max_key_length: int = Field(default=256, ge=1, le=4096, description="Longest key accepted.")
     api_workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes.")
-    api_keys: dict[str, list[str]] = Field(
-        default_factory=dict,
+    api_keys: dict[str, list[str]] | None = Field(
+        default=None,
         description='API keys and the namespaces each may read, JSON: {"key": ["ns", ...]}; '
-        '"*" means every namespace. No keys (and no keys file): authentication is off.',
+        '"*" means every namespace. Neither this nor a keys file set: authentication is off '
+        "(logged at start); set but holding no key: the API refuses to start.",
     )
     api_keys_file: Path | None = Field(
         default=None, description="File of API keys, one 'key: ns1,ns2' (or 'key: *') a line."
@@ -249,6 +256,19 @@ class ApiSettings(_Common):
     )
     rate_limit_burst: int = Field(
         default=0, ge=0, description="Token bucket size; 0: one second's worth."
+    )
+    auth_failures_per_minute: int = Field(
+        default=20,
+        ge=0,
+        description="Failed authentications allowed per client address: a bucket of this many, "
+        "refilled over a minute; an address that emptied it gets 429 with Retry-After, right "
+        "key or not, until it refills (0: no limit).",
+    )
+    max_body_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Largest request body; unset: what max_batch_keys keys of max_key_length "
+        "characters take as JSON. A larger body gets 413 before it is read.",
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS; empty: CORS off."
@@ -262,7 +282,20 @@ class ApiSettings(_Common):
     fallback_cache_row_groups: int = Field(
         default=256, ge=1, description="Decoded batch-output row groups kept for the fallback."
     )
+    fallback_memory_bytes: int = Field(
+        default=256 << 20,
+        ge=1 << 20,
+        description="Decoded batch output the fallback holds at once, all requests together: "
+        "half for the cache of row groups, half for decodes in flight, one request at most an "
+        "eighth (a row group larger than that is decoded alone).",
+    )
     access_log: bool = Field(default=True, description="One JSON line per request on stderr.")
+
+    @property
+    def body_limit(self) -> int:
+        """``max_body_bytes``, or a batch of the longest keys as JSON (quotes, comma, space)
+        plus a kilobyte for the rest of the document."""
+        return self.max_body_bytes or self.max_batch_keys * (self.max_key_length + 4) + 1024
 
 
 class DagSettings(_Common):

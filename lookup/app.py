@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batchscore.errors import BatchscoreError
+from batchscore.names import NAMESPACE_RE
 from batchscore.settings import ApiSettings, load_settings
 from kv_export.encoding import VALUE_DTYPE, unpack_value
 from kv_export.errors import StoreUnavailable
@@ -53,7 +54,6 @@ log = logging.getLogger("batchscore.lookup")
 
 KEY_CHARACTERS = "A-Za-z0-9._:@+=~-"
 KEY_RE = re.compile(f"[{KEY_CHARACTERS}]+")
-NAMESPACE_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 class ModelRef(BaseModel):
@@ -210,6 +210,11 @@ class Guard:
     def __init__(self, settings: ApiSettings) -> None:
         self.settings = settings
         self.keys = ApiKeys.from_settings(settings)
+        if not self.keys.enabled:
+            log.warning(
+                "authentication is off: neither BATCHSCORE_API_KEYS nor "
+                "BATCHSCORE_API_KEYS_FILE is set, so every client may read every namespace"
+            )
         rate = settings.rate_limit_per_second
         self.limiter = RateLimiter(rate, settings.rate_limit_burst) if rate > 0 else None
 

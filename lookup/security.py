@@ -7,7 +7,9 @@ file ``BATCHSCORE_API_KEYS_FILE``, one key a line::
     s3cr3t-key-1: churn, fraud
     s3cr3t-key-2: *
 
-Invariants: no keys configured means authentication is off; keys are held only
+Invariants: authentication is off only when no keys are configured at all (neither
+setting set; ``create_app`` logs it); a setting that is set but holds no key refuses
+to start. Keys are held only
 as SHA-256 digests and every presented key is compared with every digest with
 ``hmac.compare_digest`` (no early exit), so the time taken does not depend on
 which key, or how much of one, matched. Logs and metrics name a key by the first
@@ -80,9 +82,34 @@ class ApiKeys:
 
     @classmethod
     def from_settings(cls, settings: ApiSettings) -> ApiKeys:
-        keys = dict(settings.api_keys)
+        """The configured keys. Authentication is off only when neither setting is set: a
+        setting that is set but holds no key (an empty file, comments only, ``{}``) is a
+        mistake that would otherwise open every namespace to everyone, so it is refused."""
+        keys = dict(settings.api_keys or {})
+        if settings.api_keys is not None and not settings.api_keys:
+            raise SettingsError(
+                "BATCHSCORE_API_KEYS is set but holds no key",
+                expected='at least one key, as {"key": ["ns", ...]}',
+                fix="Add a key, or unset BATCHSCORE_API_KEYS to run without authentication",
+            )
         if settings.api_keys_file is not None:
-            keys.update(parse_keys_file(settings.api_keys_file))
+            from_file = parse_keys_file(settings.api_keys_file)
+            if not from_file:
+                raise SettingsError(
+                    f"The API keys file {settings.api_keys_file} "
+                    "(BATCHSCORE_API_KEYS_FILE) holds no key",
+                    expected="at least one 'key: ns1,ns2' line",
+                    fix="Add a key, or unset BATCHSCORE_API_KEYS_FILE to run without "
+                    "authentication",
+                )
+            keys.update(from_file)
+        for number, namespaces in enumerate(keys.values(), start=1):
+            if not [n for n in namespaces if n.strip()]:
+                raise SettingsError(
+                    f"API key number {number} of BATCHSCORE_API_KEYS has no namespace",
+                    expected='a list of namespaces, or ["*"] for every one',
+                    fix="Give the key its namespaces, or remove it",
+                )
         return cls(keys)
 
     @property
