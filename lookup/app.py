@@ -47,7 +47,7 @@ from lookup.errors import ApiError
 from lookup.observability import AccessLog, Metrics, ObserveMiddleware, shared_metrics_dir
 from lookup.readers import reader_from_settings
 from lookup.routing import LeanRoute
-from lookup.security import ApiKeys, Principal, RateLimiter, presented_key
+from lookup.security import ANONYMOUS, ApiKeys, Principal, RateLimiter, presented_key
 from lookup.service import Answer, Lookup
 
 log = logging.getLogger("batchscore.lookup")
@@ -199,6 +199,10 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
 @lru_cache
 def get_settings() -> ApiSettings:
     return load_settings(ApiSettings)
@@ -217,20 +221,44 @@ class Guard:
             )
         rate = settings.rate_limit_per_second
         self.limiter = RateLimiter(rate, settings.rate_limit_burst) if rate > 0 else None
+        failures = settings.auth_failures_per_minute
+        self.failures = (
+            RateLimiter(
+                failures / 60,
+                failures,
+                refusal="Too many failed authentications from this address",
+            )
+            if failures > 0 and self.keys.enabled
+            else None
+        )
 
     def caller(self, request: Request) -> Principal:
         """The request's principal (auth and rate limit). A plain call, not a FastAPI
-        dependency: dependency resolution costs more than the rest of a lookup."""
-        presented = None
+        dependency: dependency resolution costs more than the rest of a lookup.
+
+        Failed authentications are limited per client address before any key is checked:
+        an address that used up its failures gets 429 whatever key it presents, so that
+        guessing cannot go on at the speed of the server."""
+        principal = ANONYMOUS
         if self.keys.enabled:  # with authentication off there is no header worth parsing
-            headers = request.headers
-            presented = presented_key(headers.get("authorization"), headers.get("x-api-key"))
-        principal = self.keys.authenticate(presented)
+            principal = self._authenticate(request)
         request.scope.setdefault("state", {})["key_id"] = principal.key_id  # request.state's dict
         if self.limiter is not None:
-            client = request.client.host if request.client else "unknown"
-            self.limiter.check(principal.key_id if self.keys.enabled else client)
+            self.limiter.check(principal.key_id if self.keys.enabled else client_address(request))
         return principal
+
+    def _authenticate(self, request: Request) -> Principal:
+        headers = request.headers
+        presented = presented_key(headers.get("authorization"), headers.get("x-api-key"))
+        if self.failures is None:
+            return self.keys.authenticate(presented)
+        address = client_address(request)
+        self.failures.refuse_if_empty(address)
+        try:
+            return self.keys.authenticate(presented)
+        except ApiError:
+            self.failures.check(address)  # one failure counted (a token is left: just checked)
+            raise
 
     def namespace(self, principal: Principal, namespace: str) -> None:
         if not NAMESPACE_RE.fullmatch(namespace):

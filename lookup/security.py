@@ -155,26 +155,40 @@ class RateLimiter:
     forgotten bucket comes back full, which is what it would have refilled to.
     """
 
-    def __init__(self, rate: float, burst: int, max_callers: int = 100_000) -> None:
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        max_callers: int = 100_000,
+        refusal: str = "Too many requests for this API key",
+    ) -> None:
         self.rate = rate
         self.burst = float(burst or max(1, round(rate)))
         self.max_callers = max_callers
+        self.refusal = refusal
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def check(self, caller: str) -> None:
         """Take one token or raise 429 with ``Retry-After`` (whole seconds, at least 1)."""
         now = time.monotonic()
-        tokens, then = self._buckets.pop(caller, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        tokens = self._tokens(self._buckets.pop(caller, None), now)
         if len(self._buckets) >= self.max_callers:
             self._buckets.pop(next(iter(self._buckets)))
         if tokens < 1:
             self._buckets[caller] = (tokens, now)
-            wait = max(1, int(-(-(1 - tokens) // self.rate)))
-            raise ApiError(
-                429,
-                "rate_limited",
-                "Too many requests for this API key",
-                {"Retry-After": str(wait)},
-            )
+            raise self._refused(tokens)
         self._buckets[caller] = (tokens - 1, now)
+
+    def refuse_if_empty(self, caller: str) -> None:
+        """Raise ``check``'s 429 if the caller has no token left, without taking one."""
+        tokens = self._tokens(self._buckets.get(caller), time.monotonic())
+        if tokens < 1:
+            raise self._refused(tokens)
+
+    def _tokens(self, bucket: tuple[float, float] | None, now: float) -> float:
+        tokens, then = bucket or (self.burst, now)
+        return min(self.burst, tokens + (now - then) * self.rate)
+
+    def _refused(self, tokens: float) -> ApiError:
+        wait = max(1, int(-(-(1 - tokens) // self.rate)))
+        return ApiError(429, "rate_limited", self.refusal, {"Retry-After": str(wait)})
