@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import orjson
@@ -34,7 +34,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batchscore.errors import BatchscoreError
@@ -71,8 +71,56 @@ class PredictionOut(BaseModel):
     stale: bool = False
 
 
+MAX_KEY_LENGTH = 4096  # the largest BATCHSCORE_MAX_KEY_LENGTH
+MAX_BATCH_KEYS = 100_000  # the largest BATCHSCORE_MAX_BATCH_KEYS
+
+
 class BatchRequest(BaseModel):
-    keys: list[str] = Field(min_length=1, description="Keys to look up.")
+    """The bounds here hold whatever the settings say; the settings' own (smaller) bounds
+    are checked after parsing, and the body's size before it is read."""
+
+    keys: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_KEY_LENGTH)]] = (
+        Field(min_length=1, max_length=MAX_BATCH_KEYS, description="Keys to look up.")
+    )
+
+
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": BatchRequest.model_json_schema()}},
+    }
+}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused with 413 as soon as it is known to exceed ``limit``: by
+    its Content-Length before a byte is read, or while it is read (chunked), so a large
+    body never sits in memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "body_too_large",
+        f"A request body holds at most {limit} bytes (BATCHSCORE_MAX_BODY_BYTES)",
+    )
+
+
+def batch_request(body: bytes) -> BatchRequest:
+    try:
+        return BatchRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
 
 
 class BatchItem(BaseModel):
@@ -442,10 +490,13 @@ def _add_prediction_routes(
         response_model=BatchResponse,
         responses=ERRORS | {413: {"model": ErrorBody}},
         tags=["predictions"],
-        openapi_extra=SECURED,
+        openapi_extra=SECURED | BATCH_BODY,
     )
-    async def get_batch(namespace: str, body: BatchRequest, request: Request) -> Response:
+    async def get_batch(namespace: str, request: Request) -> Response:
+        """The body is read (bounded) only once the caller is authenticated and may read the
+        namespace: an unauthenticated body is never read."""
         guard.namespace(guard.caller(request), namespace)
+        body = batch_request(await read_body(request, settings.body_limit))
         if len(body.keys) > settings.max_batch_keys:
             raise ApiError(
                 413,
