@@ -8,8 +8,11 @@ Invariants:
   is seen within about ``ttl`` plus one round trip.
 - When a refresh fails the last state read stays in use; that is what lets the
   batch fallback find the live run's output while the store is down.
-- At most ``max_namespaces`` entries are kept (unknown namespaces are cached
-  too, as "no live version", so probing random names cannot hammer the store).
+- Namespaces with a live version and namespaces without one ("unknown", cached
+  so that probing random names cannot hammer the store) are kept apart, at most
+  ``max_namespaces`` of each, oldest first out. An unknown name never pushes a
+  live namespace out: probing cannot make the API forget the state that the
+  batch fallback needs in an outage.
 - Everything runs on the event loop thread: no locks are needed.
 """
 
@@ -48,7 +51,8 @@ class LiveCache:
         self._ttl = ttl
         self._on_change = on_change
         self._max = max_namespaces
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[str, Entry] = {}  # namespaces with a live version
+        self._unknown: dict[str, Entry] = {}  # read, and found without one
         self._inflight: dict[str, asyncio.Task[NamespaceState]] = {}
 
     async def state(self, namespace: str) -> NamespaceState:
@@ -58,7 +62,7 @@ class LiveCache:
     def current(self, namespace: str) -> NamespaceState | None:
         """The cached state without waiting (a refresh is started when it is due), or None
         if the namespace was never read: the hot path's check, no coroutine needed."""
-        entry = self._entries.get(namespace)
+        entry = self._entries.get(namespace) or self._unknown.get(namespace)
         if entry is None:
             return None
         if time.monotonic() - entry.fetched >= self._ttl:
@@ -66,6 +70,7 @@ class LiveCache:
         return entry.state
 
     def cached(self) -> dict[str, NamespaceState]:
+        """The namespaces known to have a live version, and their states."""
         return {ns: entry.state for ns, entry in self._entries.items()}
 
     def _refresh(self, namespace: str) -> asyncio.Task[NamespaceState]:
@@ -82,7 +87,7 @@ class LiveCache:
             task.exception()  # retrieved here; whoever awaited it got it too
 
     async def _fetch(self, namespace: str) -> NamespaceState:
-        previous = self._entries.get(namespace)
+        previous = self._entries.get(namespace) or self._unknown.get(namespace)
         try:
             state = await self._read(namespace)
         except StoreUnavailable as exc:
@@ -91,9 +96,19 @@ class LiveCache:
             previous.fetched = time.monotonic()  # try again after another ttl
             log.debug("keeping the cached state of %s: %s", namespace, exc.what)
             return previous.state
-        if previous is None and len(self._entries) >= self._max:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[namespace] = Entry(time.monotonic(), state)
+        self._keep(namespace, Entry(time.monotonic(), state))
         if self._on_change and (previous is None or previous.state.live != state.live):
             self._on_change(namespace, state)
         return state
+
+    def _keep(self, namespace: str, entry: Entry) -> None:
+        """File the entry with its kind, out of the other; each kind bounded on its own."""
+        kind, other = (
+            (self._entries, self._unknown)
+            if entry.state.live is not None
+            else (self._unknown, self._entries)
+        )
+        other.pop(namespace, None)
+        if namespace not in kind and len(kind) >= self._max:
+            kind.pop(next(iter(kind)))
+        kind[namespace] = entry
