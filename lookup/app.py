@@ -43,7 +43,7 @@ from batchscore.settings import ApiSettings, load_settings
 from kv_export.encoding import VALUE_DTYPE, unpack_value
 from kv_export.errors import StoreUnavailable
 from kv_export.store import AsyncPredictionReader, NamespaceState
-from lookup.errors import ApiError
+from lookup.errors import ApiError, NamespaceStateInvalid
 from lookup.observability import AccessLog, Metrics, ObserveMiddleware, shared_metrics_dir
 from lookup.readers import reader_from_settings
 from lookup.routing import LeanRoute
@@ -546,7 +546,7 @@ def _add_namespace_routes(app: FastAPI, guard: Guard, lookup: Lookup) -> None:
                 continue
             try:
                 found = describe(name, await lookup.cache.state(name))
-            except StoreUnavailable:
+            except (StoreUnavailable, NamespaceStateInvalid):
                 continue
             if found is not None:
                 described.append(found)

@@ -15,7 +15,9 @@ that is raised again keeps its traceback and grows it, so every refused call's
 frames stayed alive (10,000 frames after a few seconds of fallback traffic, and
 collections of 35-140 ms that were the fallback's p99).
 
-Cancelled calls (a client that went away) are not counted as store failures.
+Only ``StoreUnavailable`` counts as a store failure: a cancelled call (a client that went
+away) does not, nor does any other error (a record that cannot be parsed is a data error of
+one namespace, and must not cut every namespace off the store).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, TypeVar
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
 
+from kv_export.errors import StoreUnavailable
 from lookup.errors import CircuitOpen
 
 T = TypeVar("T")
@@ -61,7 +64,7 @@ class StoreBreaker:
             raise CircuitOpen()
         try:
             result = await function(*args)
-        except BaseException as exc:
+        except StoreUnavailable as exc:
             await self.failed(exc)
             raise
         if context.failure_count:

@@ -7,7 +7,8 @@ Invariants:
   background refresh is started (single flight per namespace), so a publish
   is seen within about ``ttl`` plus one round trip.
 - When a refresh fails the last state read stays in use; that is what lets the
-  batch fallback find the live run's output while the store is down.
+  batch fallback find the live run's output while the store is down, and what keeps
+  a namespace answering when its state record turns unreadable (logged).
 - Namespaces with a live version and namespaces without one ("unknown", cached
   so that probing random names cannot hammer the store) are kept apart, at most
   ``max_namespaces`` of each, oldest first out. An unknown name never pushes a
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 from kv_export.errors import StoreUnavailable
 from kv_export.store import NamespaceState
+from lookup.errors import NamespaceStateInvalid
 
 log = logging.getLogger("batchscore.lookup")
 
@@ -90,11 +92,11 @@ class LiveCache:
         previous = self._entries.get(namespace) or self._unknown.get(namespace)
         try:
             state = await self._read(namespace)
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, NamespaceStateInvalid) as exc:
             if previous is None:
                 raise
             previous.fetched = time.monotonic()  # try again after another ttl
-            log.debug("keeping the cached state of %s: %s", namespace, exc.what)
+            log.debug("keeping the cached state of %s: %s", namespace, exc)
             return previous.state
         self._keep(namespace, Entry(time.monotonic(), state))
         if self._on_change and (previous is None or previous.state.live != state.live):

@@ -354,6 +354,15 @@ class AutoPipeline:
             connection.forget()
 
 
+def _namespace_of(state_key: bytes) -> str | None:
+    """The namespace a state key names; None for a name that is not UTF-8 (no request can
+    name that namespace, and it must not stop the listing)."""
+    try:
+        return state_key.decode()[len("bs:{") : -len("}:state")]
+    except UnicodeDecodeError:
+        return None
+
+
 class RedisReader:
     """``AsyncPredictionReader`` over Redis for the lookup API.
 
@@ -379,8 +388,17 @@ class RedisReader:
         )
 
     async def state(self, namespace: str) -> NamespaceState:
+        """The namespace's state; ``ValueError`` (a data error, not the store's failure) when
+        the key holds something that is not a state: bad JSON, not UTF-8, not a string."""
         command = resp(b"GET", redis_state_key(namespace))
-        raw = await self._pipeline.call(command, "reading the namespace")
+        try:
+            raw = await self._pipeline.call(command, "reading the namespace")
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, ResponseError) and str(exc.__cause__).startswith(
+                "WRONGTYPE"
+            ):
+                raise ValueError(f"the state key of '{namespace}' is not a string") from None
+            raise
         return NamespaceState.model_validate_json(raw) if raw else NamespaceState()
 
     async def namespaces(self) -> list[str]:
@@ -389,7 +407,7 @@ class RedisReader:
         while True:
             command = resp(b"SCAN", cursor, b"MATCH", STATE_PATTERN, b"COUNT", b"1000")
             cursor, keys = await self._pipeline.call(command, "listing namespaces")
-            names += (k.decode()[len("bs:{") : -len("}:state")] for k in keys)
+            names += (name for name in map(_namespace_of, keys) if name is not None)
             if cursor == b"0":
                 return sorted(set(names))
 

@@ -25,7 +25,7 @@ from batchscore.settings import ApiSettings
 from kv_export.errors import StoreUnavailable
 from kv_export.store import AsyncPredictionReader, NamespaceState, VersionInfo
 from lookup.breaker import StoreBreaker
-from lookup.errors import ApiError, CircuitOpen
+from lookup.errors import ApiError, CircuitOpen, NamespaceStateInvalid
 from lookup.fallback import BatchFallback
 from lookup.live import LiveCache
 from lookup.observability import Metrics
@@ -58,7 +58,12 @@ class Lookup:
         self._background: set[asyncio.Task[object]] = set()
 
     async def _read_state(self, namespace: str) -> NamespaceState:
-        return await self.breaker.call(self.reader.state, namespace)
+        try:
+            return await self.breaker.call(self.reader.state, namespace)
+        except ValueError as exc:  # the reader's "cannot parse" (pydantic, UTF-8, type)
+            found = f"{type(exc).__name__}: {str(exc)[:200]}"
+            log.warning("namespace %s has a state that cannot be read: %s", namespace, found)
+            raise NamespaceStateInvalid(namespace, found) from None
 
     def _new_live(self, namespace: str, state: NamespaceState) -> None:
         """Build the batch index of a newly seen live version ahead of any outage."""
@@ -80,12 +85,22 @@ class Lookup:
             )
 
     async def warm(self) -> None:
-        """Read every namespace's state once at startup; a dead store is not fatal here."""
+        """Read every namespace's state once at startup; neither a dead store nor a namespace
+        whose state cannot be read is fatal here (that namespace's requests fail alone)."""
         try:
             names = await self.breaker.call(self.reader.namespaces)
-            await asyncio.gather(*(self.cache.state(n) for n in names[:1000]))
         except StoreUnavailable as exc:
             log.warning("store unavailable at startup: %s", exc.what)
+            return
+        read = await asyncio.gather(
+            *(self.cache.state(n) for n in names[:1000]), return_exceptions=True
+        )
+        failed = [r for r in read if isinstance(r, BaseException)]
+        if any(isinstance(r, StoreUnavailable) for r in failed):
+            log.warning("store unavailable at startup: some namespaces were not read")
+        for error in failed:
+            if not isinstance(error, (StoreUnavailable, NamespaceStateInvalid)):
+                raise error
 
     async def state(self, namespace: str) -> NamespaceState:
         try:
@@ -127,10 +142,8 @@ class Lookup:
             # coroutine layer fewer to create and to resume through when the reply comes.
             try:
                 value = await self._get_one(namespace, info, key.encode())
-            except BaseException as exc:
+            except StoreUnavailable as exc:
                 await self.breaker.failed(exc)
-                if not isinstance(exc, StoreUnavailable):
-                    raise
                 value, source = await self._one_from_batch(namespace, info, key, "store_error")
             else:
                 if self.breaker.recovering():
