@@ -53,6 +53,43 @@ def _environment(path: Path) -> lmdb.Environment:
         return env
 
 
+_read_only_envs: dict[Path, lmdb.Environment] = {}
+
+
+def _read_only_environment(path: Path) -> lmdb.Environment:
+    """The lookup API's environment: the process's own writable one if it writes the store
+    too (LMDB allows one environment per path per process), otherwise the store opened
+    read-only. A folder without a store is an error naming it, and nothing is created."""
+    with _envs_lock:
+        env = _envs.get(path) or _read_only_envs.get(path)
+        if env is not None:
+            return env
+        if not (path / "data.mdb").is_file():
+            raise StoreUnavailable(
+                f"There is no embedded store at {path}",
+                expected="the folder of an LMDB store a run exported to (holding data.mdb)",
+                fix="Check BATCHSCORE_STORE_URL (or --store): the API never creates a store",
+            )
+        try:
+            env = lmdb.open(
+                str(path),
+                readonly=True,
+                create=False,
+                map_size=MAP_SIZE,
+                max_dbs=4,
+                readahead=False,
+                max_readers=512,
+            )
+        except lmdb.Error as exc:
+            raise StoreUnavailable(
+                f"Cannot open the embedded store at {path} read-only",
+                found=str(exc),
+                fix="Check the folder and its lock.mdb are readable and lock.mdb is writable",
+            ) from exc
+        _read_only_envs[path] = env
+        return env
+
+
 class LmdbStore(StateBackedStore):
     """TTL: readers treat a version past ``expires_at`` as empty, as Redis does; the
     bytes stay on disk until ``gc`` (or a publish beyond ``keep``) deletes the version.
@@ -66,6 +103,26 @@ class LmdbStore(StateBackedStore):
         self._env = _environment(self.path)
         self._state_db = self._env.open_db(b"state")
         self._data_db = self._env.open_db(b"data")
+
+    @classmethod
+    def read_only(cls, path: str | Path) -> LmdbStore:
+        """The store as the lookup API opens it: read-only, and only if it exists."""
+        store = cls.__new__(cls)
+        store.path = Path(path).expanduser().absolute()
+        store.url = f"lmdb://{store.path}"
+        store._env = _read_only_environment(store.path)
+        try:
+            store._state_db = store._env.open_db(b"state", create=False)
+            store._data_db = store._env.open_db(b"data", create=False)
+        except lmdb.Error as exc:
+            raise StoreUnavailable(
+                f"The folder {store.path} holds an LMDB environment that is not a batchscore "
+                "store",
+                expected="the 'state' and 'data' databases a run's export creates",
+                found=type(exc).__name__,
+                fix="Check BATCHSCORE_STORE_URL (or --store)",
+            ) from exc
+        return store
 
     def _read(self, namespace: str) -> NamespaceState:
         with self._env.begin(db=self._state_db) as txn:
@@ -141,36 +198,59 @@ class LmdbStore(StateBackedStore):
 
 
 class LmdbReader:
-    """The async read interface over an ``LmdbStore``.
+    """The async read interface over an ``LmdbStore`` opened read-only (``read_only``): the
+    API never writes the store, and a mistyped path fails at start instead of serving an
+    empty store it created.
 
     LMDB point reads take about a microsecond and never block on writers
-    (MVCC), so they run directly on the event loop; no thread hop.
+    (MVCC), so they run directly on the event loop; no thread hop. An LMDB error is
+    the store's failure (``StoreUnavailable``, counted by the breaker).
     """
 
     def __init__(self, path: str | Path) -> None:
-        self._store = LmdbStore(path)
+        self._store = LmdbStore.read_only(path)
         self.url = self._store.url
 
+    def _unavailable(self, exc: lmdb.Error) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"Cannot read the embedded store at {self._store.path}", found=type(exc).__name__
+        )
+
     async def state(self, namespace: str) -> NamespaceState:
-        return self._store.state(namespace)
+        try:
+            return self._store.state(namespace)
+        except lmdb.Error as exc:
+            raise self._unavailable(exc) from exc
 
     async def namespaces(self) -> list[str]:
-        return self._store.namespaces()
+        try:
+            return self._store.namespaces()
+        except lmdb.Error as exc:
+            raise self._unavailable(exc) from exc
 
     async def get_many(
         self, namespace: str, info: VersionInfo, keys: Sequence[bytes]
     ) -> list[bytes | None]:
-        return self._store.get_many(namespace, info, keys)
+        try:
+            return self._store.get_many(namespace, info, keys)
+        except lmdb.Error as exc:
+            raise self._unavailable(exc) from exc
 
     async def get_one(self, namespace: str, info: VersionInfo, key: bytes) -> bytes | None:
         """``lookup.readers.SingleKeyReader``'s read: one coroutine that never suspends, the
         cheapest awaitable for a value that is there at once (awaiting it measured 0.1 µs, a
         done future 0.3 µs); a lookup no longer goes through ``get_many``'s lists and a
         wrapper coroutine (about 1 µs a lookup in-process)."""
-        return self._store.get_one(namespace, info, key)
+        try:
+            return self._store.get_one(namespace, info, key)
+        except lmdb.Error as exc:
+            raise self._unavailable(exc) from exc
 
     async def ping(self) -> None:
-        self._store.ping()
+        try:
+            self._store.ping()
+        except lmdb.Error as exc:
+            raise self._unavailable(exc) from exc
 
     async def close(self) -> None:
         self._store.close()
