@@ -39,6 +39,7 @@ OnChange = Callable[[str, NamespaceState], None]
 class Entry:
     fetched: float
     state: NamespaceState
+    read_at: float  # when the read of ``state`` was started (monotonic)
 
 
 class LiveCache:
@@ -56,6 +57,7 @@ class LiveCache:
         self._entries: dict[str, Entry] = {}  # namespaces with a live version
         self._unknown: dict[str, Entry] = {}  # read, and found without one
         self._inflight: dict[str, asyncio.Task[NamespaceState]] = {}
+        self._inflight_since: dict[str, float] = {}  # when each refresh in flight started
 
     async def state(self, namespace: str) -> NamespaceState:
         """The namespace's state; raises ``StoreUnavailable`` only if it was never read."""
@@ -75,9 +77,25 @@ class LiveCache:
         """The namespaces known to have a live version, and their states."""
         return {ns: entry.state for ns, entry in self._entries.items()}
 
+    async def fresh(self, namespace: str, since: float) -> NamespaceState:
+        """The state as read by a read started at or after ``since`` (``time.monotonic()``):
+        what a lookup that just missed must see before it may say "not found", since the
+        version it read may have been replaced and deleted after its state was cached.
+        Lookups missing together share one read; one started before ``since`` is waited
+        out, not trusted. If the store cannot be read the cached state is returned."""
+        while True:
+            entry = self._entries.get(namespace) or self._unknown.get(namespace)
+            if entry is not None and entry.read_at >= since:
+                return entry.state
+            task = self._inflight.get(namespace)
+            if task is None or self._inflight_since[namespace] >= since:
+                return await asyncio.shield(self._refresh(namespace))
+            await asyncio.wait([task])  # read before ``since``: then read again
+
     def _refresh(self, namespace: str) -> asyncio.Task[NamespaceState]:
         task = self._inflight.get(namespace)
         if task is None:
+            self._inflight_since[namespace] = time.monotonic()
             task = asyncio.get_running_loop().create_task(self._fetch(namespace))
             self._inflight[namespace] = task
             task.add_done_callback(lambda t: self._done(namespace, t))
@@ -85,11 +103,13 @@ class LiveCache:
 
     def _done(self, namespace: str, task: asyncio.Task[NamespaceState]) -> None:
         self._inflight.pop(namespace, None)
+        self._inflight_since.pop(namespace, None)
         if not task.cancelled():
             task.exception()  # retrieved here; whoever awaited it got it too
 
     async def _fetch(self, namespace: str) -> NamespaceState:
         previous = self._entries.get(namespace) or self._unknown.get(namespace)
+        started = time.monotonic()
         try:
             state = await self._read(namespace)
         except (StoreUnavailable, NamespaceStateInvalid) as exc:
@@ -98,7 +118,7 @@ class LiveCache:
             previous.fetched = time.monotonic()  # try again after another ttl
             log.debug("keeping the cached state of %s: %s", namespace, exc)
             return previous.state
-        self._keep(namespace, Entry(time.monotonic(), state))
+        self._keep(namespace, Entry(time.monotonic(), state, started))
         if self._on_change and (previous is None or previous.state.live != state.live):
             self._on_change(namespace, state)
         return state

@@ -12,12 +12,17 @@ Invariants:
   nothing per request while the breaker is open.
 - The batch fallback is used only when the store fails, never for keys the live
   version simply lacks (those go to the stale fallback, if enabled, or 404).
+- A key is "not found" only in the version that is live at the time of the miss:
+  a miss in the store makes the namespace state be read again (``LiveCache.fresh``)
+  and, if the live version changed meanwhile (a publish, possibly deleting the
+  version read), the lookup is made once more in the new live version.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -115,18 +120,22 @@ class Lookup:
             ) from None
 
     async def find(
-        self, namespace: str, keys: Sequence[str]
+        self, namespace: str, keys: Sequence[str], *, retry: bool = True
     ) -> tuple[VersionInfo, Source, list[Answer | None]]:
         """The live version, where it was read from, and one answer (or None) per key."""
         state = self.cache.current(namespace) or await self.state(namespace)
         info = _live_info(namespace, state)
         values, source = await self._read(namespace, info, keys)
+        if retry and source == "kv" and None in values and await self._replaced(namespace, info):
+            return await self.find(namespace, keys, retry=False)
         answers = [Answer(v, info, source, False) if v is not None else None for v in values]
         if self.settings.stale_fallback and None in values:
             await self._fill_stale(namespace, state, keys, answers)
         return info, source, answers
 
-    async def find_one(self, namespace: str, key: str) -> tuple[VersionInfo, Source, Answer | None]:
+    async def find_one(
+        self, namespace: str, key: str, *, retry: bool = True
+    ) -> tuple[VersionInfo, Source, Answer | None]:
         """``find`` for one key, the hot route: the same answer through the same chain, with
         no lists and the store's reply awaited through the reader's ``get_one`` (see
         ``SingleKeyReader``), not ``get_many``'s coroutine."""
@@ -150,11 +159,23 @@ class Lookup:
                     await self.breaker.succeeded()
         if value is not None:
             return info, source, Answer(value, info, source, False)
+        if retry and source == "kv" and await self._replaced(namespace, info):
+            return await self.find_one(namespace, key, retry=False)
         if self.settings.stale_fallback:
             answers: list[Answer | None] = [None]
             await self._fill_stale(namespace, state, (key,), answers)
             return info, source, answers[0]
         return info, source, None
+
+    async def _replaced(self, namespace: str, info: VersionInfo) -> bool:
+        """After a miss in ``info``: the namespace state read now has another live version,
+        or no longer has ``info`` (the cache then holds the new state)."""
+        since = time.monotonic()
+        try:
+            state = await self.cache.fresh(namespace, since)
+        except (StoreUnavailable, NamespaceStateInvalid):
+            return False
+        return state.live != info.version or info.version not in state.versions
 
     async def _read(
         self, namespace: str, info: VersionInfo, keys: Sequence[str]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from kv_export.errors import StoreUnavailable
 from kv_export.store import NamespaceState, VersionInfo
@@ -64,5 +65,35 @@ def test_unknown_namespaces_are_cached_within_their_own_bound() -> None:
             await cache.state(f"probe-{i}")
         await cache.state("nope")  # forgotten: bounded, read again
         assert reads.count("nope") == 2
+
+    asyncio.run(scenario())
+
+
+def test_fresh_waits_out_a_read_started_before_and_shares_one_read_after() -> None:
+    reads: list[int] = []
+    first_read_may_end = asyncio.Event()
+
+    async def read(namespace: str) -> NamespaceState:
+        reads.append(len(reads) + 1)
+        number = len(reads)
+        if number == 1:
+            await first_read_may_end.wait()  # a refresh in flight from before the miss
+        state = live_state()
+        state.live = number
+        return state
+
+    async def scenario() -> None:
+        cache = LiveCache(read, ttl=3600)
+        older = cache._refresh("ns")
+        await asyncio.sleep(0.01)
+        since = time.monotonic()
+        waiting = [asyncio.ensure_future(cache.fresh("ns", since)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        first_read_may_end.set()
+        assert (await older).live == 1
+        assert [(await w).live for w in waiting] == [2, 2, 2]  # read after `since`, once
+        assert reads == [1, 2]
+        assert (await cache.fresh("ns", since)).live == 2  # already fresh enough: no read
+        assert reads == [1, 2]
 
     asyncio.run(scenario())
