@@ -58,7 +58,9 @@ class Lookup:
         self.breaker = StoreBreaker(
             settings.breaker_failures, settings.breaker_reset_seconds, probe=reader.ping
         )
-        self.batch = BatchFallback(settings.fallback_cache_row_groups)
+        self.batch = BatchFallback(
+            settings.fallback_cache_row_groups, settings.fallback_memory_bytes
+        )
         self.cache = LiveCache(self._read_state, settings.live_cache_seconds, self._new_live)
         self._background: set[asyncio.Task[object]] = set()
 
