@@ -436,7 +436,11 @@ def gc(
         opened = _open_store(settings, store)
         if ttl is not None:
             opened.set_ttl(namespace, ttl)
-        deleted = opened.gc(namespace, keep or settings.keep_versions)
+        deleted = opened.gc(
+            namespace,
+            keep or settings.keep_versions,
+            loading_grace_seconds=settings.loading_grace_seconds,
+        )
         live = opened.state(namespace).live
         opened.close()
     except BatchscoreError as exc:
@@ -519,16 +523,25 @@ def step_export(run_dir: Path) -> None:
 
 
 @step_app.command("publish")
-def step_publish(run_dir: Path) -> None:
-    _one_step("publish", run_dir)
+def step_publish(
+    run_dir: Path,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Publish even if a newer run's version was published (an older run never "
+            "replaces newer predictions otherwise)."
+        ),
+    ] = False,
+) -> None:
+    _one_step("publish", run_dir, force=force or None)
 
 
-def _one_step(name: str, run_dir: Path) -> None:
+def _one_step(name: str, run_dir: Path, **options: Any) -> None:
     _setup_logging()
     from jobs import steps
 
     try:
-        result = getattr(steps, name)(run_dir)
+        result = getattr(steps, name)(run_dir, **options)
     except BatchscoreError as exc:
         _fail(exc)
         return

@@ -578,6 +578,7 @@ def export(run_dir: str | Path, settings: RunSettings | None = None) -> dict[str
         key_column=manifest.params.key_column,
         key_type=manifest.input.key_type,
         output_dir=str(manifest.parts_dir),
+        data_as_of=manifest.data_as_of,
         parts=[
             PartInfo(path=s.part, rows=s.rows, min_key=s.min_key, max_key=s.max_key) for s in done
         ],
@@ -680,16 +681,21 @@ def _export_version(settings: RunSettings, manifest: Manifest, new: Any, parts: 
         return export_parts_on_dask(client, target, manifest.namespace, new, parts)
 
 
-def publish(run_dir: str | Path, settings: RunSettings | None = None) -> dict[str, Any]:
-    """Flip the namespace's live pointer to this run's version, once.
+def publish(
+    run_dir: str | Path, settings: RunSettings | None = None, *, force: bool | None = None
+) -> dict[str, Any]:
+    """Flip the namespace's live pointer to this run's version, once; then collect garbage.
 
-    Refuses (``VersionNotFound`` / ``VersionIncomplete``) a version the store
-    does not have or that is still loading; the live version is then unchanged.
-    A run publishes at most once: run again after its publish, it leaves the live
-    pointer where it is. A shadow run (``jobs.shadow``) is never published.
+    Refuses (``VersionNotFound`` / ``VersionIncomplete`` / ``VersionExpired``) a version
+    the store does not have, that is still loading or whose TTL passed, and
+    (``VersionOutOfOrder``) one whose data is older than the newest published, unless
+    ``force`` (default: the run's ``force`` parameter); the live version is then
+    unchanged. A run publishes at most once: run again after its publish, it leaves the
+    live pointer where it is. A shadow run (``jobs.shadow``) is never published.
     """
     from jobs import shadow
     from kv_export.errors import AlreadyPublished
+    from kv_export.store import VersionOutOfOrder
 
     manifest = load_manifest(run_dir)
     if manifest.params.dry_run:
@@ -702,6 +708,8 @@ def publish(run_dir: str | Path, settings: RunSettings | None = None) -> dict[st
         raise RunError(f"Run {manifest.run_id} has no exported version", fix="Run export first")
     started = time.perf_counter()
     was_published = manifest.published
+    settings = settings or load_run_settings()
+    force = manifest.params.force if force is None else force
     store = open_run_store(manifest, settings)
     try:
         before = store.state(manifest.namespace).live
@@ -711,11 +719,15 @@ def publish(run_dir: str | Path, settings: RunSettings | None = None) -> dict[st
         else:
             try:
                 info = store.publish(
-                    manifest.namespace, manifest.version, manifest.params.keep_versions
+                    manifest.namespace, manifest.version, manifest.params.keep_versions, force=force
                 )
                 note = "already live" if before == manifest.version else "published"
             except AlreadyPublished as exc:
                 log.warning("%s", exc)
+            except VersionOutOfOrder as exc:
+                fix = (exc.fix or "").replace("RUN_FOLDER", manifest.run_dir)
+                raise VersionOutOfOrder(exc.what, expected=exc.expected, fix=fix) from None
+        collected = collect_garbage(store, manifest, settings)
     finally:
         store.close()
     record = manifest.store_record()
@@ -728,6 +740,8 @@ def publish(run_dir: str | Path, settings: RunSettings | None = None) -> dict[st
         previous=before,
         store=manifest.store,
         note=note,
+        forced=force,
+        **collected,
     )
     manifest.save()
     where = f"namespace {manifest.namespace} in {manifest.store}"
@@ -744,6 +758,90 @@ def publish(run_dir: str | Path, settings: RunSettings | None = None) -> dict[st
         # Live now, and not through an earlier, completed publish of this run.
         "newly_published": note != "published earlier; not published again" and not was_published,
     }
+
+
+def collect_garbage(
+    store: PredictionStore, manifest: Manifest, settings: RunSettings
+) -> dict[str, Any]:
+    """After a publish: the store's collection (bounded by ``gc_seconds``), then old run
+    folders. A failure to collect is logged, never a failed publish; the next one retries.
+    """
+    from kv_export.errors import StoreError
+
+    try:
+        deleted = store.gc(
+            manifest.namespace,
+            manifest.params.keep_versions,
+            loading_grace_seconds=settings.loading_grace_seconds,
+            spare_run=manifest.run_id,
+            budget_seconds=settings.gc_seconds,
+        )
+        folders = collect_run_folders(
+            Path(manifest.run_dir),
+            store.state(manifest.namespace),
+            manifest.store,
+            settings.keep_run_days,
+        )
+    except (StoreError, OSError) as exc:
+        log.warning("collection after the publish failed (the next publish retries): %s", exc)
+        return {"collected_versions": [], "collected_run_folders": []}
+    if deleted or folders:
+        log.info("collected versions %s and run folders %s", [i.version for i in deleted], folders)
+    return {
+        "collected_versions": [info.version for info in deleted],
+        "collected_run_folders": [str(f) for f in folders],
+    }
+
+
+def collect_run_folders(
+    run_dir: Path, state: Any, store_label: str, keep_days: float, now: float | None = None
+) -> list[Path]:
+    """Delete the namespace's run folders that nothing needs; return them.
+
+    A folder goes when all hold: unchanged for ``keep_days`` days; no version record
+    of this store (live, kept, in flight or being deleted) names its run or lies in
+    it (the lookup API's batch fallback reads the parts of the live and kept
+    versions); and its manifest records no version in another store (whose retention
+    this store cannot see: such folders are left alone). The current run's never goes.
+    """
+    import shutil
+
+    from jobs.manifest import MANIFEST
+
+    infos = [*state.versions.values(), *state.deleting.values()]
+    runs = {info.run_id for info in infos}
+    paths = [
+        Path(p) for info in infos for p in (info.output_dir, *(x.path for x in info.parts)) if p
+    ]
+    cutoff = (now or time.time()) - keep_days * 86400
+    gone: list[Path] = []
+    for folder in sorted(run_dir.parent.iterdir()):
+        if folder == run_dir or not folder.is_dir() or folder.name.startswith("."):
+            continue
+        changed = max(p.stat().st_mtime for p in (folder, folder / MANIFEST) if p.exists())
+        if changed > cutoff or folder.name in runs or any(p.is_relative_to(folder) for p in paths):
+            continue
+        if _in_another_store(folder / MANIFEST, store_label):
+            continue
+        trash = folder.with_name(f".deleting-{folder.name}")
+        folder.rename(trash)  # one step out of sight; a crash leaves only the trash
+        shutil.rmtree(trash, ignore_errors=True)
+        gone.append(folder)
+    for trash in run_dir.parent.glob(".deleting-*"):
+        shutil.rmtree(trash, ignore_errors=True)
+    return gone
+
+
+def _in_another_store(path: Path, store_label: str) -> bool:
+    if not path.exists():
+        return False
+    try:
+        manifest = load_manifest(path.parent)
+    except (RunError, ValueError, OSError):
+        return True  # unreadable: keep it, someone should look at it
+    return any(
+        r.version is not None for label, r in manifest.stores.items() if label != store_label
+    )
 
 
 def _model_spec(model_dir: Path, params: RunParams, uri: str) -> Any:

@@ -16,6 +16,7 @@ background thread, so Redis itself is never blocked by it.
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -81,22 +82,46 @@ class StateBackedStore(ABC):
     def set_ttl(self, namespace: str, ttl_seconds: int | None) -> NamespaceState:
         return self._update(namespace, lambda s: (new := s.set_ttl(ttl_seconds), new))
 
-    def gc(self, namespace: str, keep: int) -> list[VersionInfo]:
-        doomed = self._update(namespace, lambda s: s.gc(keep))
-        self._delete(namespace, doomed)
-        return doomed
+    def gc(
+        self,
+        namespace: str,
+        keep: int,
+        *,
+        loading_grace_seconds: int | None = None,
+        spare_run: str | None = None,
+        budget_seconds: float | None = None,
+    ) -> list[VersionInfo]:
+        doomed = self._update(
+            namespace,
+            lambda s: s.gc(keep, loading_grace_seconds=loading_grace_seconds, spare_run=spare_run),
+        )
+        return self._delete(namespace, doomed, budget_seconds)
 
-    def _delete(self, namespace: str, doomed: Sequence[VersionInfo]) -> None:
+    def _delete(
+        self, namespace: str, doomed: Sequence[VersionInfo], budget_seconds: float | None = None
+    ) -> list[VersionInfo]:
+        """Delete the versions' data, then forget their records; past the budget (checked
+        between versions) the rest stays in ``deleting`` for the next collection."""
         if not doomed:
-            return
+            return []
+        deadline = None if budget_seconds is None else time.monotonic() + budget_seconds
+        deleted: list[VersionInfo] = []
         for old in doomed:
+            if deadline is not None and deleted and time.monotonic() >= deadline:
+                log.info("collection budget spent; %d versions left", len(doomed) - len(deleted))
+                break
             self.delete_version_data(namespace, old)
-        gone = [old.version for old in doomed]
+            deleted.append(old)
+        gone = [old.version for old in deleted]
         self._update(namespace, lambda s: (s.forget(gone), None))
+        return deleted
 
-    def publish(self, namespace: str, version: int, keep: int) -> VersionInfo:
+    def publish(
+        self, namespace: str, version: int, keep: int, *, force: bool = False
+    ) -> VersionInfo:
+
         def change(s: NamespaceState) -> tuple[NamespaceState, tuple[VersionInfo, list]]:
-            new, doomed = s.publish(namespace, version, keep)
+            new, doomed = s.publish(namespace, version, keep, force=force)
             return new, (new.versions[version], doomed)
 
         info, doomed = self._update(namespace, change)

@@ -31,8 +31,23 @@ from kv_export.errors import (
 )
 
 
+class VersionOutOfOrder(StoreError):
+    """The version's data is older than what the namespace has served: versions go live
+    in order (DESIGN invariant 9) unless an operator forces it."""
+
+
+class VersionExpired(StoreError):
+    """The version's TTL has passed: its data is gone (Redis) or answers nothing (LMDB)."""
+
+
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _instant(stamp: str) -> datetime:
+    """An ISO timestamp as an aware datetime; a naive one is UTC (Airflow's dates are)."""
+    moment = datetime.fromisoformat(stamp)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _later(stamp: str, seconds: int) -> str:
@@ -72,6 +87,14 @@ class VersionInfo(BaseModel):
     output_dir: str | None = None
     parts: list[PartInfo] = Field(default_factory=list)
     expires_at: str | None = None  # set at completion when the namespace has a TTL
+    # What the data is as of: the logical date of a DAG run, the creation of a CLI run.
+    # Versions go live in this order (``order``); older records fall back to created_at.
+    data_as_of: str | None = None
+
+    @property
+    def order(self) -> VersionOrder:
+        """Where the version stands in the namespace's order: data date, then number."""
+        return VersionOrder(data_as_of=self.data_as_of or self.created_at, version=self.version)
 
     def expired(self, now: datetime | None = None) -> bool:
         """Past its TTL: every store then answers lookups in it as not found."""
@@ -94,6 +117,20 @@ class NewVersion(BaseModel):
     key_type: Literal["int", "string"] = "string"
     output_dir: str | None = None
     parts: list[PartInfo] = Field(default_factory=list)
+    data_as_of: str | None = None
+
+
+class VersionOrder(BaseModel):
+    """The ordering key of a version: the date its data is as of, then its number."""
+
+    data_as_of: str
+    version: int
+
+    def key(self) -> tuple[datetime, int]:
+        return _instant(self.data_as_of), self.version
+
+    def __lt__(self, other: VersionOrder) -> bool:  # type: ignore[override]
+        return self.key() < other.key()
 
 
 class NamespaceState(BaseModel):
@@ -112,6 +149,9 @@ class NamespaceState(BaseModel):
     runs: dict[str, int] = Field(default_factory=dict)
     ttl_seconds: int | None = None  # lifetime of each version's data after it is loaded
     deleting: dict[int, VersionInfo] = Field(default_factory=dict)
+    # The newest version ever published (not rolled back to): a publish must be newer.
+    # A rollback leaves it where it is, so it pins the namespace against older runs.
+    newest: VersionOrder | None = None
 
     def live_info(self) -> VersionInfo | None:
         return self.versions.get(self.live) if self.live is not None else None
@@ -145,13 +185,22 @@ class NamespaceState(BaseModel):
         return state
 
     def publish(
-        self, namespace: str, version: int, keep: int
+        self,
+        namespace: str,
+        version: int,
+        keep: int,
+        *,
+        force: bool = False,
+        now: datetime | None = None,
     ) -> tuple[NamespaceState, list[VersionInfo]]:
         """Make ``version`` live; return the new state and the versions to delete.
 
         Publishing the live version again changes nothing. Versions that were
         published once and fell out of the last ``keep`` are dropped; versions
         never published (another run's export in flight) are left alone.
+        Refused: an expired version (``VersionExpired``, always), and a version
+        whose data is older than the newest ever published (``VersionOutOfOrder``)
+        unless ``force``; a forced publish leaves the order's high mark as it was.
         """
         info = self._require(namespace, version)
         if info.state != "complete":
@@ -169,13 +218,49 @@ class NamespaceState(BaseModel):
                 f"no longer live (live is {self.live})",
                 fix=f"To serve it again use: batchscore rollback {namespace} --to {version}",
             )
+        _refuse_expired(namespace, info, now, "published")
+        newest = self._newest()
+        if newest is not None and info.order < newest and not force:
+            raise self._out_of_order(namespace, info, newest)
         state = self.model_copy(deep=True)
         state.versions[version].published_at = utcnow()
         state.history = [v for v in state.history if v != version] + [version]
         state.live = version
+        state.newest = info.order if newest is None or newest < info.order else newest
         return state._drop_beyond(keep)
 
-    def rollback(self, namespace: str, to: int | None = None) -> NamespaceState:
+    def _newest(self) -> VersionOrder | None:
+        """The order's high mark; a state written before it existed uses its live version."""
+        live = self.live_info()
+        if self.newest is None:
+            return live.order if live is not None else None
+        return self.newest
+
+    def _out_of_order(
+        self, namespace: str, info: VersionInfo, newest: VersionOrder
+    ) -> VersionOutOfOrder:
+        where = (
+            "is live"
+            if newest.version == self.live
+            else f"was published before the namespace was rolled back to version {self.live}"
+        )
+        return VersionOutOfOrder(
+            f"Version {info.version} of namespace '{namespace}' (run {info.run_id}, data as of "
+            f"{info.order.data_as_of}) is older than version {newest.version} (data as of "
+            f"{newest.data_as_of}), which {where}; an older run never replaces newer predictions",
+            expected=f"a version with data newer than {newest.data_as_of}",
+            fix="If the older data should be served anyway (a rollback does it for a kept "
+            "version: batchscore rollback), publish it with force: batchscore step publish "
+            "RUN_FOLDER --force, or the DAG's force parameter",
+        )
+
+    def rollback(
+        self, namespace: str, to: int | None = None, *, now: datetime | None = None
+    ) -> NamespaceState:
+        """Make the previous kept version (or ``to``) live: an operator's choice, so no
+        order check; the order's high mark stays, so the next publish of a run older than
+        it is refused (the rollback is not undone by a late run), a newer run publishes.
+        An expired target is refused."""
         if self.live is None:
             raise VersionNotFound(
                 f"Namespace '{namespace}' has no live version to roll back from",
@@ -200,7 +285,11 @@ class NamespaceState(BaseModel):
                     expected="a completely loaded version",
                 )
             state.history = [v for v in state.history if v != to] + [to]
-        state.live = state.history[-1]
+        target = state.versions[state.history[-1]]
+        _refuse_expired(namespace, target, now, "rolled back to")
+        newest = self._newest()
+        state.newest = target.order if newest is None or newest < target.order else newest
+        state.live = target.version
         state.versions[state.live].published_at = utcnow()
         return state
 
@@ -222,27 +311,45 @@ class NamespaceState(BaseModel):
         return state
 
     def gc(
-        self, keep: int, now: datetime | None = None
+        self,
+        keep: int,
+        now: datetime | None = None,
+        *,
+        loading_grace_seconds: int | None = None,
+        spare_run: str | None = None,
     ) -> tuple[NamespaceState, list[VersionInfo]]:
         """Everything retention lets go: return the new state and the versions to delete.
 
-        Goes: published versions beyond the last ``keep``; versions never
-        published and numbered below the live one (a run that was superseded
-        before it was published, or gave up mid-load); expired versions that
-        are not live; and versions left in ``deleting`` by an interrupted
-        delete. Stays: the live version, the last ``keep`` published, and any
-        never-published version newer than the live one (an export in flight).
+        Goes: published versions beyond the last ``keep``; complete versions never
+        published whose data is older than the newest published (superseded: only
+        ``force`` could publish them); versions still loading ``loading_grace_seconds``
+        after they began (an export that crashed; never with ``None``), except
+        ``spare_run``'s; expired versions that are not live; and versions left in
+        ``deleting`` by an interrupted delete. Stays: the live version, the last
+        ``keep`` published, any complete never-published version newer than the live
+        one (about to be published) and any export younger than the grace period.
         """
+        moment = now or datetime.now(UTC)
         state, doomed = self._drop_beyond(keep)
-        stale = [
-            info
-            for v, info in state.versions.items()
-            if v != state.live
-            and (
-                (info.published_at is None and state.live is not None and v < state.live)
-                or info.expired(now)
-            )
-        ]
+        newest = self._newest()
+
+        def is_stale(info: VersionInfo) -> bool:
+            if info.version == state.live:
+                return False
+            if info.expired(moment):
+                return True
+            if info.published_at is not None:
+                return False
+            if info.state == "loading":
+                return (
+                    loading_grace_seconds is not None
+                    and info.run_id != spare_run
+                    and moment - _instant(info.created_at)
+                    >= timedelta(seconds=loading_grace_seconds)
+                )
+            return newest is not None and info.order < newest
+
+        stale = [info for info in state.versions.values() if is_stale(info)]
         for info in stale:
             state = state.drop(info.version)
         leftovers = [info for v, info in self.deleting.items()]
@@ -272,6 +379,17 @@ class NamespaceState(BaseModel):
         return info
 
 
+def _refuse_expired(namespace: str, info: VersionInfo, now: datetime | None, doing: str) -> None:
+    if info.expired(now):
+        raise VersionExpired(
+            f"Version {info.version} of namespace '{namespace}' (run {info.run_id}) cannot be "
+            f"{doing}: its TTL passed at {info.expires_at}",
+            expected="a version within its TTL (BATCHSCORE_VERSION_TTL_SECONDS)",
+            fix="Run the pipeline again to load fresh predictions, or roll back to a kept "
+            "version that has not expired (batchscore versions NAMESPACE lists them)",
+        )
+
+
 class PredictionStore(Protocol):
     """Versioned predictions per namespace; readers only ever see published versions."""
 
@@ -291,7 +409,9 @@ class PredictionStore(Protocol):
 
     def complete_version(self, namespace: str, version: int, key_count: int) -> VersionInfo: ...
 
-    def publish(self, namespace: str, version: int, keep: int) -> VersionInfo: ...
+    def publish(
+        self, namespace: str, version: int, keep: int, *, force: bool = False
+    ) -> VersionInfo: ...
 
     def rollback(self, namespace: str, to: int | None = None) -> VersionInfo: ...
 
@@ -305,8 +425,20 @@ class PredictionStore(Protocol):
 
     def delete_version_data(self, namespace: str, info: VersionInfo) -> None: ...
 
-    def gc(self, namespace: str, keep: int) -> list[VersionInfo]:
-        """Delete what ``NamespaceState.gc`` lets go; return the versions deleted."""
+    def gc(
+        self,
+        namespace: str,
+        keep: int,
+        *,
+        loading_grace_seconds: int | None = None,
+        spare_run: str | None = None,
+        budget_seconds: float | None = None,
+    ) -> list[VersionInfo]:
+        """Delete what ``NamespaceState.gc`` lets go; return the versions deleted.
+
+        With ``budget_seconds``, stops deleting data once the budget is spent; the rest
+        stays in ``deleting`` for the next collection.
+        """
         ...
 
     def set_ttl(self, namespace: str, ttl_seconds: int | None) -> NamespaceState: ...
@@ -382,7 +514,10 @@ __all__ = [
     "PartInfo",
     "PredictionStore",
     "StoreError",
+    "VersionExpired",
     "VersionInfo",
+    "VersionOrder",
+    "VersionOutOfOrder",
     "open_store",
     "redact_url",
 ]

@@ -329,7 +329,7 @@ def _wire_tasks(workers: int | None) -> None:
 def resolve_run(context: Any, workers: int | None) -> dict[str, Any]:
     """The form's values (rendered for the logical date) → a pinned run in its folder."""
     from batchscore.settings import RunSettings, load_settings
-    from batchscore_dags.runs import render_input_path, run_key
+    from batchscore_dags.runs import data_as_of, render_input_path, run_key
     from jobs import shadow, steps
 
     params = context["params"]
@@ -348,6 +348,7 @@ def resolve_run(context: Any, workers: int | None) -> dict[str, Any]:
         features=features or None,
         dry_run=params.get("dry_run", False),
         force=params.get("force", False),
+        data_as_of=data_as_of(context["dag_run"].logical_date),
     )
     dag_run = context["dag_run"]
     key = run_key(context["dag"].dag_id, dag_run.run_id, dag_run.logical_date, candidate)
@@ -401,12 +402,20 @@ def export_run(run_dir: str) -> dict[str, Any]:
 
 
 def publish_run(run_dir: str, context: Any) -> dict[str, Any]:
-    """Flip the live pointer once; announce the new live version as an asset event."""
-    from airflow.sdk.exceptions import AirflowSkipException
+    """Flip the live pointer once; announce the new live version as an asset event.
+
+    A version older than the newest published is refused without retries (retrying
+    cannot make it newer); the error says how to publish it anyway.
+    """
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
     from jobs import steps
+    from kv_export.store import VersionExpired, VersionOutOfOrder
 
-    result = steps.publish(run_dir)
+    try:
+        result = steps.publish(run_dir)
+    except (VersionOutOfOrder, VersionExpired) as exc:
+        raise AirflowFailException(str(exc)) from exc
     if "skipped" in result:
         raise AirflowSkipException(f"publish skipped: {result['skipped']}")
     if result["newly_published"]:

@@ -32,6 +32,17 @@ def run_key(
     return f"{base}__shadow_{candidate}" if candidate else base
 
 
+def data_as_of(logical_date: datetime | str | None) -> str | None:
+    """What a DAG run's data is as of: its logical date, the order its version goes live in
+    (a backfill or a late retry of an older date never replaces a newer date's version).
+    None without a logical date: the run's creation time orders it instead."""
+    if logical_date is None:
+        return None
+    if isinstance(logical_date, str):
+        logical_date = datetime.fromisoformat(logical_date)
+    return logical_date.isoformat()
+
+
 def render_input_path(template: str, context: Any, home: Path) -> str:
     """Render the input path with the run's template context; relative paths are under home.
 
