@@ -43,6 +43,22 @@ StoreOpt = Annotated[
 ]
 
 
+def _namespace_value(value: str | None) -> str | None:
+    """The edge check of a namespace (batchscore.names' rule), before anything is opened."""
+    from batchscore.names import NAMESPACE_RULE, is_namespace
+
+    if value is None or is_namespace(value):
+        return value
+    shown = repr(value) if len(value) <= 60 else f"{value[:40]!r}… ({len(value)} characters)"
+    raise typer.BadParameter(f"{shown} is not a namespace; expected {NAMESPACE_RULE}")
+
+
+NamespaceArg = Annotated[
+    str,
+    typer.Argument(metavar="NAMESPACE", callback=_namespace_value, help="Keyspace in the store."),
+]
+
+
 def _setup_logging(verbose: bool = False) -> None:
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s")
@@ -74,7 +90,8 @@ def run(
     model: Annotated[str, typer.Option("--model", help="models:/name@alias or models:/name/N")],
     key_column: Annotated[str, typer.Option("--key-column", help="Column with each row's key.")],
     namespace: Annotated[
-        str | None, typer.Option(help="Keyspace; default: the model's name.")
+        str | None,
+        typer.Option(help="Keyspace; default: the model's name.", callback=_namespace_value),
     ] = None,
     store: StoreOpt = None,
     output: Annotated[Path | None, typer.Option("--output", help="Root of run folders.")] = None,
@@ -305,7 +322,7 @@ def serve(
 
 @app.command()
 def rollback(
-    namespace: str,
+    namespace: NamespaceArg,
     to: Annotated[
         int | None, typer.Option(help="Version to make live; default: the previous.")
     ] = None,
@@ -325,7 +342,7 @@ def rollback(
 
 @app.command()
 def status(
-    namespace: str, store: StoreOpt = None, json_out: bool = typer.Option(False, "--json")
+    namespace: NamespaceArg, store: StoreOpt = None, json_out: bool = typer.Option(False, "--json")
 ) -> None:
     """Live version, kept versions and the last run's summary of a namespace."""
     from jobs.status import namespace_status
@@ -360,7 +377,7 @@ def status(
 
 @app.command()
 def versions(
-    namespace: str, store: StoreOpt = None, json_out: bool = typer.Option(False, "--json")
+    namespace: NamespaceArg, store: StoreOpt = None, json_out: bool = typer.Option(False, "--json")
 ) -> None:
     """Every version of a namespace in the store: live, kept, loading, expiring, deleting."""
     from jobs.status import namespace_state
@@ -420,7 +437,7 @@ def _open_store(settings: RunSettings, store: str | None) -> Any:
 
 @app.command()
 def gc(
-    namespace: str,
+    namespace: NamespaceArg,
     store: StoreOpt = None,
     keep: Annotated[
         int | None, typer.Option(min=1, help="Published versions to keep; default the setting.")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchscore.names import check_namespace
 from batchscore.settings import RunSettings, is_running_cluster
 from jobs.errors import RunError
 from jobs.manifest import (
@@ -80,10 +81,19 @@ def resolve(settings: RunSettings, params: RunParams, run_id: str | None = None)
     from scoring.inputs import discover
 
     started = time.perf_counter()
+    # The namespace is a folder under runs/ and part of every store key: checked before
+    # anything is opened or written (the model's name too, when it is the default).
+    if params.namespace:
+        check_namespace(params.namespace)
     check_store(settings, params.store_url)
     registry = MlflowRegistry(settings.tracking_uri)
     pin = registry.resolve(params.model_uri)
-    namespace = params.namespace or pin.name
+    namespace = params.namespace or check_namespace(
+        pin.name,
+        field="model name",
+        fix=f"Give the run a namespace of its own (--namespace, the form's or the job "
+        f"config's namespace field); the default namespace is the model's name, {pin.name!r}",
+    )
     if run_id is None:
         files = discover(params.input_path)
         digest = hashlib.sha256(

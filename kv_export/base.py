@@ -24,6 +24,7 @@ from typing import TypeVar
 import numpy as np
 import pyarrow as pa
 
+from batchscore.names import check_namespace
 from kv_export.store import NamespaceState, NewVersion, VersionInfo
 
 T = TypeVar("T")
@@ -53,6 +54,7 @@ class StateBackedStore(ABC):
         return self._read(namespace)
 
     def begin_version(self, namespace: str, new: NewVersion) -> VersionInfo:
+        check_namespace(namespace)  # a namespace enters the store here: no key before it
         return self._update(namespace, lambda s: s.begin(new))
 
     def write_columns(
@@ -80,6 +82,7 @@ class StateBackedStore(ABC):
         """
 
     def set_ttl(self, namespace: str, ttl_seconds: int | None) -> NamespaceState:
+        check_namespace(namespace)
         return self._update(namespace, lambda s: (new := s.set_ttl(ttl_seconds), new))
 
     def gc(
@@ -119,6 +122,7 @@ class StateBackedStore(ABC):
     def publish(
         self, namespace: str, version: int, keep: int, *, force: bool = False
     ) -> VersionInfo:
+        check_namespace(namespace)
 
         def change(s: NamespaceState) -> tuple[NamespaceState, tuple[VersionInfo, list]]:
             new, doomed = s.publish(namespace, version, keep, force=force)

@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from batchscore.errors import BatchscoreError
+from batchscore.names import NAMESPACE_RULE, is_namespace
 
 JOBS_DIR_VARIABLE = "BATCHSCORE_DAG_JOBS_DIR"
 DAG_ID_PREFIX = "score_"
@@ -83,7 +84,8 @@ class JobConfig(BaseModel):
     name: str = Field(pattern=NAME, max_length=200, description="The DAG is score_<name>.")
     description: str | None = None
     namespace: str | None = Field(
-        default=None, pattern=NAME, description="Keyspace in the store; default: the model's name."
+        default=None,
+        description=f"Keyspace in the store ({NAMESPACE_RULE}); default: the model's name.",
     )
     model_uri: str = Field(description=MODEL_URI_EXPECTED)
     input_path: str = Field(
@@ -127,6 +129,13 @@ class JobConfig(BaseModel):
     def _model_uri(cls, value: str) -> str:
         if not MODEL_URI.match(value):
             raise ValueError(f"expected {MODEL_URI_EXPECTED}")
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str | None) -> str | None:
+        if value is not None and not is_namespace(value):
+            raise ValueError(f"expected a namespace: {NAMESPACE_RULE}")
         return value
 
     @field_validator("shadow")
@@ -197,6 +206,12 @@ class JobConfig(BaseModel):
             raise ValueError(
                 "field 'start_date': expected the first logical date to run, since catchup "
                 "is true; found none"
+            )
+        model_name = (MODEL_URI.match(self.model_uri) or {"name": ""})["name"]
+        if self.namespace is None and not is_namespace(model_name):
+            raise ValueError(
+                f"field 'namespace': expected a namespace ({NAMESPACE_RULE}), since the "
+                f"model's name {model_name!r}, the default namespace, is not one; found none"
             )
         if self.candidate == self.model_uri:
             raise ValueError(

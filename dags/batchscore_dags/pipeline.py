@@ -46,6 +46,7 @@ from airflow.sdk import (
 from airflow.sdk.definitions.callback import SyncCallback
 from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
 
+from batchscore.names import NAMESPACE_PATTERN, NAMESPACE_RULE
 from batchscore_dags.callbacks import deadline_missed, on_task_failure
 from batchscore_dags.config import (
     DEFAULT_START,
@@ -60,7 +61,8 @@ log = logging.getLogger("batchscore.dag")
 SCORING_POOL = "batchscore_scoring"
 PUBLISHED = AssetAlias("batchscore_published")
 MODEL_URI_PATTERN = r"^models:/[^/@]+(/\d+|@[\w-]+)$"
-OPTIONAL_NAME_PATTERN = r"^([A-Za-z0-9_.-]+)?$"
+# batchscore.names' rule, or empty (the model's name): "^(<rule>)?$".
+OPTIONAL_NAMESPACE_PATTERN = f"^({NAMESPACE_PATTERN.removeprefix('^').removesuffix('$')})?$"
 OPTIONAL_STORE_PATTERN = r"^((lmdb|redis|rediss|unix)://.*)?$"
 OPTIONAL_SHADOW_PATTERN = r"^(models:/[^/@]+(/\d+|@[\w-]+)|[\w-]+)?$"
 
@@ -77,6 +79,7 @@ RETRY_POLICY = ExceptionRetryPolicy(
                 "registry.errors.RegistryError",
                 "kv_export.errors.BadStoreUrl",
                 "batchscore.settings.SettingsError",
+                "batchscore.names.InvalidName",
                 "jobs.errors.RunError",
             ],
             action=RetryAction.FAIL,
@@ -157,9 +160,10 @@ def form_params(d: FormDefaults) -> dict[str, Param]:
         "namespace": Param(
             d.namespace,
             type=["null", "string"],
-            pattern=OPTIONAL_NAME_PATTERN,
+            pattern=OPTIONAL_NAMESPACE_PATTERN,
             title="Namespace",
-            description="Keyspace in the store; empty means the registered model's name.",
+            description=f"Keyspace in the store: {NAMESPACE_RULE}. Empty means the registered "
+            "model's name (which must then follow the same rule).",
         ),
         "store_url": Param(
             d.store_url,

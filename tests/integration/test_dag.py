@@ -140,3 +140,14 @@ def test_invalid_params_are_refused_before_any_task(
     done = dags_test(airflow_home, env, {"input_path": str(dataset), "batch_size": 0})
     assert done.returncode != 0
     assert "batch_size" in done.stdout + done.stderr
+
+
+def test_the_trigger_form_refuses_namespaces_outside_the_rule(
+    airflow_home: Path, env: dict[str, str], dataset: Path
+) -> None:
+    home = Path(env["BATCHSCORE_HOME"])
+    for bad in ("..", "a..b", ".hidden"):
+        done = dags_test(airflow_home, env, {"input_path": str(dataset), "namespace": bad})
+        assert done.returncode != 0, bad
+        assert "namespace" in done.stdout + done.stderr
+    assert not home.exists() or [p.name for p in home.iterdir()] in ([], ["runs"])

@@ -408,3 +408,45 @@ def test_the_shipped_job_configs_parse(tmp_path: Path) -> None:
     assert demo["params"]["input_path"] == "demo-data/dt={{ ds }}"  # under BATCHSCORE_HOME
     assert demo["params"]["key_column"] == "customer_id"
     assert demo["timetable"] == "CronTriggerTimetable"
+
+
+NAMESPACE_RULE = "1-128 characters of A-Z a-z 0-9 . _ -"
+BAD_NAMESPACES = ["../../x", "/abs", "a b", "..", "a..b", ".hidden", "-x", "n" * 129]
+
+
+def test_the_form_and_job_configs_use_the_namespace_rule(
+    dag_modules: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    import yaml
+    from airflow.sdk.exceptions import ParamValidationError
+
+    pipeline, config = dag_modules["pipeline"], dag_modules["config"]
+    namespace = pipeline.form_params(pipeline.FormDefaults())["namespace"]
+    for good in ("churn", "churn.v2", "Churn_daily-2", "n" * 128, None, ""):
+        assert namespace.resolve(good) == good
+    for bad in BAD_NAMESPACES:
+        with pytest.raises(ParamValidationError):
+            namespace.resolve(bad)
+        path = write(
+            tmp_path, "daily.yaml", yaml.safe_dump(yaml.safe_load(GOOD) | {"namespace": bad})
+        )
+        [problem] = problems_of(config, tmp_path)
+        assert (
+            problem.startswith(f"{path}: field 'namespace': expected ")
+            and NAMESPACE_RULE in problem
+        )
+
+
+def test_a_job_whose_model_name_is_no_namespace_needs_one(
+    dag_modules: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    import yaml
+
+    data = yaml.safe_load(GOOD) | {"model_uri": "models:/my model@champion"}
+    data.pop("namespace")
+    path = write(tmp_path, "daily.yaml", yaml.safe_dump(data))
+    [problem] = problems_of(dag_modules["config"], tmp_path)
+    assert problem.startswith(f"{path}: field 'namespace': expected a namespace")
+    assert "'my model'" in problem
+    write(tmp_path, "daily.yaml", yaml.safe_dump(data | {"namespace": "my_model"}))
+    assert problems_of(dag_modules["config"], tmp_path) == []
