@@ -32,6 +32,30 @@ def run_key(
     return f"{base}__shadow_{candidate}" if candidate else base
 
 
+#: What an input path template may use: the run's dates and ids, nothing else. Not
+#: ``conn``, ``var``, ``macros``, ``params``, ``dag_run`` or ``task``: anyone allowed to
+#: trigger a run writes the template, and could otherwise read secrets back from the
+#: log, an error message or manifest.json.
+TEMPLATE_NAMES = (
+    "ds",
+    "ds_nodash",
+    "ts",
+    "ts_nodash",
+    "logical_date",
+    "data_interval_start",
+    "data_interval_end",
+    "run_id",
+    "dag_id",
+    "dag.dag_id",
+)
+TEMPLATE_ALLOWED = (
+    f"{{{{ ... }}}} expressions of {', '.join(TEMPLATE_NAMES)} only, with the filters "
+    "ds, ds_nodash, ts, ts_nodash, lower, upper, replace, default and date methods "
+    "such as logical_date.strftime('%Y/%m/%d')"
+)
+FIELD = "input_path"
+
+
 def data_as_of(logical_date: datetime | str | None) -> str | None:
     """What a DAG run's data is as of: its logical date, the order its version goes live in
     (a backfill or a late retry of an older date never replaces a newer date's version).
@@ -44,27 +68,106 @@ def data_as_of(logical_date: datetime | str | None) -> str | None:
 
 
 def render_input_path(template: str, context: Any, home: Path) -> str:
-    """Render the input path with the run's template context; relative paths are under home.
+    """Render the input path with the run's dates only; relative paths are under home.
 
-    The DAG's Jinja environment is strict, so a template that needs the logical date fails
-    here, with the reason, on a run that has none.
+    The template is rendered in a Jinja sandbox that knows the names of
+    ``TEMPLATE_NAMES`` and nothing else: no Airflow context object is reachable from
+    it, so the secrets of connections and variables are not either. A template that
+    needs the logical date fails here, with the reason, on a run that has none.
     """
-    from jinja2 import UndefinedError
-
-    from jobs.errors import RunError
+    from jinja2 import TemplateError, UndefinedError
 
     try:
-        rendered = str(context["task"].render_template(template, context)).strip()
+        compiled = _sandbox().from_string(_checked(template))
+        rendered = compiled.render(_template_names(context)).strip()
     except UndefinedError as exc:
-        raise RunError(
-            f"The input path template {template!r} cannot be rendered for run "
-            f"{context['dag_run'].run_id}: {exc}",
+        run_id = context["dag_run"].run_id
+        if not _unset_name(str(exc)):
+            raise _refused(template, f"an unknown attribute ({exc})") from None
+        raise _error(
+            f"The {FIELD} template {template!r} cannot be rendered for run {run_id}: {exc}",
             expected="a logical date for templates such as {{ ds }}",
             fix="Trigger the run with a logical date, or give input_path without a date "
             "template (an asset-triggered run has no logical date)",
         ) from None
+    except TemplateError as exc:
+        raise _refused(template, f"something unsafe ({exc})") from None
     path = Path(rendered).expanduser()
     return str(path if path.is_absolute() else home / path)
+
+
+def _checked(template: str) -> str:
+    """Refuse, before rendering, names outside the allowed set and statements."""
+    from jinja2 import TemplateSyntaxError, meta, nodes
+
+    environment = _sandbox()
+    try:
+        parsed = environment.parse(template)
+    except TemplateSyntaxError:
+        raise _refused(template, "a template syntax error") from None
+    allowed = {name.split(".")[0] for name in TEMPLATE_NAMES}
+    unknown = sorted(meta.find_undeclared_variables(parsed) - allowed)
+    if unknown:
+        raise _refused(template, f"the name(s) {', '.join(unknown)}")
+    statements = (nodes.For, nodes.Macro, nodes.CallBlock, nodes.FilterBlock, nodes.Assign)
+    if any(True for _ in parsed.find_all(statements)):
+        raise _refused(template, "a {% ... %} statement")
+    return template
+
+
+def _sandbox() -> Any:
+    """A sandbox with no globals, a few filters and no ``*``/``**`` (huge strings)."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment, SecurityError
+
+    class Sandbox(SandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            raise SecurityError(f"the operator {operator} is not allowed")
+
+    environment = Sandbox(undefined=StrictUndefined, autoescape=False)
+    environment.globals.clear()
+    keep = {"lower", "upper", "replace", "default", "d", "string", "trim"}
+    environment.filters = {k: v for k, v in environment.filters.items() if k in keep}
+    environment.filters |= {
+        "ds": lambda d: d.strftime("%Y-%m-%d"),
+        "ds_nodash": lambda d: d.strftime("%Y%m%d"),
+        "ts": lambda d: d.isoformat(),
+        "ts_nodash": lambda d: d.strftime("%Y%m%dT%H%M%S"),
+    }
+    return environment
+
+
+def _template_names(context: Any) -> dict[str, Any]:
+    """The allowed names as plain values (a ``dag`` that has a ``dag_id`` and nothing
+    else); a name the run lacks (no logical date) is left out, so it is undefined."""
+    from types import SimpleNamespace
+
+    dag_id = context["dag"].dag_id
+    names = {name: context.get(name) for name in TEMPLATE_NAMES if "." not in name}
+    names |= {"dag_id": dag_id, "dag": SimpleNamespace(dag_id=dag_id)}
+    names["run_id"] = names["run_id"] or context["dag_run"].run_id
+    return {name: value for name, value in names.items() if value is not None}
+
+
+def _unset_name(message: str) -> bool:
+    """An allowed name that this run has no value for (a run without a logical date)."""
+    return any(message == f"'{name}' is undefined" for name in TEMPLATE_NAMES)
+
+
+def _refused(template: str, what: str) -> Exception:
+    return _error(
+        f"The {FIELD} template {template!r} uses {what}, which an input path may not use",
+        expected=TEMPLATE_ALLOWED,
+        fix=f"Give {FIELD} as a path with date macros only, e.g. /data/churn/dt={{{{ ds }}}}",
+    )
+
+
+def _error(what: str, *, expected: str, fix: str) -> Exception:
+    from jobs.errors import RunError
+
+    return RunError(what, expected=expected, fix=fix)
 
 
 def find_run_dir(runs_dir: Path, key: str) -> Path | None:

@@ -142,6 +142,33 @@ def test_invalid_params_are_refused_before_any_task(
     assert "batch_size" in done.stdout + done.stderr
 
 
+def secrets_in(folder: Path, secret: bytes) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+
+def test_the_trigger_form_cannot_read_connections(
+    airflow_home: Path, env: dict[str, str], dataset: Path
+) -> None:
+    """Anyone who may trigger a run could put ``{{ conn.<id>.password }}`` in input_path
+    and read it back from the log, the error and manifest.json; only date macros render."""
+    secret = "topsecret"
+    conn_env = env | {"AIRFLOW_CONN_SECRET_DB": f"postgresql://u:{secret}@h/db"}
+    for template in (
+        "/data/{{ conn.secret_db.password }}",
+        "/data/{{ conn.secret_db.get_uri() }}",
+        "/data/{{ ds.__class__.__mro__ }}",
+    ):
+        done = dags_test(airflow_home, conn_env, {"input_path": template, "namespace": "leak"})
+        output = done.stdout + done.stderr
+        assert done.returncode != 0, output[-3000:]
+        assert secret not in output
+        assert "input_path" in output and "ds, ds_nodash" in output, output[-3000:]
+    home = Path(env["BATCHSCORE_HOME"])
+    assert not list(home.rglob("manifest.json"))
+    assert secrets_in(home, secret.encode()) == []
+    assert secrets_in(airflow_home, secret.encode()) == []
+
+
 def test_the_trigger_form_refuses_namespaces_outside_the_rule(
     airflow_home: Path, env: dict[str, str], dataset: Path
 ) -> None:

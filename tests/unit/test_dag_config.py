@@ -410,6 +410,116 @@ def test_the_shipped_job_configs_parse(tmp_path: Path) -> None:
     assert demo["timetable"] == "CronTriggerTimetable"
 
 
+# --- hostile input through the trigger form (issue 16) ----------------------------------
+
+
+class _FullContextTask:
+    """What Airflow's task did with the template before: render it with the whole context."""
+
+    def render_template(self, template: str, context: dict[str, Any]) -> str:
+        import jinja2
+
+        return (
+            jinja2.Environment(undefined=jinja2.StrictUndefined)
+            .from_string(template)
+            .render(context)
+        )
+
+
+def trigger_context(logical: bool = True) -> dict[str, Any]:
+    """A task context as Airflow hands it over: the secrets are one attribute away."""
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    day = datetime(2026, 11, 20, 2, 0, tzinfo=UTC)
+    secret = SimpleNamespace(password="topsecret", get_uri=lambda: "postgresql://u:topsecret@h")
+    context: dict[str, Any] = {
+        "task": _FullContextTask(),
+        "dag": SimpleNamespace(dag_id="score_daily", default_args={"x": "topsecret"}),
+        "dag_run": SimpleNamespace(run_id="manual__2026", conf={"x": "topsecret"}),
+        "run_id": "manual__2026",
+        "conn": SimpleNamespace(secret_db=secret),
+        "var": SimpleNamespace(value=SimpleNamespace(token="topsecret")),
+        "macros": SimpleNamespace(ds_add=lambda ds, n: ds, secret="topsecret"),
+        "params": {"token": "topsecret"},
+    }
+    if logical:
+        context |= {
+            "ds": "2026-11-20",
+            "ds_nodash": "20261120",
+            "ts": day.isoformat(),
+            "ts_nodash": "20261120T020000",
+            "logical_date": day,
+            "data_interval_start": day,
+            "data_interval_end": day,
+        }
+    return context
+
+
+@pytest.mark.parametrize(
+    ("template", "rendered"),
+    [
+        ("/data/dt={{ ds }}", "/data/dt=2026-11-20"),
+        ("/data/{{ ds_nodash }}/{{ ts_nodash }}", "/data/20261120/20261120T020000"),
+        ("/data/{{ logical_date.strftime('%Y/%m/%d') }}", "/data/2026/11/20"),
+        ("/data/{{ data_interval_start | ds }}", "/data/2026-11-20"),
+        (
+            "/data/{{ dag.dag_id }}/{{ dag_id }}/{{ run_id }}",
+            "/data/score_daily/score_daily/manual__2026",
+        ),
+        ("in/{{ ds }}", "HOME/in/2026-11-20"),
+    ],
+)
+def test_input_path_renders_date_macros(
+    dag_modules: dict[str, ModuleType], tmp_path: Path, template: str, rendered: str
+) -> None:
+    found = dag_modules["runs"].render_input_path(template, trigger_context(), tmp_path)
+    assert found == rendered.replace("HOME", str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "/data/{{ conn.secret_db.password }}",
+        "/data/{{ conn.secret_db.get_uri() }}",
+        "/data/{{ var.value.token }}",
+        "/data/{{ macros.secret }}",
+        "/data/{{ params.token }}",
+        "/data/{{ dag_run.conf }}",
+        "/data/{{ dag.default_args }}",
+        "/data/{{ task }}",
+        "/data/{{ ds.__class__.__mro__ }}",
+        "/data/{{ logical_date.__class__.__init__.__globals__ }}",
+        "/data/{{ ''.__class__ }}",
+        "/data/{% for x in range(3) %}{{ x }}{% endfor %}",
+        "/data/{{ 'x' * 1000000000 }}",
+        "/data/{{ ds }",
+    ],
+)
+def test_input_path_refuses_anything_but_date_macros(
+    dag_modules: dict[str, ModuleType], tmp_path: Path, template: str
+) -> None:
+    from jobs.errors import RunError
+
+    with pytest.raises(RunError) as refused:
+        dag_modules["runs"].render_input_path(template, trigger_context(), tmp_path)
+    message = str(refused.value)
+    assert "input_path" in message and "ds, ds_nodash" in message, message
+    assert "topsecret" not in message
+
+
+def test_input_path_without_logical_date_names_the_reason(
+    dag_modules: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    from jobs.errors import RunError
+
+    runs = dag_modules["runs"]
+    assert runs.render_input_path("/data/x", trigger_context(False), tmp_path) == "/data/x"
+    with pytest.raises(RunError) as refused:
+        runs.render_input_path("/data/{{ ds }}", trigger_context(False), tmp_path)
+    assert "logical date" in str(refused.value) and "input_path" in str(refused.value)
+
+
 NAMESPACE_RULE = "1-128 characters of A-Z a-z 0-9 . _ -"
 BAD_NAMESPACES = ["../../x", "/abs", "a b", "..", "a..b", ".hidden", "-x", "n" * 129]
 
