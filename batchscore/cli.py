@@ -233,8 +233,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         if summary["published"]
         else ("dry run" if summary.get("dry_run") else "NOT published")
     )
+    # Which serialization ran: a pickle means code from the registry ran on the workers.
+    loaded = f" · serialization {model['serialization']}" if model.get("serialization") else ""
     out.print(
-        f"namespace [bold]{summary['namespace']}[/] · model {model['name']} v{model['version']} · "
+        f"namespace [bold]{summary['namespace']}[/] · model {model['name']} v{model['version']}"
+        f"{loaded} · "
         f"{summary['rows']:,} rows · version {summary['version']} [bold]{state}[/]"
         + (f" in {escape(summary['store'])}" if summary.get("store") else ""),
         soft_wrap=True,

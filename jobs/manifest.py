@@ -212,7 +212,11 @@ class Manifest(BaseModel):
         return {
             "run_id": self.run_id,
             "namespace": self.namespace,
-            "model": {"name": self.model.name, "version": self.model.version},
+            "model": {
+                "name": self.model.name,
+                "version": self.model.version,
+                "serialization": self.model.serialization,  # pickle: registry code ran
+            },
             "rows": self.input.rows if self.input else 0,
             "store": self.store,
             "version": self.version,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,8 +78,10 @@ def resolve(settings: RunSettings, params: RunParams, run_id: str | None = None)
     Without one (the CLI), the run id is derived from the namespace, the model
     pin and the input's fingerprint, so re-running the same command resumes.
     """
+    from registry.errors import UnsupportedModel
     from registry.mlflow_registry import MlflowRegistry
     from scoring.inputs import discover
+    from scoring.model import check_trusted
 
     started = time.perf_counter()
     # The namespace is a folder under runs/ and part of every store key: checked before
@@ -108,13 +111,19 @@ def resolve(settings: RunSettings, params: RunParams, run_id: str | None = None)
     existing = run_dir / "manifest.json"
     if existing.exists():
         manifest = load_manifest(run_dir)
+        # A retry re-enters here: the trust setting of now decides, not that of the first try.
+        check_trusted(manifest.model.serialization, manifest.model.uri, settings.allow_pickle)
         log.info("run %s exists; keeping its model pin %s", run_id, manifest.model.uri)
         manifest.params = params.model_copy(update={"namespace": namespace})
         manifest.save()
         return _ref(manifest)
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = registry.download(pin, run_dir / "model")
-    spec = _model_spec(model_dir, params, pin.uri)
+    try:
+        spec = _model_spec(model_dir, params, pin.uri, settings.allow_pickle)
+    except UnsupportedModel:
+        shutil.rmtree(run_dir, ignore_errors=True)  # no manifest: nothing of the run is kept
+        raise
     manifest = Manifest(
         run_id=run_id,
         namespace=namespace,
@@ -854,11 +863,11 @@ def _in_another_store(path: Path, store_label: str) -> bool:
     )
 
 
-def _model_spec(model_dir: Path, params: RunParams, uri: str) -> Any:
+def _model_spec(model_dir: Path, params: RunParams, uri: str, allow_pickle: bool | None) -> Any:
     from scoring.model import check_loadable, read_model_spec
 
     spec = read_model_spec(model_dir, tuple(params.features) if params.features else None)
-    check_loadable(spec, uri)
+    check_loadable(spec, uri, allow_pickle)
     return spec
 
 

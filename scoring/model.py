@@ -18,6 +18,12 @@ from registry.errors import UnsupportedModel
 from scoring.core import as_matrix, score_batch, score_in_batches
 
 NUMERIC_MLFLOW_TYPES = {"float", "double", "integer", "long", "boolean"}
+#: How a model's files become a model. pickle/cloudpickle run code from the artifact when
+#: loaded; code (MLflow's models-from-code) runs the artifact's Python file; pt2 is a
+#: torch.export program; native is another flavor's own format, loaded by MLflow.
+Serialization = Literal["pt2", "pickle", "cloudpickle", "code", "native"]
+PICKLED = frozenset({"pickle", "cloudpickle"})
+ALLOW_PICKLE_SETTING = "BATCHSCORE_ALLOW_PICKLE"
 
 
 @dataclass(frozen=True)
@@ -27,7 +33,7 @@ class ModelSpec:
     features: tuple[str, ...]
     outputs: tuple[str, ...]
     flavor: Literal["pytorch", "pyfunc"]
-    serialization: Literal["pt2", "pickle"] | None
+    serialization: Serialization | None
     signature_kind: Literal["columns", "tensor", "none"]
     feature_types: dict[str, str] = field(default_factory=dict)
 
@@ -55,7 +61,9 @@ def read_model_spec(model_dir: Path, features: tuple[str, ...] | None = None) ->
             found=f"flavors {sorted(meta.flavors)}",
         )
     serialization = (
-        _serialization(model_dir, meta.flavors.get("pytorch")) if flavor == "pytorch" else None
+        _serialization(model_dir, meta.flavors.get("pytorch"))
+        if flavor == "pytorch"
+        else _pyfunc_serialization(meta.flavors)
     )
     signature = meta.signature
     if signature is None or signature.inputs.is_tensor_spec():
@@ -92,6 +100,22 @@ def _serialization(model_dir: Path, conf: dict | None) -> Literal["pt2", "pickle
     return "pt2" if (data / "model.pt2").exists() else "pickle"
 
 
+def _pyfunc_serialization(flavors: dict[str, Any]) -> Serialization:
+    pyfunc = flavors.get("python_function") or {}
+    if pyfunc.get("model_code_path"):
+        return "code"
+    if pyfunc.get("python_model") or pyfunc.get("cloudpickle_version"):
+        return "cloudpickle"
+    formats = {
+        conf.get("serialization_format")
+        for conf in flavors.values()
+        if isinstance(conf, dict) and conf.get("serialization_format")
+    }
+    if formats & PICKLED:
+        return "cloudpickle" if "cloudpickle" in formats else "pickle"
+    return "native"
+
+
 def _output_names(signature: object) -> tuple[str, ...]:
     outputs = getattr(signature, "outputs", None)
     if outputs is None or outputs.is_tensor_spec():
@@ -100,20 +124,31 @@ def _output_names(signature: object) -> tuple[str, ...]:
     return tuple(n for n in names if isinstance(n, str))
 
 
-def pickle_allowed() -> bool:
-    """MLflow's own switch for unpickling models; batchscore honours it as MLflow does."""
+def pickle_allowed(allow_pickle: bool | None = None) -> bool:
+    """Whether pickled models may load: ``BATCHSCORE_ALLOW_PICKLE`` when set, else
+    MLflow's own switch ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` (MLflow's default: yes)."""
+    if allow_pickle is not None:
+        return allow_pickle
     from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
 
     return bool(MLFLOW_ALLOW_PICKLE_DESERIALIZATION.get())
 
 
-def check_loadable(spec: ModelSpec, model_uri: str) -> None:
-    if spec.serialization == "pickle" and not pickle_allowed():
+def check_loadable(spec: ModelSpec, model_uri: str, allow_pickle: bool | None = None) -> None:
+    check_trusted(spec.serialization, model_uri, allow_pickle)
+
+
+def check_trusted(serialization: str | None, model_uri: str, allow_pickle: bool | None) -> None:
+    """Refuse a pickled model, before any worker could unpickle it, unless pickles are
+    allowed: unpickling runs whatever code whoever wrote the model version put in it."""
+    if serialization in PICKLED and not pickle_allowed(allow_pickle):
         raise UnsupportedModel(
-            f"Model {model_uri} is a pickled PyTorch model, and loading a pickle runs code "
-            "from the artifact",
-            expected="a model logged with serialization_format='pt2', or explicit trust",
-            fix="Set MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true if you trust this model",
+            f"Model {model_uri} is stored as a {serialization}, and loading a pickle runs "
+            "code from the artifact on the workers; pickled models are not allowed here",
+            expected="a model logged with serialization_format='pt2' (PyTorch) or as "
+            "models-from-code, or explicit trust in whoever can write this model's versions",
+            fix=f"Set {ALLOW_PICKLE_SETTING}=true if you trust them (unset, batchscore "
+            "follows MLflow: MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true allows pickles)",
         )
 
 

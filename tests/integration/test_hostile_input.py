@@ -8,6 +8,7 @@ allows it, and the refusal comes before any worker could unpickle it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from batchscore.samples import feature_names
 from batchscore.settings import RunSettings, load_settings
 from jobs import steps
 from kv_export.store import open_store
-from tests.conftest import KEY, N_FEATURES, Registry, new_version
+from tests.conftest import KEY, N_FEATURES, Registry, new_version, run_cli, run_job
 
 RULE = "1-128 characters of A-Z a-z 0-9 . _ -"
 
@@ -158,3 +159,83 @@ def test_stores_refuse_bad_namespaces_and_write_no_key(tmp_path: Path) -> None:
         assert not (tmp_path / "abs").exists()
     finally:
         store.close()
+
+
+# --- the registry is a trust boundary ---------------------------------------------------
+
+
+def test_pickled_model_refused_when_batchscore_forbids_pickles(
+    env: dict[str, str], tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's own switch allows pickles (env fixture); batchscore's setting wins."""
+    monkeypatch.setenv("BATCHSCORE_ALLOW_PICKLE", "false")
+    settings = load_settings(RunSettings)
+    params = steps.make_params(
+        settings,
+        input_path=str(dataset),
+        model_uri="models:/churn@champion",
+        key_column=KEY,
+        namespace="trusted",
+    )
+    with pytest.raises(BatchscoreError) as refused:
+        steps.resolve(settings, params)
+    message = str(refused.value)
+    assert "models:/churn/1" in message and "BATCHSCORE_ALLOW_PICKLE" in message
+    assert list(settings.runs_dir.rglob("*.parquet")) == []
+    assert list(settings.runs_dir.rglob("manifest.json")) == []
+
+
+def test_a_run_resolved_while_pickles_were_allowed_is_refused_after(
+    env: dict[str, str], tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry re-enters resolve with the run folder in place: the setting still decides."""
+    settings = load_settings(RunSettings)
+    params = steps.make_params(
+        settings,
+        input_path=str(dataset),
+        model_uri="models:/churn@champion",
+        key_column=KEY,
+        namespace="retried",
+    )
+    steps.resolve(settings, params, run_id="retried-run")
+    monkeypatch.setenv("BATCHSCORE_ALLOW_PICKLE", "false")
+    stricter = load_settings(RunSettings)
+    with pytest.raises(BatchscoreError) as refused:
+        steps.resolve(stricter, params, run_id="retried-run")
+    assert "BATCHSCORE_ALLOW_PICKLE" in str(refused.value)
+
+
+def test_batchscore_setting_overrides_mlflow_switch_both_ways(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scoring.model import pickle_allowed
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    assert load_settings(RunSettings).allow_pickle is None
+    assert pickle_allowed(load_settings(RunSettings).allow_pickle) is False
+    monkeypatch.setenv("BATCHSCORE_ALLOW_PICKLE", "true")
+    assert pickle_allowed(load_settings(RunSettings).allow_pickle) is True
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    monkeypatch.setenv("BATCHSCORE_ALLOW_PICKLE", "false")
+    assert pickle_allowed(load_settings(RunSettings).allow_pickle) is False
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_pt2_model_runs_with_pickles_forbidden_and_status_shows_serialization(
+    env: dict[str, str], tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BATCHSCORE_ALLOW_PICKLE", "false")
+    manifest = run_job(
+        dataset,
+        "models:/churn_pt2@champion",
+        "safe",
+        features=feature_names(N_FEATURES),
+    )
+    assert manifest.published and manifest.model.serialization == "pt2"
+    assert manifest.summary()["model"]["serialization"] == "pt2"
+    shown = run_cli("status", "safe", env=env | {"BATCHSCORE_ALLOW_PICKLE": "false"})
+    assert shown.returncode == 0, shown.stderr
+    assert "serialization pt2" in shown.stdout
+    as_json = run_cli("status", "safe", "--json", env=env)
+    assert json.loads(as_json.stdout)["last_run"]["model"]["serialization"] == "pt2"
