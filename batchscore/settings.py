@@ -233,7 +233,9 @@ class ApiSettings(_Common):
         default=1.0, ge=0, description="How long the live-version pointer is cached."
     )
     store_timeout_seconds: float = Field(default=0.5, gt=0, description="Socket timeout to Redis.")
-    max_batch_keys: int = Field(default=1000, ge=1, description="Most keys in one batch request.")
+    max_batch_keys: int = Field(
+        default=1000, ge=1, le=100_000, description="Most keys in one batch request."
+    )
     batch_fallback: bool = Field(default=True, description="Answer from the run's Parquet output.")
     stale_fallback: bool = Field(
         default=False,

@@ -116,8 +116,7 @@ class LmdbStore(StateBackedStore):
             store._data_db = store._env.open_db(b"data", create=False)
         except lmdb.Error as exc:
             raise StoreUnavailable(
-                f"The folder {store.path} holds an LMDB environment that is not a batchscore "
-                "store",
+                f"The LMDB environment at {store.path} is not a batchscore store",
                 expected="the 'state' and 'data' databases a run's export creates",
                 found=type(exc).__name__,
                 fix="Check BATCHSCORE_STORE_URL (or --store)",

@@ -73,14 +73,15 @@ class PredictionOut(BaseModel):
 
 MAX_KEY_LENGTH = 4096  # the largest BATCHSCORE_MAX_KEY_LENGTH
 MAX_BATCH_KEYS = 100_000  # the largest BATCHSCORE_MAX_BATCH_KEYS
+BatchKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_KEY_LENGTH)]
 
 
 class BatchRequest(BaseModel):
     """The bounds here hold whatever the settings say; the settings' own (smaller) bounds
     are checked after parsing, and the body's size before it is read."""
 
-    keys: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_KEY_LENGTH)]] = (
-        Field(min_length=1, max_length=MAX_BATCH_KEYS, description="Keys to look up.")
+    keys: list[BatchKey] = Field(
+        min_length=1, max_length=MAX_BATCH_KEYS, description="Keys to look up."
     )
 
 

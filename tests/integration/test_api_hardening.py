@@ -208,7 +208,9 @@ def publish_keep_one(store_url: str, folder: Path, model_version: str) -> None:
         key_column="customer_id",
         key_type="int",
         output_dir=str(folder),
-        parts=[PartInfo(path=str(path), rows=len(keys), min_key=int(keys[0]), max_key=int(keys[-1]))],
+        parts=[
+            PartInfo(path=str(path), rows=len(keys), min_key=int(keys[0]), max_key=int(keys[-1]))
+        ],
     )
     exported = export_parts(store, NS, new, [path])
     store.publish(NS, exported.info.version, keep=1)

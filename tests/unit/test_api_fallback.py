@@ -19,7 +19,9 @@ ROWS, GROUP_ROWS, OUTPUTS = 20_000, 1_000, ["a", "b"]
 def version(tmp_path: Path) -> VersionInfo:
     keys = np.arange(ROWS, dtype=np.int64)
     path = tmp_path / "part-0000.parquet"
-    table = pa.table({"k": keys, "a": (keys % 97).astype(np.float32), "b": (keys * 2).astype(np.float32)})
+    table = pa.table(
+        {"k": keys, "a": (keys % 97).astype(np.float32), "b": (keys * 2).astype(np.float32)}
+    )
     pq.write_table(table, path, row_group_size=GROUP_ROWS)
     return VersionInfo(
         version=1,
