@@ -156,12 +156,13 @@ def test_a_malformed_namespace_state_fails_its_namespace_alone(
     client = redis.Redis(port=redis_server.port)
     client.set("bs:{badjson}:state", b'{"live": 1, "versions": {')
     client.set("bs:{badbytes}:state", b"\xff\xfe\x00garbage")
+    client.hset("bs:{ahash}:state", "live", "1")  # not a string: GET answers WRONGTYPE
     client.set(b"bs:{\xff\xfe}:state", b"{}")  # a state key whose name is not UTF-8
 
     api = start_api(api_env, redis_server.url)  # starts, whatever those keys hold
     key = int(KEYS[11])
     for _ in range(3):
-        for bad in ("badjson", "badbytes"):
+        for bad in ("badjson", "badbytes", "ahash"):
             answer = get(api, f"/v1/predictions/{bad}/{key}")
             assert answer.status_code == 500, answer.text
             assert answer.json()["error"]["code"] == "namespace_state_invalid"
@@ -184,6 +185,32 @@ def test_a_missing_embedded_store_is_an_error_at_start_naming_the_path(
     said = serve_fails(api_env, f"lmdb://{missing}")
     assert str(missing) in said, said
     assert not (tmp_path / "mistyped").exists()  # nothing created
+
+
+def open_for_writing(pid: int, name: str) -> list[bool]:
+    """For each file descriptor of process ``pid`` open on a file called ``name``: whether
+    it was opened for writing (its access mode is not O_RDONLY)."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if Path(fd.readlink()).name != name:
+                continue
+            flags = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().split("flags:")[1]
+        except (OSError, IndexError):  # closed meanwhile
+            continue
+        found.append(int(flags.split()[0], 8) & 0o3 != 0)
+    return found
+
+
+def test_the_api_opens_the_embedded_store_read_only(
+    api_env: dict[str, str], start_api: Start, tmp_path: Path
+) -> None:
+    store_url = f"lmdb://{tmp_path / 'store'}"
+    write_version(store_url, tmp_path / "v1", KEYS[:100], "1")
+    api = start_api(api_env, store_url)
+    key = int(KEYS[3])
+    check(get(api, f"/v1/predictions/{NS}/{key}").json(), key, "1", "kv")
+    assert open_for_writing(api.process.pid, "data.mdb") == [False]
 
 
 # 15. A key of the live version is never 404 -------------------------------------------
