@@ -85,12 +85,13 @@ def test_gc_keeps_live_the_last_n_and_in_flight_exports() -> None:
     state = NamespaceState()
     state, v1 = loaded(state, "r1")
     state, stale = state.begin(new("superseded"))  # began before v2, never finished
+    state.versions[stale.version].created_at = "2026-01-01T00:00:00+00:00"  # long ago
     state, v2 = loaded(state, "r2")
     state, v3 = loaded(state, "r3")
     for version in (v1, v2, v3):
         state, _ = state.publish("ns", version, keep=5)
     state, in_flight = state.begin(new("r4"))
-    after, doomed = state.gc(keep=2)
+    after, doomed = state.gc(keep=2, loading_grace_seconds=3600)
     assert sorted(d.version for d in doomed) == [v1, stale.version]
     assert sorted(after.versions) == [v2, v3, in_flight.version]
     assert after.live == v3 and after.history == [v2, v3]
