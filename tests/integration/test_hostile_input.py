@@ -102,18 +102,28 @@ def test_pipeline_refuses_bad_namespaces_before_writing(
 @pytest.fixture(scope="module")
 def spaced_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     """A registry whose model name has a space: a valid MLflow name, not a valid namespace."""
+    import mlflow
+
     from batchscore.samples import log_and_register, train_model
 
     root = tmp_path_factory.mktemp("spaced")
     found = Registry(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts")
-    log_and_register(
-        train_model(N_FEATURES, seconds=0.1, seed=5),
-        tracking_uri=found.tracking_uri,
-        artifact_root=found.artifact_root,
-        name="my model",
-        n_features=N_FEATURES,
-        serialization="pt2",
-    )
+    # log_model registers in MLflow's process-wide registry, which earlier tests may have
+    # pointed elsewhere: point it here while registering, and back afterwards.
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_registry_uri(found.tracking_uri)
+    try:
+        log_and_register(
+            train_model(N_FEATURES, seconds=0.1, seed=5),
+            tracking_uri=found.tracking_uri,
+            artifact_root=found.artifact_root,
+            name="my model",
+            n_features=N_FEATURES,
+            serialization="pt2",
+        )
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
     return found
 
 
