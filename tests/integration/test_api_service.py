@@ -45,6 +45,21 @@ def write_version(
     namespace: str = NS,
 ) -> VersionInfo:
     """Publish a version of ``keys`` (parts sorted by key, 500-row row groups)."""
+    exported = export_version(store_url, folder, keys, model_version, namespace)
+    store = open_store(store_url)
+    info = store.publish(namespace, exported.version, keep=2)
+    store.close()
+    return info
+
+
+def export_version(
+    store_url: str,
+    folder: Path,
+    keys: np.ndarray,
+    model_version: str,
+    namespace: str = NS,
+) -> VersionInfo:
+    """Load a complete, unpublished version of ``keys`` whose values ``score`` gives."""
     store = open_store(store_url)
     folder.mkdir(parents=True, exist_ok=True)
     keys = np.sort(keys)
@@ -77,9 +92,8 @@ def write_version(
         parts=parts,
     )
     exported = export_parts(store, namespace, new, paths)
-    info = store.publish(namespace, exported.info.version, keep=2)
     store.close()
-    return info
+    return exported.info
 
 
 @pytest.fixture
