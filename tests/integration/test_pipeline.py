@@ -71,7 +71,8 @@ def test_cli_run_with_the_embedded_store(
     assert done.returncode == 0, done.stderr
     summary = json.loads(summary_path.read_text())
     assert set(summary) >= {"run_id", "namespace", "model", "rows", "version", "published", "steps"}
-    assert summary["namespace"] == "churn" and summary["model"] == {"name": "churn", "version": "1"}
+    assert summary["namespace"] == "churn"
+    assert summary["model"] == {"name": "churn", "version": "1", "serialization": "pickle"}
     assert set(summary["steps"]) >= {"score", "validate", "export", "publish"}
     assert summary["steps"]["score"]["rows"] == 12_000
     store_url = load_settings(RunSettings).resolved_store_url
