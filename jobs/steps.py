@@ -713,8 +713,7 @@ def publish(
     live pointer where it is. A shadow run (``jobs.shadow``) is never published.
     """
     from jobs import shadow
-    from kv_export.errors import AlreadyPublished
-    from kv_export.store import VersionOutOfOrder
+    from kv_export.errors import AlreadyPublished, VersionOutOfOrder
 
     manifest = load_manifest(run_dir)
     if manifest.params.dry_run:

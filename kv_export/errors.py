@@ -8,7 +8,10 @@
     ├── NamespaceNotFound    the store holds nothing of the namespace
     ├── BadStoreUrl          a store URL batchscore cannot open
     ├── VersionNotFound      no such version in the namespace
-    └── VersionIncomplete    the version is still loading (or was never finished)
+    ├── VersionIncomplete    the version is still loading (or was never finished)
+    ├── VersionOutOfOrder    its data is older than the newest published (--force overrides)
+    ├── VersionExpired       its TTL has passed
+    └── AlreadyPublished     published once and no longer live: back only by rollback
 """
 
 from __future__ import annotations
@@ -46,3 +49,12 @@ class VersionIncomplete(StoreError):
 
 class AlreadyPublished(StoreError):
     """The version was published once and is no longer live: republish only by rollback."""
+
+
+class VersionOutOfOrder(StoreError):
+    """The version's data is older than what the namespace has served: versions go live
+    in order (DESIGN invariant 9) unless an operator forces it."""
+
+
+class VersionExpired(StoreError):
+    """The version's TTL has passed: its data is gone (Redis) or answers nothing (LMDB)."""

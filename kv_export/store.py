@@ -26,18 +26,11 @@ from kv_export.errors import (
     AlreadyPublished,
     BadStoreUrl,
     StoreError,
+    VersionExpired,
     VersionIncomplete,
     VersionNotFound,
+    VersionOutOfOrder,
 )
-
-
-class VersionOutOfOrder(StoreError):
-    """The version's data is older than what the namespace has served: versions go live
-    in order (DESIGN invariant 9) unless an operator forces it."""
-
-
-class VersionExpired(StoreError):
-    """The version's TTL has passed: its data is gone (Redis) or answers nothing (LMDB)."""
 
 
 def utcnow() -> str:

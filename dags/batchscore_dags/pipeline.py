@@ -414,7 +414,7 @@ def publish_run(run_dir: str, context: Any) -> dict[str, Any]:
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
     from jobs import steps
-    from kv_export.store import VersionExpired, VersionOutOfOrder
+    from kv_export.errors import VersionExpired, VersionOutOfOrder
 
     try:
         result = steps.publish(run_dir)

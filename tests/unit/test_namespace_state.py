@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from kv_export.errors import AlreadyPublished, VersionIncomplete, VersionNotFound
-from kv_export.store import NamespaceState, NewVersion, VersionExpired, VersionOutOfOrder
+from kv_export.errors import (
+    AlreadyPublished,
+    VersionExpired,
+    VersionIncomplete,
+    VersionNotFound,
+    VersionOutOfOrder,
+)
+from kv_export.store import NamespaceState, NewVersion
 
 
 def new(run: str) -> NewVersion:
