@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from batchscore.durable import sync, write_durably
 from jobs.errors import RunError
 from kv_export.connect import public_url, split_password
 
@@ -202,7 +203,7 @@ class Manifest(BaseModel):
         temporary = self.path.with_name(f".{MANIFEST}.{uuid.uuid4().hex}")
         write_durably(temporary, self.model_dump_json(indent=2).encode())
         os.replace(temporary, self.path)
-        sync_folder(self.path.parent)
+        sync(self.path.parent)
 
     def record_step(self, step: str, **details: Any) -> None:
         self.steps[step] = {"finished_at": utcnow(), **details}
@@ -247,22 +248,6 @@ def _validation_summary(validation: dict[str, Any] | None) -> dict[str, Any] | N
         "parts": validation.get("parts"),
         "failed_parts": validation.get("failed_parts", []),
     }
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def sync_folder(folder: Path) -> None:
-    """fsync a folder, so that a rename or a new file in it survives a power loss."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def load_manifest(run_dir: str | Path) -> Manifest:

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from distributed import Client, LocalCluster, as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from batchscore.durable import sync
 from batchscore.settings import is_running_cluster
 from scoring.errors import ShardFailed
 from scoring.model import ModelSpec, Predictor, pick_device
@@ -325,19 +326,11 @@ def write_part(table: pa.Table, part: Path) -> None:
     temporary = part.with_name(f".{part.name}.{uuid.uuid4().hex}.tmp")
     try:
         pq.write_table(table, temporary, row_group_size=PART_ROW_GROUP_ROWS, compression="zstd")
-        _sync(temporary)
+        sync(temporary)
         os.replace(temporary, part)
-        _sync(part.parent)
+        sync(part.parent)
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def _sync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def usable_part(part: Path, rows: int) -> str | None:
@@ -355,7 +348,7 @@ def set_aside(part: Path) -> Path:
     aside = part.parent / ".damaged" / f"{part.name}.{uuid.uuid4().hex[:8]}"
     aside.parent.mkdir(exist_ok=True)
     os.replace(part, aside)
-    _sync(part.parent)
+    sync(part.parent)
     return aside
 
 
