@@ -130,7 +130,11 @@ def direct_forward(tracking_uri: str, model_uri: str, rows: np.ndarray) -> np.nd
     import mlflow.pytorch
     import torch
 
+    # The process-wide URIs, not only the variable: an in-process MlflowRegistry (or
+    # mlflow.set_*_uri) of an earlier test, perhaps of a server gone since, wins over it.
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     model = mlflow.pytorch.load_model(model_uri)
     with torch.no_grad():
         return model(torch.from_numpy(rows)).numpy().reshape(len(rows), -1)
