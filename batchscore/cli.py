@@ -21,8 +21,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from batchscore.errors import BatchscoreError
-from batchscore.settings import ApiSettings, RunSettings, load_settings
+from batchscore.core.errors import BatchscoreError
+from batchscore.core.settings import ApiSettings, RunSettings, load_settings
 
 app = typer.Typer(
     help="Batch scoring on Airflow, MLflow, Dask and a KV store.", no_args_is_help=True
@@ -44,8 +44,8 @@ StoreOpt = Annotated[
 
 
 def _namespace_value(value: str | None) -> str | None:
-    """The edge check of a namespace (batchscore.names' rule), before anything is opened."""
-    from batchscore.names import NAMESPACE_RULE, is_namespace
+    """The edge check of a namespace (batchscore.core.names' rule), before anything is opened."""
+    from batchscore.core.names import NAMESPACE_RULE, is_namespace
 
     if value is None or is_namespace(value):
         return value

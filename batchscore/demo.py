@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from batchscore.errors import BatchscoreError
-from batchscore.settings import RunSettings
+from batchscore.core.errors import BatchscoreError
+from batchscore.core.settings import RunSettings
 
 MODEL_NAME = "churn"
 ALIAS = "champion"

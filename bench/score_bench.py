@@ -152,7 +152,7 @@ def batchscore_run(
     folder: Path, uri: str, tracking: str, home: Path, **options: Any
 ) -> dict[str, Any]:
     """The score step as a user runs it: resolve + plan, then score on a fresh cluster."""
-    from batchscore.settings import RunSettings
+    from batchscore.core.settings import RunSettings
     from jobs import steps
     from jobs.manifest import load_manifest
 

@@ -173,7 +173,7 @@ def keep_best(best: dict[str, Any], name: str, found: dict[str, Any]) -> None:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from batchscore.settings import RunSettings
+    from batchscore.core.settings import RunSettings
 
     started = time.perf_counter()
     cache = Path(args.cache)

@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from batchscore.durable import sync, write_durably
+from batchscore.core.durable import sync, write_durably
+from batchscore.core.urls import public_url, split_password
 from jobs.errors import RunError
-from kv_export.connect import public_url, split_password
 
 MANIFEST = "manifest.json"
 

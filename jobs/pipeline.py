@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from batchscore.settings import RunSettings
+from batchscore.core.settings import RunSettings
 from jobs import steps
 from jobs.manifest import Manifest, RunParams, load_manifest
 

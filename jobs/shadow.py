@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batchscore.settings import RunSettings
+from batchscore.core.settings import RunSettings
 from jobs.manifest import Manifest, load_manifest
 
 log = logging.getLogger("batchscore.jobs")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from batchscore.settings import RunSettings
+from batchscore.core.settings import RunSettings
 from jobs.manifest import MANIFEST, Manifest
 from kv_export.connect import store_target
 from kv_export.errors import NamespaceNotFound

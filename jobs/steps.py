@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchscore.names import check_namespace
-from batchscore.settings import RunSettings, is_running_cluster
+from batchscore.core.names import check_namespace
+from batchscore.core.settings import RunSettings, is_running_cluster
 from jobs.errors import RunError
 from jobs.manifest import (
     InputRecord,
@@ -659,7 +659,7 @@ def _exported_earlier(manifest: Manifest) -> dict[str, Any]:
 
 def load_run_settings() -> RunSettings:
     """The settings of a step run without a caller's (an Airflow task, ``batchscore step``)."""
-    from batchscore.settings import load_settings
+    from batchscore.core.settings import load_settings
 
     return load_settings(RunSettings)
 

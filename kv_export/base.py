@@ -24,7 +24,7 @@ from typing import TypeVar
 import numpy as np
 import pyarrow as pa
 
-from batchscore.names import check_namespace
+from batchscore.core.names import check_namespace
 from kv_export.store import NamespaceState, NewVersion, VersionInfo
 
 T = TypeVar("T")

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from batchscore.core.urls import public_url
 
 if TYPE_CHECKING:  # the store's modules import numpy and Arrow; manifests need only labels
     from kv_export.store import PredictionStore
 
 RUN_TIMEOUT_SECONDS = 5.0  # a pipeline's store calls: bulk writes need more than a lookup
-SECRET_QUERY_KEYS = {"password", "ssl_password"}
 
 
 class StoreSettings(Protocol):
-    """What a settings class offers to open a store (``batchscore.settings`` has it)."""
+    """What a settings class offers to open a store (``batchscore.core.settings`` has it)."""
 
     @property
     def resolved_store_url(self) -> str: ...
@@ -68,49 +68,18 @@ def store_target(
 
 
 def _target_on_worker(url: str, timeout_seconds: float) -> StoreTarget:
-    from batchscore.settings import RunSettings, load_settings
+    from batchscore.core.settings import RunSettings, load_settings
 
     return store_target(load_settings(RunSettings), url, timeout_seconds=timeout_seconds)
-
-
-def split_password(url: str) -> tuple[str, str | None]:
-    """``url`` without the password in its user part, and that password (or None)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url, None
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    netloc = f"{user}@{host}" if user else host
-    return urlunsplit(parts._replace(netloc=netloc)), parts.password
 
 
 def open_from_settings(settings: StoreSettings, url: str | None = None) -> PredictionStore:
     return store_target(settings, url).open()
 
 
-def public_url(url: str) -> str:
-    """``url`` without its password (user kept) or secret query options; a bare LMDB path
-    as ``lmdb://PATH``. Two URLs of one store give one label, whatever the password."""
-    parts = urlsplit(url)
-    if not parts.scheme:
-        return f"lmdb://{url}"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}@{host}" if user else host
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    kept = [(k, v) for k, v in pairs if k not in SECRET_QUERY_KEYS]
-    if netloc == parts.netloc and len(kept) == len(pairs):
-        return url  # nothing secret (urlunsplit would also drop lmdb:///'s empty host)
-    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(kept)))
-
-
 __all__ = [
     "StoreSettings",
     "StoreTarget",
     "open_from_settings",
-    "public_url",
-    "split_password",
     "store_target",
 ]

@@ -37,9 +37,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, StringConstraints, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from batchscore.errors import BatchscoreError
-from batchscore.names import NAMESPACE_RE
-from batchscore.settings import ApiSettings, load_settings
+from batchscore.core.errors import BatchscoreError
+from batchscore.core.names import NAMESPACE_RE
+from batchscore.core.settings import ApiSettings, load_settings
 from kv_export.encoding import VALUE_DTYPE, unpack_value
 from kv_export.errors import StoreUnavailable
 from kv_export.store import AsyncPredictionReader, NamespaceState

@@ -11,7 +11,7 @@ from kv_export.errors import BadStoreUrl
 from kv_export.store import AsyncPredictionReader, VersionInfo, redact_url
 
 if TYPE_CHECKING:
-    from batchscore.settings import ApiSettings
+    from batchscore.core.settings import ApiSettings
 
 GetOne = Callable[[str, VersionInfo, bytes], Awaitable[bytes | None]]
 

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchscore.settings import ApiSettings, SettingsError
+from batchscore.core.settings import ApiSettings, SettingsError
 from lookup.errors import ApiError
 
 ALL_NAMESPACES = "*"

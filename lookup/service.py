@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
-from batchscore.settings import ApiSettings
+from batchscore.core.settings import ApiSettings
 from kv_export.errors import StoreUnavailable
 from kv_export.store import AsyncPredictionReader, NamespaceState, VersionInfo
 from lookup.breaker import StoreBreaker

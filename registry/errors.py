@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from batchscore.errors import BatchscoreError
+from batchscore.core.errors import BatchscoreError
 
 
 class RegistryError(BatchscoreError):

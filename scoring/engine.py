@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 from distributed import Client, LocalCluster, as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from batchscore.durable import sync
-from batchscore.settings import is_running_cluster
+from batchscore.core.durable import sync
+from batchscore.core.settings import is_running_cluster
 from scoring.errors import ShardFailed
 from scoring.model import ModelSpec, Predictor, pick_device
 from scoring.reader import prefetch, read_row_groups

@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from batchscore.errors import BatchscoreError
+from batchscore.core.errors import BatchscoreError
 
 
 class ScoringError(BatchscoreError):

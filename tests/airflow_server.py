@@ -389,7 +389,7 @@ def generated_dags_available() -> bool:
     Also requires that the settings know BATCHSCORE_DAG_JOBS_DIR: an unknown BATCHSCORE_*
     name in the tasks' environment would fail every task.
     """
-    from batchscore import settings
+    from batchscore.core import settings
 
     dag_settings = getattr(settings, "DagSettings", None)
     knows_jobs_dir = dag_settings is not None and "dag_jobs_dir" in dag_settings.model_fields

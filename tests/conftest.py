@@ -299,7 +299,7 @@ def run_cli(
 
 def run_job(dataset: Path, model: str, namespace: str, **given: Any) -> Manifest:
     """The whole pipeline in this process, as `batchscore run` runs it, for the test dataset."""
-    from batchscore.settings import RunSettings, load_settings
+    from batchscore.core.settings import RunSettings, load_settings
     from jobs import steps
     from jobs.pipeline import run_pipeline
 

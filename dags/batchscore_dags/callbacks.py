@@ -34,7 +34,7 @@ def describe_error(error: Any) -> str:
 
 def deadline_missed(context: dict[str, Any], job: str) -> None:
     """The run was not finished ``deadline`` after it was queued: say where it is."""
-    from batchscore.settings import RunSettings, load_settings
+    from batchscore.core.settings import RunSettings, load_settings
     from batchscore_dags.runs import current_step, find_run_dir, run_key
 
     run = context.get("dag_run") or {}

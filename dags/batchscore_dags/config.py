@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from batchscore.errors import BatchscoreError
-from batchscore.names import NAMESPACE_RULE, is_namespace
+from batchscore.core.errors import BatchscoreError
+from batchscore.core.names import NAMESPACE_RULE, is_namespace
 
 JOBS_DIR_VARIABLE = "BATCHSCORE_DAG_JOBS_DIR"
 DAG_ID_PREFIX = "score_"
@@ -262,7 +262,7 @@ class JobConfigs:
 
 def jobs_dir(default: Path) -> Path:
     """``BATCHSCORE_DAG_JOBS_DIR`` when set, else ``default`` (``dags/jobs/``)."""
-    from batchscore.settings import DagSettings, load_settings
+    from batchscore.core.settings import DagSettings, load_settings
 
     return load_settings(DagSettings).dag_jobs_dir or default
 

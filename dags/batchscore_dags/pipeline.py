@@ -46,7 +46,7 @@ from airflow.sdk import (
 from airflow.sdk.definitions.callback import SyncCallback
 from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
 
-from batchscore.names import NAMESPACE_PATTERN, NAMESPACE_RULE
+from batchscore.core.names import NAMESPACE_PATTERN, NAMESPACE_RULE
 from batchscore_dags.callbacks import deadline_missed, on_task_failure
 from batchscore_dags.config import (
     DEFAULT_START,
@@ -61,7 +61,7 @@ log = logging.getLogger("batchscore.dag")
 SCORING_POOL = "batchscore_scoring"
 PUBLISHED = AssetAlias("batchscore_published")
 MODEL_URI_PATTERN = r"^models:/[^/@]+(/\d+|@[\w-]+)$"
-# batchscore.names' rule, or empty (the model's name): "^(<rule>)?$".
+# batchscore.core.names' rule, or empty (the model's name): "^(<rule>)?$".
 OPTIONAL_NAMESPACE_PATTERN = f"^({NAMESPACE_PATTERN.removeprefix('^').removesuffix('$')})?$"
 OPTIONAL_STORE_PATTERN = r"^((lmdb|redis|rediss|unix)://.*)?$"
 OPTIONAL_SHADOW_PATTERN = r"^(models:/[^/@]+(/\d+|@[\w-]+)|[\w-]+)?$"
@@ -78,8 +78,8 @@ RETRY_POLICY = ExceptionRetryPolicy(
                 "scoring.errors.QualityConfigError",
                 "registry.errors.RegistryError",
                 "kv_export.errors.BadStoreUrl",
-                "batchscore.settings.SettingsError",
-                "batchscore.names.InvalidName",
+                "batchscore.core.settings.SettingsError",
+                "batchscore.core.names.InvalidName",
                 "jobs.errors.RunError",
             ],
             action=RetryAction.FAIL,
@@ -332,7 +332,7 @@ def _wire_tasks(workers: int | None) -> None:
 
 def resolve_run(context: Any, workers: int | None) -> dict[str, Any]:
     """The form's values (rendered for the logical date) → a pinned run in its folder."""
-    from batchscore.settings import RunSettings, load_settings
+    from batchscore.core.settings import RunSettings, load_settings
     from batchscore_dags.runs import data_as_of, render_input_path, run_key
     from jobs import shadow, steps
 

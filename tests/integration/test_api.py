@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from batchscore.settings import RunSettings, load_settings
+from batchscore.core.settings import RunSettings, load_settings
 from jobs.manifest import Manifest
 from tests.conftest import RedisServer, Registry, direct_forward, read_rows, run_job
 

@@ -15,7 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from batchscore.settings import ApiSettings
+from batchscore.core.settings import ApiSettings
 from lookup.app import create_app
 from tests.conftest import RedisServer
 from tests.integration.test_api_service import KEYS, Start, write_version

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore.errors import BatchscoreError
+from batchscore.core.errors import BatchscoreError
+from batchscore.core.settings import RunSettings, load_settings
 from batchscore.samples import feature_names
-from batchscore.settings import RunSettings, load_settings
 from jobs import steps
 from jobs.pipeline import run_pipeline
 from kv_export.store import open_store

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore.settings import RunSettings, load_settings
+from batchscore.core.settings import RunSettings, load_settings
 from jobs import steps
 from jobs.manifest import load_manifest
 from jobs.pipeline import run_pipeline

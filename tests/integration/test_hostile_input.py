@@ -1,7 +1,7 @@
 """Hostile input at every edge: namespaces that escape folders, and untrusted model files.
 
 Each edge (the CLI, the pipeline, the stores) refuses a namespace outside the one rule
-of ``batchscore.names`` with a message that names the field and the rule, before
+of ``batchscore.core.names`` with a message that names the field and the rule, before
 anything is written. A pickled model loads only while ``BATCHSCORE_ALLOW_PICKLE``
 allows it, and the refusal comes before any worker could unpickle it.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from batchscore.errors import BatchscoreError
+from batchscore.core.errors import BatchscoreError
+from batchscore.core.settings import RunSettings, load_settings
 from batchscore.samples import feature_names
-from batchscore.settings import RunSettings, load_settings
 from jobs import steps
 from kv_export.store import open_store
 from tests.conftest import KEY, N_FEATURES, Registry, new_version, run_cli, run_job

@@ -190,7 +190,7 @@ def test_a_collection_past_its_budget_leaves_the_rest_for_the_next(opener: Opene
 def test_the_pipeline_publishes_in_logical_date_order_and_collects_run_folders(
     env: dict[str, str], dataset: Path
 ) -> None:
-    from batchscore.settings import RunSettings, load_settings
+    from batchscore.core.settings import RunSettings, load_settings
     from jobs import steps
     from jobs.manifest import load_manifest
     from jobs.pipeline import run_pipeline

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from batchscore.core.settings import RunSettings, load_settings
 from batchscore.devcluster import RunningCluster
-from batchscore.settings import RunSettings, load_settings
 from jobs import steps
 from jobs.manifest import load_manifest
 from tests.conftest import KEY, run_job

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchscore.core.settings import RunSettings, load_settings
 from batchscore.samples import feature_names
-from batchscore.settings import RunSettings, load_settings
 from jobs import steps
 from jobs.manifest import load_manifest
 from jobs.pipeline import run_pipeline

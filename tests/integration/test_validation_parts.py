@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore.settings import RunSettings, load_settings
+from batchscore.core.settings import RunSettings, load_settings
 from jobs import steps
 from jobs.manifest import Manifest, load_manifest
 from kv_export.store import open_store

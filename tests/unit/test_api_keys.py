@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from batchscore.settings import ApiSettings, SettingsError
+from batchscore.core.settings import ApiSettings, SettingsError
 from lookup.security import ApiKeys
 
 

@@ -31,7 +31,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from batchscore.settings import ENV_PREFIX, ApiSettings, RunSettings, load_settings
+from batchscore.core.settings import ENV_PREFIX, ApiSettings, RunSettings, load_settings
 from tests.stack import MissingVariable, compose_env_module, service_spec
 from tests.stack import interpolate as stack_interpolate
 

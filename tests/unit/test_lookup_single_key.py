@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batchscore.settings import ApiSettings
+from batchscore.core.settings import ApiSettings
 from kv_export.errors import StoreUnavailable
 from kv_export.lmdb_store import LmdbReader, LmdbStore
 from kv_export.store import VersionInfo

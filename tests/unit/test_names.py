@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from batchscore.names import (
+from batchscore.core.names import (
     NAMESPACE_PATTERN,
     NAMESPACE_RE,
     NAMESPACE_RULE,
@@ -56,7 +56,7 @@ def test_the_api_uses_the_rule() -> None:
 
 def test_the_rule_is_importable_without_heavy_modules() -> None:
     code = (
-        "import sys, batchscore.names; "
+        "import sys, batchscore.core.names; "
         "print(sorted(m for m in ('pydantic', 'numpy', 'airflow', 'mlflow') if m in sys.modules))"
     )
     done = subprocess.run(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from batchscore.settings import RunSettings
+from batchscore.core.settings import RunSettings
 from jobs.steps import make_params
 from scoring.engine import prefetch_depth
 from scoring.reader import prefetch

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from batchscore.settings import ApiSettings, RunSettings, SettingsError, load_settings
+from batchscore.core.settings import ApiSettings, RunSettings, SettingsError, load_settings
 
 
 def test_defaults_put_everything_under_home(

@@ -6,10 +6,11 @@ import pickle
 
 import pytest
 
-from batchscore.settings import RunSettings, load_settings
+from batchscore.core.settings import RunSettings, load_settings
+from batchscore.core.urls import public_url, split_password
 from jobs.errors import RunError
 from jobs.manifest import RunParams
-from kv_export.connect import StoreTarget, public_url, split_password, store_target
+from kv_export.connect import StoreTarget, store_target
 
 
 @pytest.mark.parametrize(

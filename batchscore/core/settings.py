@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from batchscore.errors import BatchscoreError
+from batchscore.core.errors import BatchscoreError
 
 ENV_PREFIX = "BATCHSCORE_"
 SCHEDULER_SCHEMES = ("tcp://", "tls://")
@@ -65,7 +65,7 @@ class _Common(BaseSettings):
     def _password_out_of_the_url(cls, data: Any) -> Any:
         """A password in the store URL moves to ``store_password`` (the URL's wins, as
         always): from here on the URL can be shown, recorded and sent anywhere."""
-        from kv_export.connect import split_password
+        from batchscore.core.urls import split_password
 
         if not isinstance(data, dict) or not isinstance(data.get("store_url"), str):
             return data

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from batchscore.errors import BatchscoreError
+from batchscore.core.errors import BatchscoreError
 
 #: JSON Schema / pydantic / ``re`` pattern (anchored; the look-ahead works in each).
 NAMESPACE_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"

@@ -3,7 +3,7 @@
 ::
 
     BatchscoreError
-    ├── SettingsError                      (batchscore.settings)
+    ├── SettingsError                      (batchscore.core.settings)
     ├── registry.errors.RegistryError
     │   ├── ModelNotFound
     │   └── UnsupportedModel
