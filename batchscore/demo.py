@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from batchscore.core.errors import BatchscoreError
+from batchscore.core.errors import DemoFailed
 from batchscore.core.settings import RunSettings
 
 MODEL_NAME = "churn"
@@ -34,10 +34,6 @@ DAG_ID = "batchscore"
 DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
 JOB_DAG_ID = "score_churn_daily"  # dags/jobs/churn_daily.yaml: one dt= partition a day
 SCORING_POOL = "batchscore_scoring"  # the score task's pool (dags/batchscore_dags/pipeline.py)
-
-
-class DemoFailed(BatchscoreError):
-    pass
 
 
 def run_demo(settings: RunSettings, *, rows: int, console: Console) -> int:

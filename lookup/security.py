@@ -25,7 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchscore.core.settings import ApiSettings, SettingsError
+from batchscore.core.errors import SettingsError
+from batchscore.core.settings import ApiSettings
 from lookup.errors import ApiError
 
 ALL_NAMESPACES = "*"

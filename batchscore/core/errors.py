@@ -74,6 +74,18 @@ class BatchscoreError(Exception):
         }
 
 
+class SettingsError(BatchscoreError):
+    """A setting has a value batchscore cannot use."""
+
+
+class InvalidName(BatchscoreError):
+    """A user-given name (a namespace) breaks the rule of its kind."""
+
+
+class DemoFailed(BatchscoreError):
+    """``batchscore demo`` ran but one of its checks did not hold."""
+
+
 def _rebuild(cls: type[BatchscoreError], state: dict[str, object]) -> BatchscoreError:
     error = cls.__new__(cls)
     error.__dict__.update(state)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from batchscore.core.errors import BatchscoreError
+from batchscore.core.errors import InvalidName
 
 #: JSON Schema / pydantic / ``re`` pattern (anchored; the look-ahead works in each).
 NAMESPACE_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -26,10 +26,6 @@ NAMESPACE_RE = re.compile(NAMESPACE_PATTERN)
 NAMESPACE_RULE = (
     "1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or a digit, without '..'"
 )
-
-
-class InvalidName(BatchscoreError):
-    """A user-given name breaks the rule of its kind."""
 
 
 def is_namespace(value: object) -> bool:

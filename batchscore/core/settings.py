@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from batchscore.core.errors import BatchscoreError
+from batchscore.core.errors import SettingsError
 
 ENV_PREFIX = "BATCHSCORE_"
 SCHEDULER_SCHEMES = ("tcp://", "tls://")
@@ -25,10 +25,6 @@ def is_running_cluster(cluster: str) -> bool:
     """``cluster`` is an existing scheduler's address, whose workers outlive the run,
     rather than a cluster started for it (local, cuda, auto)."""
     return cluster.startswith(SCHEDULER_SCHEMES)
-
-
-class SettingsError(BatchscoreError):
-    """A setting has a value batchscore cannot use."""
 
 
 class _Common(BaseSettings):

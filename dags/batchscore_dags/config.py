@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from batchscore.core.errors import BatchscoreError
 from batchscore.core.names import NAMESPACE_RULE, is_namespace
+from batchscore_dags.errors import JobConfigError
 
 JOBS_DIR_VARIABLE = "BATCHSCORE_DAG_JOBS_DIR"
 DAG_ID_PREFIX = "score_"
@@ -38,10 +38,6 @@ DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 DURATION_EXPECTED = "a duration such as 90s, 5m, 2h, 1h30m or a number of seconds"
 STORE_SCHEMES = ("lmdb", "redis", "rediss", "unix")
 DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-class JobConfigError(BatchscoreError):
-    """One or more job configs cannot become DAGs."""
 
 
 def parse_duration(value: Any) -> timedelta:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from batchscore.core.settings import ApiSettings, SettingsError
+from batchscore.core.errors import SettingsError
+from batchscore.core.settings import ApiSettings
 from lookup.security import ApiKeys
 
 

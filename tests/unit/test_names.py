@@ -7,11 +7,11 @@ import subprocess
 
 import pytest
 
+from batchscore.core.errors import InvalidName
 from batchscore.core.names import (
     NAMESPACE_PATTERN,
     NAMESPACE_RE,
     NAMESPACE_RULE,
-    InvalidName,
     check_namespace,
 )
 from tests.conftest import BIN

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from batchscore.core.settings import ApiSettings, RunSettings, SettingsError, load_settings
+from batchscore.core.errors import SettingsError
+from batchscore.core.settings import ApiSettings, RunSettings, load_settings
 
 
 def test_defaults_put_everything_under_home(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from batchscore.core.settings import SettingsError
+from batchscore.core.errors import SettingsError
 from lookup.observability import MULTIPROC_DIR, shared_metrics_dir, shared_metrics_for_workers
 
 
