@@ -1,31 +1,51 @@
-"""The root of every batchscore exception.
+"""The root of every batchscore exception, and the map of all of them.
 
-::
+Each package draws its own part of the tree in its ``errors`` module; this is the whole
+tree in one place (``tests/unit/test_error_tree.py`` fails when a class is missing here or
+drawn under the wrong parent)::
 
-    BatchscoreError
-    ├── SettingsError                      (batchscore.core.settings)
-    ├── registry.errors.RegistryError
-    │   ├── ModelNotFound
-    │   └── UnsupportedModel
-    ├── scoring.errors.ScoringError
-    │   ├── InputError
-    │   │   ├── InputNotFound
+    BatchscoreError                         a failure a user can act on
+    ├── SettingsError                       (batchscore.core.errors) a setting batchscore cannot use
+    ├── InvalidName                         (batchscore.core.errors) a namespace breaks the rule
+    ├── DemoFailed                          (batchscore.core.errors) a check of `batchscore demo`
+    ├── JobConfigError                      (batchscore_dags.errors) a job YAML that cannot be a DAG
+    ├── RegistryError                       (registry.errors)
+    │   ├── ModelNotFound                   no such model, version or alias
+    │   └── UnsupportedModel                a flavor or format batchscore cannot load
+    ├── ScoringError                        (scoring.errors)
+    │   ├── InputError                      bad input, found before anything is scored
+    │   │   ├── InputNotFound               (retried by the DAG: the input may land late)
     │   │   ├── CorruptInput
     │   │   ├── MissingColumn
     │   │   ├── BadColumnType
-    │   │   └── BadKeyColumn
-    │   ├── ShardFailed
-    │   └── ValidationFailed
-    ├── kv_export.errors.StoreError
-    │   ├── StoreUnavailable
-    │   ├── BadStoreUrl
-    │   ├── VersionNotFound
-    │   └── VersionIncomplete
-    └── jobs.errors.RunError
+    │   │   ├── BadKeyColumn
+    │   │   └── TooManyNulls                a feature's null rate is above the bound
+    │   ├── ShardFailed                     a shard could not be scored
+    │   ├── ValidationFailed                the output broke an expectation
+    │   ├── DriftDetected                   the output moved too far from the live version
+    │   └── QualityConfigError              the quality config file is unusable
+    ├── StoreError                          (kv_export.errors)
+    │   ├── StoreUnavailable                the store cannot be reached or timed out
+    │   │   ├── StoreAuthFailed             the store refused the credentials
+    │   │   └── CircuitOpen                 (lookup.errors) the API's breaker is open
+    │   ├── NamespaceNotFound               the store holds nothing of the namespace
+    │   ├── BadStoreUrl                     a store URL batchscore cannot open
+    │   ├── VersionNotFound                 no such version in the namespace
+    │   ├── VersionIncomplete               still loading, or never finished
+    │   ├── VersionOutOfOrder               older data than the newest published
+    │   ├── VersionExpired                  its TTL has passed
+    │   └── AlreadyPublished                published once, no longer live
+    └── RunError                            (jobs.errors) a run that cannot go on as asked
 
-Every error builds its message from structured fields: what failed, what was
-expected, what was found, and how to fix it, so that a CLI user, an Airflow
-task log and an API client all read the same sentence.
+The lookup API's answers to a client are a tree of their own, outside this one: they
+carry an HTTP status and a message safe to show, never internals::
+
+    ApiError                                (lookup.errors) status, code, message
+    └── NamespaceStateInvalid               the store's state of a namespace is unreadable
+
+Every ``BatchscoreError`` builds its message from structured fields: what failed, what
+was expected, what was found, and how to fix it, so that a CLI user, an Airflow task log
+and an API client all read the same sentence.
 """
 
 from __future__ import annotations
