@@ -103,6 +103,9 @@ def test_the_device_path_matches_plain_fp32_scoring(tmp_path: Path) -> None:
 
 
 def test_an_out_of_memory_batch_is_halved_and_retried(tmp_path: Path) -> None:
+    """The halving rule, with the out-of-memory error simulated: a wrapper raises
+    ``torch.cuda.OutOfMemoryError`` above a batch size, so this runs on a CPU too and
+    shows the rule, not a real CUDA allocation failure."""
     spec = read_model_spec(saved_model(tmp_path))
     predictor = Predictor(saved_model(tmp_path), spec, precision="bf16")
     expected = predictor.predict(features_table(), 5000)
