@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchscore.core.names import check_namespace
-from kv_export.store import NamespaceState, NewVersion, VersionInfo
+from kv_export.state import NamespaceState, NewVersion, VersionInfo
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from batchscore.core.urls import public_url
 
 if TYPE_CHECKING:  # the store's modules import numpy and Arrow; manifests need only labels
-    from kv_export.store import PredictionStore
+    from kv_export.interface import PredictionStore
 
 RUN_TIMEOUT_SECONDS = 5.0  # a pipeline's store calls: bulk writes need more than a lookup
 

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from kv_export.connect import StoreTarget
 from kv_export.encoding import VALUE_DTYPE, text_keys
 from kv_export.errors import VersionNotFound
-from kv_export.store import NewVersion, PredictionStore, VersionInfo
+from kv_export.interface import PredictionStore
+from kv_export.state import NewVersion, VersionInfo
 
 BATCH_ROWS = 262_144
 FLUSH_ROWS = 2_000_000

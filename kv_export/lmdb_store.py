@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from kv_export.base import StateBackedStore
 from kv_export.encoding import lmdb_key, lmdb_version_prefix, pack_values
 from kv_export.errors import StoreUnavailable
-from kv_export.store import NamespaceState, VersionInfo
+from kv_export.state import NamespaceState, VersionInfo
 
 T = TypeVar("T")
 

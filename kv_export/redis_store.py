@@ -35,7 +35,8 @@ from kv_export.encoding import (
     redis_state_key,
 )
 from kv_export.errors import StoreAuthFailed, StoreError, StoreUnavailable
-from kv_export.store import NamespaceState, VersionInfo, redact_url
+from kv_export.interface import redact_url
+from kv_export.state import NamespaceState, VersionInfo
 
 T = TypeVar("T")
 
