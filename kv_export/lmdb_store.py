@@ -236,7 +236,7 @@ class LmdbReader:
             raise self._unavailable(exc) from exc
 
     async def get_one(self, namespace: str, info: VersionInfo, key: bytes) -> bytes | None:
-        """``lookup.readers.SingleKeyReader``'s read: one coroutine that never suspends, the
+        """``kv_export.interface.SingleKeyReader``'s read: one coroutine that never suspends, the
         cheapest awaitable for a value that is there at once (awaiting it measured 0.1 µs, a
         done future 0.3 µs); a lookup no longer goes through ``get_many``'s lists and a
         wrapper coroutine (about 1 µs a lookup in-process)."""

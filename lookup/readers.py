@@ -51,7 +51,7 @@ def open_reader(target: StoreTarget) -> AsyncPredictionReader:
     url = target.url
     scheme = urlsplit(url).scheme
     if scheme in ("redis", "rediss", "unix"):
-        from lookup.redis_reader import RedisReader
+        from kv_export.redis_reader import RedisReader
 
         return RedisReader(url, timeout_seconds=target.timeout_seconds, password=target.password)
     if scheme in ("lmdb", ""):

@@ -24,8 +24,8 @@ from kv_export.encoding import (
     redis_bucket_key,
 )
 from kv_export.errors import StoreUnavailable
+from kv_export.redis_reader import RedisReader
 from kv_export.store import VersionInfo, open_store
-from lookup.redis_reader import RedisReader
 from tests.conftest import RedisServer, load_version
 
 pytestmark = [pytest.mark.redis]

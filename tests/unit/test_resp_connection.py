@@ -10,7 +10,7 @@ import asyncio
 from typing import Any
 
 from kv_export.errors import StoreUnavailable
-from lookup.redis_reader import RespConnection, Waiter
+from kv_export.redis_reader import RespConnection, Waiter
 
 
 class FakeTransport(asyncio.Transport):

@@ -58,7 +58,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kv_export.encoding import bucket_of, redis_bucket_key, redis_state_key
 from kv_export.errors import StoreUnavailable
-from kv_export.store import NamespaceState, VersionInfo, redact_url
+from kv_export.interface import redact_url
+from kv_export.state import NamespaceState, VersionInfo
 
 STATE_PATTERN = b"bs:{*}:state"
 HGET_PREFIXES = 16_384  # bucket keys kept per cache: every bucket of a 1M-key version, ~3 MB
@@ -413,7 +414,7 @@ class RedisReader:
 
     def get_one(self, namespace: str, info: VersionInfo, key: bytes) -> Awaitable[bytes | None]:
         """``get_many`` of one key, as the pipeline's future itself rather than a coroutine
-        (``lookup.readers.SingleKeyReader``): a single-key lookup then suspends and resumes
+        (``kv_export.interface.SingleKeyReader``): a single-key lookup then suspends and resumes
         one coroutine layer shallower, which measured about 1 µs a lookup."""
         if info.expires_at is not None and info.expired():
             return _done(None)
