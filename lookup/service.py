@@ -153,12 +153,11 @@ class Lookup:
             # coroutine layer fewer to create and to resume through when the reply comes.
             try:
                 value = await self._get_one(namespace, info, key.encode())
-            except StoreUnavailable as exc:
-                await self.breaker.failed(exc)
+            except StoreUnavailable:
+                self.breaker.failed()
                 value, source = await self._one_from_batch(namespace, info, key, "store_error")
             else:
-                if self.breaker.recovering():
-                    await self.breaker.succeeded()
+                self.breaker.succeeded()
         if value is not None:
             return info, source, Answer(value, info, source, False)
         if retry and source == "kv" and await self._replaced(namespace, info):
