@@ -1,30 +1,23 @@
-"""Open the async read side of the store a URL names (the lookup API's only store access)."""
+"""Open the async read side of the store a URL names (the lookup API's only store access).
+
+Which reader serves which URL scheme is the one table of ``kv_export.backends``, the same
+one ``kv_export.store.open_store`` uses for the pipeline's stores.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING
 
+from kv_export.backends import backend_for
 from kv_export.connect import StoreTarget, store_target
-from kv_export.errors import BadStoreUrl
-from kv_export.store import AsyncPredictionReader, VersionInfo, redact_url
+from kv_export.interface import AsyncPredictionReader, SingleKeyReader
+from kv_export.state import VersionInfo
 
 if TYPE_CHECKING:
     from batchscore.core.settings import ApiSettings
 
 GetOne = Callable[[str, VersionInfo, bytes], Awaitable[bytes | None]]
-
-
-@runtime_checkable
-class SingleKeyReader(Protocol):
-    """A reader with a cheaper single-key read than ``get_many``: the same value (or None),
-    its failures the same ``StoreUnavailable``, as the cheapest awaitable for the store: the
-    pipeline's future for Redis (a lookup waiting on a reply has no extra layer to suspend
-    and resume through), a coroutine that returns at once for LMDB (awaiting one costs less
-    than a done future)."""
-
-    def get_one(self, namespace: str, info: VersionInfo, key: bytes) -> Awaitable[bytes | None]: ...
 
 
 def single_key_read(reader: AsyncPredictionReader) -> GetOne:
@@ -48,22 +41,9 @@ def reader_from_settings(settings: ApiSettings) -> AsyncPredictionReader:
 def open_reader(target: StoreTarget) -> AsyncPredictionReader:
     """``redis[s]://`` → one pipelined connection parsed by hiredis (``password`` when the
     URL carries none); ``lmdb://PATH`` → direct LMDB reads."""
-    url = target.url
-    scheme = urlsplit(url).scheme
-    if scheme in ("redis", "rediss", "unix"):
-        from kv_export.redis_reader import RedisReader
-
-        return RedisReader(url, timeout_seconds=target.timeout_seconds, password=target.password)
-    if scheme in ("lmdb", ""):
-        from kv_export.lmdb_store import LmdbReader
-
-        path = url[len("lmdb://") :] if scheme == "lmdb" else url
-        if not path:
-            raise BadStoreUrl(
-                f"Store URL '{url}' names no folder", expected="lmdb:///path/to/store"
-            )
-        return LmdbReader(path)
-    raise BadStoreUrl(
-        f"Store URL '{redact_url(url)}' has an unknown scheme '{scheme}'",
-        expected="lmdb:///path (embedded), redis://host:port/db or rediss://host:port/db",
+    return backend_for(target.url).open_reader(
+        target.url, timeout_seconds=target.timeout_seconds, password=target.password
     )
+
+
+__all__ = ["GetOne", "SingleKeyReader", "open_reader", "reader_from_settings", "single_key_read"]
