@@ -1,24 +1,23 @@
 """The lookup API's Redis reads: one pipelined RESP connection per process, parsed by hiredis.
 
-Why not one ``redis.asyncio`` command per request: on the 2-core benchmark
-machine a plain ``await client.hget(...)`` with 32 callers costs about 40 µs of
-client CPU per call (connection checkout and release, retry wrapper,
-observability hooks, a timer task per write and per read, one ``send`` and one
-``recv`` syscall each), more than the whole rest of a lookup, and every call is
-also one wake-up of redis-server on the same cores. Here every command issued
-during one turn of the event loop (the HGETs of all requests that arrived
-together, the HMGETs of a batch, the live pointer refreshes) is packed into one
-write, the technique of ioredis' ``enableAutoPipelining``.
+Why not one ``redis.asyncio`` command per request: each such call carries a
+connection checkout and release, a retry wrapper, observability hooks, a timer task
+per write and per read, and one ``send`` and one ``recv`` syscall, all paid per
+lookup, and every call is also one wake-up of redis-server. Here every command issued
+during one turn of the event loop (the HGETs of all requests that arrived together,
+the HMGETs of a batch, the live pointer refreshes) is packed into one write, the
+technique of ioredis' ``enableAutoPipelining``, so the lookups of one turn share one
+write, one syscall and one wake-up of redis-server.
 
-And why not redis-py's connections underneath (as this module did until
-2026-12): reading each reply through ``Connection.read_response`` costs two
-coroutines a reply and a task, a pool checkout and a timeout scope per write;
-4.6 µs a lookup with 32 callers against 2.5 µs here, where the replies are
-taken from ``hiredis.Reader`` (the C parser redis-py itself uses) as they
-arrive in ``data_received`` and handed to their waiters in order. redis-py
-still reads the URL: ``redis://``, ``rediss://`` (its TLS options and context),
-``unix://``, username, password and database mean what they mean to redis-py,
-and the exporter and the CLI use redis-py for everything else.
+And why not redis-py's connections underneath (as this module did until 2026-12):
+reading each reply through ``Connection.read_response`` costs two coroutines and a
+task a reply, and a pool checkout and a timeout scope a write. Here the replies are
+taken from ``hiredis.Reader`` (the C parser redis-py itself uses) as they arrive in
+``data_received`` and handed to their waiters in order: no coroutine per reply. The
+lookup API's costs per request are in docs/benchmarks.md. redis-py still reads the
+URL: ``redis://``, ``rediss://`` (its TLS options and context), ``unix://``, username,
+password and database mean what they mean to redis-py, and the exporter and the CLI
+use redis-py for everything else.
 
 Invariants:
 
@@ -62,7 +61,8 @@ from kv_export.interface import redact_url
 from kv_export.state import NamespaceState, VersionInfo
 
 STATE_PATTERN = b"bs:{*}:state"
-HGET_PREFIXES = 16_384  # bucket keys kept per cache: every bucket of a 1M-key version, ~3 MB
+# Bucket commands kept per cache: every bucket of a 1M-key version (ceil(1M / 64) buckets).
+HGET_PREFIXES = 16_384
 Unavailable = Callable[[str, BaseException], StoreUnavailable]
 NOT_YET = object()  # what hiredis gives while a reply is incomplete (no reply can be it)
 
@@ -75,8 +75,8 @@ def resp(*parts: bytes) -> bytes:
 @lru_cache(maxsize=HGET_PREFIXES)
 def hget_prefix(namespace: str, version: int, bucket: int, encoding: int) -> bytes:
     """``HGET <bucket key>`` in RESP without the field, the part of a single-key lookup's
-    command that all keys of one bucket share: cached, the command costs 0.3 µs instead of
-    0.6 µs of formatting per lookup."""
+    command that all keys of one bucket share: cached, a single-key lookup's command is one
+    short format of the key instead of formatting the bucket key again for every lookup."""
     name = redis_bucket_key(namespace, version, bucket, encoding)
     return b"*3\r\n$4\r\nHGET\r\n$%d\r\n%s\r\n" % (len(name), name)
 
@@ -414,8 +414,8 @@ class RedisReader:
 
     def get_one(self, namespace: str, info: VersionInfo, key: bytes) -> Awaitable[bytes | None]:
         """``get_many`` of one key, as the pipeline's future itself rather than a coroutine
-        (``kv_export.interface.SingleKeyReader``): a single-key lookup then suspends and resumes
-        one coroutine layer shallower, which measured about 1 µs a lookup."""
+        (``kv_export.interface.SingleKeyReader``): a single-key lookup then awaits the
+        future directly, with no coroutine of this reader's to create, suspend and resume."""
         if info.expires_at is not None and info.expired():
             return _done(None)
         prefix = hget_prefix(namespace, info.version, bucket_of(key, info.buckets), info.encoding)
