@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,7 +27,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import BIN, KEY, REPO, Registry, free_port
+from batchscore.testing import ServiceError, free_port, stop_process_groups, tail
+from tests.conftest import BIN, KEY, REPO, Registry
 
 DAGS = REPO / "dags"
 JOBS_DIR_VARIABLE = "BATCHSCORE_DAG_JOBS_DIR"
@@ -40,18 +40,12 @@ TERMINAL_STATES = {"success", "failed"}
 POOLS = {"batchscore_scoring": 1}
 
 
-class AirflowStartError(RuntimeError):
+class AirflowStartError(ServiceError):
     """``airflow standalone`` did not become healthy; the message carries its log's tail."""
 
 
 class DagRunFailed(AssertionError):
     """A DAG run ended in another state than the one expected; carries its failed tasks' logs."""
-
-
-def tail(path: Path, lines: int = 80) -> str:
-    if not path.exists():
-        return f"({path} does not exist)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def airflow_env(home: Path, port: int, run_env: dict[str, str]) -> dict[str, str]:
@@ -263,15 +257,7 @@ class AirflowServer(RestApiV2):
 
     def stop(self) -> None:
         """Stop the whole process group: TERM, then KILL whatever is left after 30 s."""
-        kill_group(self.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            self.process.poll()  # reap the parent so that only live members count
-            if not group_alive(self.process.pid):
-                break
-            time.sleep(0.2)
-        kill_group(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
+        stop_process_groups([self.process], grace=30)
 
 
 def format_log_line(line: Any) -> str:
@@ -281,21 +267,6 @@ def format_log_line(line: Any) -> str:
     if line.get("error_detail"):
         text += "\n" + json.dumps(line["error_detail"], indent=1)[-4000:]
     return text
-
-
-def kill_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def start_airflow(

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +14,9 @@ import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
+# RedisServer and free_port are imported from here by the tests (tests.conftest).
+from batchscore.testing import RedisServer, ServiceError, free_port, wait_for_http
 
 if TYPE_CHECKING:
     from jobs.manifest import Manifest
@@ -29,12 +29,6 @@ N_FEATURES = 8
 KEY = "customer_id"
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -170,55 +164,6 @@ def load_version(store: PredictionStore, run: str, values: np.ndarray, *, chunk:
     return store.complete_version("ns", info.version, keys).version
 
 
-class RedisServer:
-    """A real redis-server on a free port, which a test may stop and start again.
-
-    ``extra`` arguments go to redis-server as given (``--requirepass``,
-    ``--appendonly yes``, TLS ports); stop and start keep the port and folder.
-    """
-
-    def __init__(self, folder: Path, *extra: str, port: int | None = None) -> None:
-        self.folder, self.extra, self.port = folder, extra, port or free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, **client: object) -> None:
-        """Start and wait until a client made with ``client`` options answers PING."""
-        import redis
-
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed: run `make system-deps`")
-        defaults = ["--appendonly", "no"] if "--appendonly" not in self.extra else []
-        port = [] if "--tls-port" in self.extra else ["--port", str(self.port)]
-        self.process = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--save", "", "--dir", str(self.folder)]
-            + defaults
-            + port
-            + list(self.extra),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis(port=self.port, **client).ping()  # type: ignore[arg-type]
-                return
-            except (redis.ConnectionError, OSError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path)
@@ -239,15 +184,11 @@ class ApiProcess:
             stdout=self._handle,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError(f"API did not start: {self.log.read_text()}")
+        try:
+            wait_for_http(f"{self.base}/healthz", seconds=60, process=self.process)
+        except ServiceError as exc:
+            self.stop()
+            raise AssertionError(f"the API did not start: {exc}\n{self.log.read_text()}") from exc
 
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.base + path, timeout=10)

@@ -26,7 +26,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -40,8 +39,9 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.airflow_server import AirflowStartError, RestApiV2, group_alive, kill_group, tail
-from tests.conftest import BIN, REPO, free_port
+from batchscore.testing import RedisServer, free_port, stop_process_groups, tail
+from tests.airflow_server import AirflowStartError, RestApiV2
+from tests.conftest import BIN, REPO
 
 COMPOSE_FILE = REPO / "docker-compose.yaml"
 POSTGRES_INIT = REPO / "docker" / "postgres" / "init-databases.sh"
@@ -219,18 +219,7 @@ class Process:
 
     def stop(self, grace: float = 30) -> None:
         """TERM to the group, then KILL whatever is left after ``grace`` seconds."""
-        kill_group(self.popen.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            self.popen.poll()  # reap the leader so that only live members count
-            if not group_alive(self.popen.pid):
-                break
-            time.sleep(0.2)
-        kill_group(self.popen.pid, signal.SIGKILL)
-        try:
-            self.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_process_groups([self.popen], grace)
 
 
 def program(argv: list[str], env: Mapping[str, str]) -> list[str]:
@@ -329,17 +318,7 @@ class Stack:
 
     def stop(self, grace: float = 30) -> None:
         """TERM to every process group at once, KILL to what is left after ``grace`` s."""
-        for process in self.processes:
-            kill_group(process.popen.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            for process in self.processes:
-                process.popen.poll()  # reap the leaders so that only live members count
-            if not any(group_alive(p.popen.pid) for p in self.processes):
-                break
-            time.sleep(0.2)
-        for process in reversed(self.processes):
-            process.stop(grace=0)
+        stop_process_groups([p.popen for p in self.processes], grace)
         for stopper in reversed(self.stoppers):
             stopper()
         for database in self.databases:
@@ -574,8 +553,6 @@ def _start(deployment: Deployment, services: tuple[str, ...]) -> None:
 
 def start_redis(deployment: Deployment) -> None:
     """redis-server with the compose command's arguments, through the tests' launcher."""
-    from tests.conftest import RedisServer
-
     spec = deployment.specs["redis"]
     assert spec.command[0] == "redis-server", spec.command
     folder = deployment.stack.folder / "redis"
