@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,28 +78,57 @@ def test_rollback_restores_the_previous_version_and_old_data_is_deleted(
     assert store.get_many("ns", ghost, [b"1"]) == [None]
 
 
-def test_readers_never_see_a_mix_while_a_version_is_published(store: PredictionStore) -> None:
+def live_answer(store: PredictionStore, keys: list[bytes]) -> list[float | None]:
+    """What a reader gets: the live version's value of each key (None: not found)."""
+    info = store.state("ns").live_info()
+    assert info is not None
+    return [unpack_value(v, ["p"])["p"] if v else None for v in store.get_many("ns", info, keys)]
+
+
+def wait_until(condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up after {within} s waiting for {what}"
+        time.sleep(0.001)
+
+
+def test_every_read_during_a_publish_is_all_old_or_all_new(store: PredictionStore) -> None:
+    """A reader reading while a version is published gets, in every answer, every key of
+    the old version or every key of the new one: never a mix, never a gap; and once it has
+    seen the new version it never sees the old one again. (Deleting versions while readers
+    read is the garbage-collection test below.)"""
     keys = encode_keys(range(0, KEYS, 50))
     store.publish("ns", load(store, "r1", 1.0), keep=3)
     v2 = load(store, "r2", 2.0)
-    seen: list[set[float]] = []
+    answers: list[list[float | None]] = []
+    errors: list[BaseException] = []
     stop = threading.Event()
 
     def read() -> None:
         while not stop.is_set():
-            seen.append(live_values(store, keys))
+            try:
+                answers.append(live_answer(store, keys))
+            except BaseException as exc:  # noqa: BLE001 - any error is a failure
+                errors.append(exc)
+                return
 
     reader = threading.Thread(target=read)
     reader.start()
-    store.publish("ns", v2, keep=3)
-    v3 = load(store, "r3", 3.0)
-    store.publish("ns", v3, keep=1)  # drops v1 and v2 while the reader reads
-    stop.set()
-    reader.join()
-    # Never two versions in one answer. With keep=1 a reader that read the state just
-    # before the flip may find its version already deleted: no values, never wrong ones.
-    assert seen and all(len(values) <= 1 for values in seen)
-    assert any(seen) and {v for values in seen for v in values} <= {1.0, 2.0, 3.0}
+    try:
+        wait_until(lambda: len(answers) > 0 or bool(errors), "a read of the old version")
+        store.publish("ns", v2, keep=3)
+        wait_until(
+            lambda: bool(errors) or (answers[-1] == [2.0] * len(keys)), "a read of the new one"
+        )
+    finally:
+        stop.set()
+        reader.join()
+    assert errors == []
+    mixed = [answer for answer in answers if set(answer) not in ({1.0}, {2.0})]
+    assert mixed == []  # a None is a gap, two values a mix
+    seen = [answer[0] for answer in answers]
+    assert seen[0] == 1.0 and seen[-1] == 2.0
+    assert seen == sorted(seen)  # the old version, then the new one, never back
 
 
 def test_a_retried_export_reuses_the_run_version(store: PredictionStore) -> None:
