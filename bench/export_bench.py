@@ -32,15 +32,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from batchscore.testing import RedisServer  # noqa: E402
 from bench.common import machine, table, write_section  # noqa: E402
 from kv_export.encoding import bucket_count  # noqa: E402
 from kv_export.export import export_parts  # noqa: E402
 from kv_export.store import NewVersion, open_store  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FEAST_VENV = REPO / ".bench-venvs" / "feast"
@@ -83,35 +82,9 @@ def make_parts(folder: Path, rows: int) -> list[Path]:
     return parts
 
 
-class RedisServer:
-    def __init__(self, folder: Path) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(folder)],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def used_memory(self) -> int:
-        return int(self.client.info("memory")["used_memory"])
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
+def used_memory(server: RedisServer) -> int:
+    with server.client() as client:
+        return int(client.info("memory")["used_memory"])
 
 
 def redis_benchmark(server: RedisServer, requests: int) -> list[Row]:
@@ -127,7 +100,8 @@ def redis_benchmark(server: RedisServer, requests: int) -> list[Row]:
         per = 10 if name.startswith("MSET") else 1
         keys = float(rps) * per
         rows.append(Row(f"redis-benchmark {name} -P 64 (-c 50, 4-byte values)", int(keys), 1.0))
-    server.client.flushall()
+    with server.client() as client:
+        client.flushall()
     return rows
 
 
@@ -212,7 +186,8 @@ def feast_materialize(server: RedisServer, parts: list[Path], rows: int, tmp: Pa
             why = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             return Row(name, None, None, f"not run: `{Path(step[-1]).name}` failed: {why[0][:200]}")
     seconds = float(done.stdout.split("SECONDS")[-1].strip())
-    written = int(server.client.info("keyspace").get("db1", {}).get("keys", 0))
+    with server.client() as client:
+        written = int(client.info("keyspace").get("db1", {}).get("keys", 0))
     return Row(
         name, rows, seconds, f"the first {rows:,} rows (`--feast-rows`); {written:,} keys in db 1"
     )
@@ -306,16 +281,18 @@ def main() -> None:
     try:
         parts = make_parts(tmp / "parts", args.rows)
         server = RedisServer(tmp)
+        server.start()
         try:
             rows = redis_benchmark(server, min(args.rows, 5_000_000))
-            before = server.used_memory()
+            before = used_memory(server)
             per_key = 0.0
             for writers in [int(w) for w in args.writers.split(",")]:
                 rows.append(export_redis(server, parts, args.rows, writers))
                 if not per_key:
-                    per_key = (server.used_memory() - before) / args.rows
+                    per_key = (used_memory(server) - before) / args.rows
                 print(rows[-1], flush=True)
-                server.client.flushall()
+                with server.client() as client:
+                    client.flushall()
             rows.append(export_lmdb(tmp / "lmdb", parts, args.rows))
             print(rows[-1], flush=True)
             shutil.rmtree(tmp / "lmdb")

@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchscore.testing import RedisServer, free_port, wait_for_http
 from kv_export.encoding import bucket_count
 from kv_export.export import export_parts
 from kv_export.store import NewVersion, PartInfo, open_store, utcnow
@@ -42,24 +42,6 @@ NS = "bench"
 FIRST_KEY = 1_000_000
 SECTION = "## Lookup API (make bench-serve)"
 FEAST_VENV = REPO / ".bench-venvs" / "feast"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_http(url: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def write_data(folder: Path, keys: int) -> tuple[list[Path], list[PartInfo], np.ndarray]:
@@ -202,38 +184,6 @@ def wrk(
     return Result(name, rps, p50, p99, note, api_us, redis_us)
 
 
-class Redis:
-    def __init__(self, folder: Path) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(folder),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.5)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-
 def serve(store_url: str, home: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSCORE_")}
@@ -245,7 +195,7 @@ def serve(store_url: str, home: Path, log: Path) -> tuple[subprocess.Popen[bytes
         stderr=log.open("wb"),
     )
     base = f"http://127.0.0.1:{port}"
-    wait_http(base + "/healthz")
+    wait_for_http(base + "/healthz", process=process, log=log)
     return process, base
 
 
@@ -269,7 +219,7 @@ store.write_to_online_store("churn_fv", frame)
 
 
 def run_feast(
-    redis: Redis, keys: int, values: np.ndarray, tmp: Path, args: argparse.Namespace
+    redis: RedisServer, keys: int, values: np.ndarray, tmp: Path, args: argparse.Namespace
 ) -> Result:
     """Feast's feature server on the same Redis and keys, or why it could not run."""
     feast = FEAST_VENV / "bin" / "feast"
@@ -329,7 +279,7 @@ def run_feast(
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_http(base + "/health", 120)
+        wait_for_http(base + "/health", seconds=120, process=server, ok=lambda s: s < 500)
         probe = httpx.post(
             base + "/get-online-features",
             timeout=10,
@@ -487,7 +437,8 @@ def main() -> None:
         sys.exit("wrk is not installed (make bench-serve installs the Debian package)")
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    redis = Redis(tmp)
+    redis = RedisServer(tmp)
+    redis.start()
     processes: list[subprocess.Popen[bytes]] = []
     results: dict[str, Result] = {}
     try:
@@ -498,6 +449,7 @@ def main() -> None:
         on_lmdb, lmdb_base = serve(f"lmdb://{tmp / 'store'}", tmp / "home", tmp / "api-lmdb.log")
         processes += [on_redis, on_lmdb]
         single = f"/v1/predictions/{NS}/"
+        assert redis.process is not None
         pids = {"api": on_redis.pid, "redis": redis.process.pid}
         runs: dict[str, list[Result]] = {"empty": [], "redis": [], "lmdb": []}
         for _ in range(args.repeat):  # interleaved, so a disturbance hits all three alike
