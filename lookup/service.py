@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 from batchscore.core.settings import ApiSettings
 from kv_export.errors import StoreUnavailable
@@ -35,9 +35,9 @@ from lookup.fallback import BatchFallback
 from lookup.live import LiveCache
 from lookup.observability import Metrics
 from lookup.readers import single_key_read
+from lookup.schemas import Source
 
 log = logging.getLogger("batchscore.lookup")
-Source = Literal["kv", "batch"]
 
 
 class Answer(NamedTuple):  # a tuple: built for every key looked up

@@ -1,0 +1,89 @@
+"""The answers' JSON: built as plain dicts (shapes in ``lookup.schemas``) and encoded once
+with orjson, with the prediction decoded straight from the stored bytes."""
+
+from __future__ import annotations
+
+import struct
+from datetime import UTC, datetime
+from functools import lru_cache
+
+import numpy as np
+import orjson
+from fastapi.responses import Response
+
+from kv_export.encoding import VALUE_DTYPE, unpack_value
+from kv_export.store import NamespaceState
+from lookup.schemas import ItemBody, NamespaceBody
+from lookup.service import Answer
+
+
+def json_response(
+    body: object, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    return json_response({"error": {"code": code, "message": message}}, status, headers)
+
+
+def prediction(value: bytes, outputs: list[str]) -> dict[str, float]:
+    """``kv_export.encoding.unpack_value`` for the hot path: one precompiled ``struct``
+    per output count instead of a numpy array per value (same little-endian float32)."""
+    try:
+        numbers = _float32s(len(outputs)).unpack(value)
+    except struct.error:
+        return unpack_value(value, outputs)  # raises its ValueError naming the mismatch
+    return dict(zip(outputs, numbers))  # noqa: B905 (one number per output by construction)
+
+
+@lru_cache(maxsize=64)
+def _float32s(count: int) -> struct.Struct:
+    return struct.Struct(f"<{count}f")
+
+
+assert VALUE_DTYPE == np.dtype("<f4"), "prediction() decodes little-endian float32"
+
+
+def answer_body(key: str, answer: Answer) -> ItemBody:
+    """A key's answer (``PredictionOut``); a batch adds its ``status`` (``found_item``)."""
+    info = answer.info
+    return {
+        "key": key,
+        "prediction": prediction(answer.value, info.outputs),
+        "model": {"name": info.model_name, "version": info.model_version},
+        "run_id": info.run_id,
+        "scored_at": info.scored_at,
+        "source": answer.source,
+        "stale": answer.stale,
+    }
+
+
+def found_item(key: str, answer: Answer) -> ItemBody:
+    """A batch's item for a key found: its answer with ``"status": "found"`` (one dict built,
+    not copied into another)."""
+    item = answer_body(key, answer)
+    item["status"] = "found"
+    return item
+
+
+def describe(namespace: str, state: NamespaceState) -> NamespaceBody | None:
+    info = state.live_info()
+    if info is None:
+        return None
+    age = None
+    if info.published_at:
+        age = (datetime.now(UTC) - datetime.fromisoformat(info.published_at)).total_seconds()
+    return {
+        "namespace": namespace,
+        "live_version": info.version,
+        "model": {"name": info.model_name, "version": info.model_version},
+        "run_id": info.run_id,
+        "scored_at": info.scored_at,
+        "published_at": info.published_at,
+        "age_seconds": age,
+        "key_count": info.key_count,
+        "kept_versions": state.history,
+    }
