@@ -126,7 +126,7 @@ def test_every_read_during_a_publish_is_all_old_or_all_new(store: PredictionStor
     assert errors == []
     mixed = [answer for answer in answers if set(answer) not in ({1.0}, {2.0})]
     assert mixed == []  # a None is a gap, two values a mix
-    seen = [answer[0] for answer in answers]
+    seen = [value for answer in answers if (value := answer[0]) is not None]
     assert seen[0] == 1.0 and seen[-1] == 2.0
     assert seen == sorted(seen)  # the old version, then the new one, never back
 
@@ -169,7 +169,9 @@ def test_bulk_writes_read_back_key_by_key(store: PredictionStore) -> None:
     got = store.get_many("ns", info, [b"0", b"4321", b"4999", b"5000"])
     decoded = [unpack_value(v, ["p", "q"]) if v else None for v in got]
     assert decoded == [{"p": 0.5, "q": 0.0}, {"p": 0.5, "q": 4321.0}, {"p": 0.5, "q": 4999.0}, None]
-    assert store.get_many("ns", info, [b"17"]) == [got[0][:4] + np.float32(17).tobytes()]
+    first = got[0]
+    assert first is not None
+    assert store.get_many("ns", info, [b"17"]) == [first[:4] + np.float32(17).tobytes()]
 
 
 def test_gc_deletes_beyond_keep_and_stale_versions_but_not_live_or_in_flight(

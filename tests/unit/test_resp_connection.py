@@ -101,24 +101,47 @@ def test_garbage_fails_every_waiting_caller() -> None:
     asyncio.run(run())
 
 
-def test_an_overdue_reply_fails_every_waiting_caller_within_the_timeout() -> None:
+class ManualClock(asyncio.SelectorEventLoop):
+    """An event loop whose clock moves only when the test moves it: a deadline is reached
+    exactly when the test says, however slow or busy the machine is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+
+async def advance(seconds: float) -> None:
+    """Move the clock on and let the loop run every timer now due."""
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop, ManualClock)
+    loop.now += seconds
+    for _ in range(3):  # this task's turn, then the timers' turn
+        await asyncio.sleep(0)
+
+
+def test_an_overdue_reply_fails_every_waiting_caller_at_its_deadline() -> None:
     async def run() -> None:
         connection, transport = connected(timeout=0.2)
         early = waiters(0)
-        connection.send(b"a", early)
+        connection.send(b"a", early)  # due at 0.2
         connection.data_received(b"$1\r\na\r\n")  # answered: the watchdog finds nothing overdue
-        await asyncio.sleep(0.1)
+        await advance(0.1)
         late = waiters(0, 0)
-        connection.send(b"b", late)
-        await asyncio.sleep(0.12)  # the first deadline has passed, the second not yet
+        connection.send(b"b", late)  # due at 0.3
+        await advance(0.15)  # 0.25: the first deadline has passed, the second not yet
         assert not transport.aborted
-        await asyncio.sleep(0.2)
+        assert results(late) == ["pending", "pending"]
+        await advance(0.1)  # 0.35: the second has passed
         assert transport.aborted and connection.closed
         assert results(early) == [b"a"]
         assert all(isinstance(e, StoreUnavailable) for e in results(late))
         assert "TimeoutError" in str(late[0].future.exception())
 
-    asyncio.run(run())
+    with asyncio.Runner(loop_factory=ManualClock) as runner:
+        runner.run(run())
 
 
 def test_a_lost_connection_fails_every_waiting_caller() -> None:
