@@ -25,28 +25,33 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
 # The Airflow UI test drives headless Chromium through chromedriver (Debian packages;
-# selenium cannot download a browser or driver here). Installed when missing; if that
-# fails, the UI test skips and says why.
+# selenium cannot download a browser or driver here). Installed when missing; a failed
+# install stops make here: without a browser the UI test fails, it does not skip.
 .PHONY: browser-deps
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
 		echo "installing chromium and chromium-driver (Debian packages)"; \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq chromium chromium-driver; } || \
-		echo "chromium could not be installed: the Airflow UI test will be skipped"; }
+			apt-get install -y -qq chromium chromium-driver; } || { \
+		echo "make browser-deps: could not install chromium and chromium-driver;" \
+			"the Airflow UI test (tests/integration/test_airflow_ui.py) needs them" >&2; \
+		exit 1; }; }
 
 # The stack test (tests/integration/test_stack.py) runs the services of docker-compose.yaml
 # as processes: it needs psql (the Postgres init script) and curl (the healthchecks);
 # tests/unit/test_compose.py checks the file with Debian's docker-compose 1.29, which reads
-# and validates it without a Docker engine. Each is installed when missing.
+# and validates it without a Docker engine. Each is installed when missing; a failed
+# install stops make here, as those tests fail without them.
 .PHONY: stack-deps
 stack-deps:
 	@command -v psql >/dev/null 2>&1 && command -v curl >/dev/null 2>&1 && \
 		command -v docker-compose >/dev/null 2>&1 || { \
 		echo "installing postgresql-client, curl and docker-compose (Debian packages)"; \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq postgresql-client curl docker-compose; } || \
-		echo "could not install them: the tests that need them say so"; }
+			apt-get install -y -qq postgresql-client curl docker-compose; } || { \
+		echo "make stack-deps: could not install postgresql-client, curl and docker-compose;" \
+			"tests/integration/test_stack.py and tests/unit/test_compose.py need them" >&2; \
+		exit 1; }; }
 
 # docker-compose.yaml's secrets: writes .env with random values, never overwriting one.
 .PHONY: compose-env
@@ -56,13 +61,16 @@ compose-env:
 demo: $(STAMP)
 	$(BIN)/batchscore demo
 
+# pytest's -ra (pyproject.toml's addopts) lists every skip with its reason at the end; only
+# the GPU tests (no CUDA here) and a missing dask-cuda extra may skip.
 test: $(STAMP) system-deps browser-deps stack-deps
 	$(BIN)/pytest
 
-test-unit: $(STAMP)
+# tests/unit/test_compose.py runs the Compose CLI that stack-deps installs.
+test-unit: $(STAMP) stack-deps
 	$(BIN)/pytest tests/unit
 
-test-integration: $(STAMP) system-deps stack-deps
+test-integration: $(STAMP) system-deps browser-deps stack-deps
 	$(BIN)/pytest tests/integration
 
 lint: $(STAMP)

@@ -35,12 +35,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.e2e,
     pytest.mark.timeout(900),  # above the harness's and this file's own deadlines
-    # before any fixture, so that a machine without a browser does not start Airflow
-    pytest.mark.skipif(
-        CHROMIUM is None or CHROMEDRIVER is None,
-        reason="Chromium is not installed (Debian packages chromium and chromium-driver, "
-        "which `make browser-deps` installs): the Airflow UI test needs a browser",
-    ),
 ]
 
 ARTIFACTS = REPO / "test-artifacts" / "airflow-ui"
@@ -49,9 +43,28 @@ UI_TIMEOUT = 60.0
 RUN_TIMEOUT = 300.0
 
 
+@pytest.fixture(scope="session", autouse=True)
+def browser_installed() -> None:
+    """No browser fails the test, it does not skip it: the UI is what this test checks.
+
+    Autouse and session-scoped, so it runs before the session's Airflow starts.
+    """
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        missing = " and ".join(
+            name
+            for name, found in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER))
+            if found is None
+        )
+        pytest.fail(
+            f"{missing} not found on PATH: the Airflow UI test drives headless Chromium. "
+            "Run `make browser-deps` (Debian packages chromium and chromium-driver).",
+            pytrace=False,
+        )
+
+
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    assert CHROMIUM is not None and CHROMEDRIVER is not None  # else skipped
+    assert CHROMIUM is not None and CHROMEDRIVER is not None  # else browser_installed failed
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
