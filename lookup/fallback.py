@@ -42,6 +42,11 @@ from kv_export.encoding import VALUE_DTYPE
 from kv_export.store import VersionInfo
 
 RowGroupId = tuple[str, int]
+# A bound of a row group's key range: an int or a str, as the key column's statistics (or
+# the part's manifest) hold it, or None where unknown. Compared with keys as they come,
+# with ``TypeError`` caught where the types differ, which no precise type can express.
+KeyBound = Any
+KeyRange = tuple[KeyBound, KeyBound, str, int]  # low, high, part path, row group
 
 
 DECODE_THREADS = 2
@@ -110,7 +115,7 @@ class RowGroup:
         return None
 
 
-def _holds(low: Any, high: Any, key: int | str) -> bool:
+def _holds(low: KeyBound, high: KeyBound, key: int | str) -> bool:
     try:
         return (low is None or low <= key) and (high is None or key <= high)
     except TypeError:  # not comparable: the range cannot exclude the key
@@ -122,7 +127,7 @@ class RowGroupIndex:
 
     def __init__(self, info: VersionInfo) -> None:
         self.info = info
-        ranges: list[tuple[Any, Any, str, int]] = []
+        ranges: list[KeyRange] = []
         self.rows: dict[RowGroupId, int] = {}
         for part in info.parts:
             meta = pq.read_metadata(part.path)
@@ -137,7 +142,7 @@ class RowGroupIndex:
         self.ranges = ranges
         self._search_by_low(ranges)
 
-    def _search_by_low(self, ranges: list[tuple[Any, Any, str, int]]) -> None:
+    def _search_by_low(self, ranges: list[KeyRange]) -> None:
         """Sort the bounded ranges by their low key and keep the running maximum of their
         high keys, so that a lookup bisects instead of testing every row group (thousands
         for a large version). Ranges open at one end (no statistics) are tested one by one."""
