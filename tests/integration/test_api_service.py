@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from kv_export.encoding import bucket_count
 from kv_export.export import export_parts
@@ -433,15 +435,50 @@ def worker_pids(api: ApiProcess) -> set[int]:
     return found
 
 
+LOOKUP_ROUTE = "/v1/predictions/{namespace}/{key}"
+
+
+def lookups_answered_by_each_process(metrics_dir: Path) -> dict[int, float]:
+    """Lookups answered, per process, each read from that process's own counter file of
+    prometheus_client's multiprocess mode (``counter_<pid>.db``)."""
+    answered: dict[int, float] = {}
+    for file in metrics_dir.glob("counter_*.db"):
+        pid = int(file.stem.split("_")[1])
+        for metric in MultiProcessCollector.merge([str(file)]):
+            for sample in metric.samples:
+                if (
+                    sample.name == "batchscore_lookup_responses_total"
+                    and sample.labels["route"] == LOOKUP_ROUTE
+                ):
+                    answered[pid] = answered.get(pid, 0.0) + sample.value
+    return answered
+
+
 def test_serve_with_several_workers(
     api_env: dict[str, str], start_api: Start, tmp_path: Path
 ) -> None:
+    """Two worker processes, and both answer lookups: requests go out several at a time,
+    each on a new connection, until each worker has answered some (or a deadline)."""
     store_url = f"lmdb://{tmp_path / 'store'}"
     write_version(store_url, tmp_path / "v1", KEYS, "1")
-    api = start_api(api_env | {"BATCHSCORE_API_WORKERS": "2"}, store_url)
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    api = start_api(
+        api_env | {"BATCHSCORE_API_WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+        store_url,
+    )
     workers = worker_pids(api)
     assert len(workers) == 2 and api.process.pid not in workers
     key = int(KEYS[7])
-    for _ in range(20):  # a new connection each: any worker may take it
-        check(get(api, f"/v1/predictions/{NS}/{key}").json(), key, "1", "kv")
+    sent = 0
+    deadline = time.monotonic() + 60
+    with ThreadPoolExecutor(8) as pool:
+        while set(lookups_answered_by_each_process(metrics_dir)) != workers:
+            assert time.monotonic() < deadline, lookups_answered_by_each_process(metrics_dir)
+            answers = list(pool.map(lambda _: get(api, f"/v1/predictions/{NS}/{key}"), range(8)))
+            for answer in answers:
+                check(answer.json(), key, "1", "kv")
+            sent += len(answers)
+    answered = lookups_answered_by_each_process(metrics_dir)
+    assert set(answered) == workers and sum(answered.values()) == sent
     assert worker_pids(api) == workers  # none of them died serving
