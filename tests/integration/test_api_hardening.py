@@ -175,6 +175,37 @@ def test_a_malformed_namespace_state_fails_its_namespace_alone(
     assert [n["namespace"] for n in listed["namespaces"]] == [NS]
 
 
+@pytest.mark.redis
+def test_an_unexpected_error_is_a_generic_500_without_a_stack_trace(
+    api_env: dict[str, str], redis_server: RedisServer, start_api: Start, tmp_path: Path
+) -> None:
+    """A state record that parses but does not match its values (two outputs named, one
+    number stored per key) makes decoding a value fail with an error no handler expects:
+    the client gets the generic 500, with no traceback, no file path and not the error's
+    text; the log keeps the traceback."""
+    write_version(redis_server.url, tmp_path / "v1", KEYS, "1")
+    client = redis.Redis(port=redis_server.port)
+    state_key = f"bs:{{{NS}}}:state"
+    state = json.loads(client.get(state_key) or b"{}")
+    for record in state["versions"].values():
+        record["outputs"] = ["churn_probability", "one_too_many"]
+    client.set(state_key, json.dumps(state))
+
+    api = start_api(api_env, redis_server.url)
+    for answer in (
+        get(api, f"/v1/predictions/{NS}/{int(KEYS[3])}"),
+        httpx.post(api.base + f"/v1/predictions/{NS}/batch", json={"keys": [str(KEYS[3])]}),
+    ):
+        assert answer.status_code == 500
+        assert answer.json() == {"error": {"code": "internal", "message": "Internal error"}}
+        assert answer.headers["content-type"] == "application/json"
+        shown = answer.text + json.dumps(dict(answer.headers))
+        for leak in ("Traceback", 'File "', ".py", str(tmp_path), "one_too_many", "numbers"):
+            assert leak not in shown, leak
+    assert "Traceback" in api.log.read_text()  # the operator still sees what failed
+    assert get(api, "/healthz").status_code == 200  # and the server goes on serving
+
+
 # 10. The API opens LMDB read-only, and a missing store is an error at start ---------------
 
 

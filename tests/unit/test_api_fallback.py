@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kv_export.store import PartInfo, VersionInfo
-from lookup.fallback import BatchFallback, MemoryBudget
+from lookup.fallback import BatchFallback, MemoryBudget, RowGroup, RowGroupId, RowGroupIndex
 
 ROWS, GROUP_ROWS, OUTPUTS = 20_000, 1_000, ["a", "b"]
 
@@ -95,3 +96,38 @@ def test_a_caller_that_goes_away_while_waiting_gives_nothing_back_twice() -> Non
             assert budget.used == 100
 
     asyncio.run(scenario())
+
+
+def test_a_row_group_is_decoded_once_however_many_requests_wait_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty requests for keys of one row group, all waiting while it decodes: one decode,
+    and every request gets its own key's answer from it."""
+    info = version(tmp_path)
+    fallback = BatchFallback(cache_row_groups=100)
+    decoded: list[RowGroupId] = []
+    decode_may_finish = threading.Event()
+    real_load = RowGroupIndex.load
+
+    def load_when_allowed(index: RowGroupIndex, group: RowGroupId) -> RowGroup:
+        decoded.append(group)
+        assert decode_may_finish.wait(30), "the test never let the decode finish"
+        return real_load(index, group)
+
+    monkeypatch.setattr(RowGroupIndex, "load", load_when_allowed)
+    keys = [str(3 * GROUP_ROWS + i * 37) for i in range(20)]  # all in the fourth row group
+
+    async def scenario() -> list[list[bytes | None]]:
+        await fallback.index("ns", info)  # footers read; the requests only decode
+        requests = [asyncio.ensure_future(fallback.get_many("ns", info, [key])) for key in keys]
+        for _ in range(10):  # every request reaches its wait for the decode
+            await asyncio.sleep(0)
+        assert not any(r.done() for r in requests)
+        decode_may_finish.set()
+        return list(await asyncio.gather(*requests))
+
+    answers = asyncio.run(scenario())
+    assert decoded == [(info.parts[0].path, 3)]
+    for key, (value,) in zip(keys, answers, strict=True):
+        k = int(key)
+        assert value == np.array([k % 97, k * 2], dtype=np.float32).tobytes()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import pickle
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,18 @@ def test_keys_from_the_setting_and_the_file_together(tmp_path: Path) -> None:
     )
     assert keys.authenticate("k1").may_read("churn")
     assert keys.authenticate("k2").may_read("fraud")
+
+
+def test_keys_are_held_as_digests_and_named_by_8_hex_digits_of_the_digest(
+    tmp_path: Path,
+) -> None:
+    keys = ApiKeys.from_settings(
+        ApiSettings(home=tmp_path, api_keys={"s3cret-churn": ["churn"], "s3cret-all": ["*"]})
+    )
+    held = pickle.dumps(keys)  # everything the object keeps
+    assert b"s3cret" not in held
+    assert hashlib.sha256(b"s3cret-churn").digest() in held
+    principal = keys.authenticate("s3cret-churn")
+    assert principal.key_id == hashlib.sha256(b"s3cret-churn").hexdigest()[:8]
+    assert len(principal.key_id) == 8 and int(principal.key_id, 16) >= 0
+    assert keys.authenticate("s3cret-all").key_id == hashlib.sha256(b"s3cret-all").hexdigest()[:8]
