@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +25,9 @@ from kv_export.encoding import VALUE_DTYPE, text_keys
 from kv_export.errors import VersionNotFound
 from kv_export.interface import PredictionStore
 from kv_export.state import NewVersion, VersionInfo
+
+if TYPE_CHECKING:  # Dask is imported by the caller that has a cluster, never here
+    from distributed import Client
 
 BATCH_ROWS = 262_144
 FLUSH_ROWS = 2_000_000
@@ -127,7 +130,7 @@ def _complete(
 
 
 def export_parts_on_dask(
-    client: Any,
+    client: Client,
     target: StoreTarget,
     namespace: str,
     new: NewVersion,

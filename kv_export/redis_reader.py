@@ -41,7 +41,7 @@ import asyncio
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeAlias, TypeVar, cast
 
 import hiredis
 from redis.asyncio.connection import (
@@ -61,6 +61,10 @@ from kv_export.interface import redact_url
 from kv_export.state import NamespaceState, VersionInfo
 
 STATE_PATTERN = b"bs:{*}:state"
+# A reply as hiredis gives it undecoded: bulk and simple strings as bytes, integers as int,
+# nil as None, arrays as lists. An error reply never reaches a caller: it fails its future.
+Reply: TypeAlias = "bytes | int | None | list[Reply]"
+T = TypeVar("T")
 # Bucket commands kept per cache: every bucket of a 1M-key version (ceil(1M / 64) buckets).
 HGET_PREFIXES = 16_384
 Unavailable = Callable[[str, BaseException], StoreUnavailable]
@@ -90,8 +94,8 @@ def hmget_head(namespace: str, version: int, bucket: int, encoding: int) -> byte
     return b"$5\r\nHMGET\r\n$%d\r\n%s\r\n" % (len(name), name)
 
 
-def _done(result: Any) -> asyncio.Future[Any]:
-    future = asyncio.get_running_loop().create_future()
+def _done(result: T) -> asyncio.Future[T]:
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
     future.set_result(result)
     return future
 
@@ -101,12 +105,12 @@ class Waiter:
 
     __slots__ = ("future", "replies", "doing", "deadline", "collected")
 
-    def __init__(self, future: asyncio.Future[Any], replies: int, doing: str) -> None:
+    def __init__(self, future: asyncio.Future[Reply], replies: int, doing: str) -> None:
         self.future = future
         self.replies = replies
         self.doing = doing
         self.deadline = 0.0
-        self.collected: list[Any] = []
+        self.collected: list[Reply] = []
 
 
 def fail(waiter: Waiter, error: BaseException, unavailable: Unavailable) -> None:
@@ -222,6 +226,7 @@ def connection_settings(url: str, password: str | None) -> AbstractConnection:
     """redis-py's reading of ``url`` (an unconnected ``Connection`` of the URL's class): host
     and port or socket path, TLS context, username, password, database and client name. A
     password in the URL wins over ``password``, as in redis-py."""
+    # redis-py's keyword arguments as its URL parser gives them (TLS options included).
     options: dict[str, Any] = {"password": password} if password else {}
     options |= parse_url(url)
     for name in POOL_OPTIONS:
@@ -250,13 +255,13 @@ class AutoPipeline:
         self._waiters: list[Waiter] = []
         self._scheduled: asyncio.AbstractEventLoop | None = None  # the loop a flush is due in
 
-    def call(self, command: bytes, doing: str, replies: int = 0) -> asyncio.Future[Any]:
+    def call(self, command: bytes, doing: str, replies: int = 0) -> asyncio.Future[Reply]:
         """Queue RESP-encoded commands. With ``replies`` 0, ``command`` is one command and
         the future gets its reply; otherwise it is that many commands and the future gets
         the list of their replies (the first Redis error among them fails it). ``doing``
         says what for, in the ``StoreUnavailable`` of a failure."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future: asyncio.Future[Reply] = loop.create_future()
         self._commands.append(command)
         self._waiters.append(Waiter(future, replies, doing))
         if self._scheduled is not loop:  # (a flush due in an ended loop never runs)
@@ -322,7 +327,7 @@ class AutoPipeline:
             if settings.db:
                 hello.append(resp(b"SELECT", b"%d" % int(settings.db)))
             if hello:
-                future = loop.create_future()
+                future: asyncio.Future[Reply] = loop.create_future()
                 connection.send(b"".join(hello), [Waiter(future, len(hello), "connecting")])
                 await future
         except BaseException:
@@ -393,13 +398,14 @@ class RedisReader:
         the key holds something that is not a state: bad JSON, not UTF-8, not a string."""
         command = resp(b"GET", redis_state_key(namespace))
         try:
-            raw = await self._pipeline.call(command, "reading the namespace")
+            reply = await self._pipeline.call(command, "reading the namespace")
         except StoreUnavailable as exc:
             if isinstance(exc.__cause__, ResponseError) and str(exc.__cause__).startswith(
                 "WRONGTYPE"
             ):
                 raise ValueError(f"the state key of '{namespace}' is not a string") from None
             raise
+        raw = cast("bytes | None", reply)  # GET of a string key: a bulk string or nil
         return NamespaceState.model_validate_json(raw) if raw else NamespaceState()
 
     async def namespaces(self) -> list[str]:
@@ -407,7 +413,8 @@ class RedisReader:
         cursor = b"0"
         while True:
             command = resp(b"SCAN", cursor, b"MATCH", STATE_PATTERN, b"COUNT", b"1000")
-            cursor, keys = await self._pipeline.call(command, "listing namespaces")
+            page = await self._pipeline.call(command, "listing namespaces")
+            cursor, keys = cast("tuple[bytes, list[bytes]]", page)  # SCAN: [cursor, [key, ...]]
             names += (name for name in map(_namespace_of, keys) if name is not None)
             if cursor == b"0":
                 return sorted(set(names))
@@ -420,7 +427,8 @@ class RedisReader:
             return _done(None)
         prefix = hget_prefix(namespace, info.version, bucket_of(key, info.buckets), info.encoding)
         command = b"%s$%d\r\n%s\r\n" % (prefix, len(key), key)  # = resp(b"HGET", name, key)
-        return self._pipeline.call(command, f"reading '{namespace}'")
+        reply = self._pipeline.call(command, f"reading '{namespace}'")
+        return cast("asyncio.Future[bytes | None]", reply)  # HGET: a bulk string or nil
 
     async def get_many(
         self, namespace: str, info: VersionInfo, keys: Sequence[bytes]
@@ -443,7 +451,8 @@ class RedisReader:
             for i in positions:
                 parts.append(b"$%d\r\n%s\r\n" % (len(keys[i]), keys[i]))
         commands = b"".join(parts)
-        values = await self._pipeline.call(commands, f"reading '{namespace}'", len(by_bucket))
+        replies = await self._pipeline.call(commands, f"reading '{namespace}'", len(by_bucket))
+        values = cast("list[list[bytes | None]]", replies)  # HMGET: bulk strings or nils
         found: list[bytes | None] = [None] * len(keys)
         for positions, reply in zip(by_bucket.values(), values, strict=True):
             for i, value in zip(positions, reply, strict=True):

@@ -18,12 +18,14 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import numpy as np
 import pyarrow as pa
 import redis
+from redis.connection import ConnectionInterface
 from redis.exceptions import RedisError, ResponseError, WatchError
+from redis.typing import EncodableT, FieldT
 
 from kv_export.base import StateBackedStore
 from kv_export.encoding import (
@@ -60,7 +62,7 @@ def redis_client(url: str, *, timeout_seconds: float, password: str | None = Non
     )
 
 
-def _password_option(url: str, password: str | None) -> dict[str, Any]:
+def _password_option(url: str, password: str | None) -> dict[str, str]:
     if password and not redis.connection.parse_url(url).get("password"):
         return {"password": password}
     return {}
@@ -134,7 +136,7 @@ class RedisStore(StateBackedStore):
     def write(
         self, namespace: str, info: VersionInfo, keys: Sequence[bytes], values: Sequence[bytes]
     ) -> None:
-        by_bucket: dict[int, dict[bytes, bytes]] = defaultdict(dict)
+        by_bucket: dict[int, dict[FieldT, EncodableT]] = defaultdict(dict)
         for key, value in zip(keys, values, strict=True):
             by_bucket[bucket_of(key, info.buckets)][key] = value
         with self._errors(f"loading version {info.version} of '{namespace}'"):
@@ -143,7 +145,7 @@ class RedisStore(StateBackedStore):
             for bucket, mapping in by_bucket.items():
                 pipe.hset(
                     redis_bucket_key(namespace, info.version, bucket, info.encoding),
-                    mapping=cast(dict[Any, Any], mapping),
+                    mapping=mapping,
                 )
                 pending += len(mapping)
                 if pending >= PIPELINE_KEYS:
@@ -182,7 +184,7 @@ class RedisStore(StateBackedStore):
                 self._client.connection_pool.release(connection)
 
     @staticmethod
-    def _read_replies(connection: Any, count: int) -> None:
+    def _read_replies(connection: ConnectionInterface, count: int) -> None:
         for _ in range(count):
             reply = connection.read_response()
             if isinstance(reply, ResponseError):
