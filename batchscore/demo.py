@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
 import pyarrow.parquet as pq
@@ -25,6 +24,10 @@ from rich.table import Table
 
 from batchscore.core.errors import DemoFailed
 from batchscore.core.settings import RunSettings
+from batchscore.testing import ServiceExited, ServiceTimeout, free_port, wait_for_http
+
+if TYPE_CHECKING:
+    from jobs.manifest import Manifest
 
 MODEL_NAME = "churn"
 ALIAS = "champion"
@@ -34,6 +37,7 @@ DAG_ID = "batchscore"
 DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
 JOB_DAG_ID = "score_churn_daily"  # dags/jobs/churn_daily.yaml: one dt= partition a day
 SCORING_POOL = "batchscore_scoring"  # the score task's pool (dags/batchscore_dags/pipeline.py)
+API_START_SECONDS = 60.0
 
 
 def run_demo(settings: RunSettings, *, rows: int, console: Console) -> int:
@@ -173,7 +177,7 @@ FAILED_LINE = re.compile(r"new_state=failed|Task failed|ERROR", re.IGNORECASE)
 
 
 def _airflow_dags_test(
-    env: dict[str, str], conf: dict[str, Any], home: Path, console: Console
+    env: dict[str, str], conf: dict[str, str], home: Path, console: Console
 ) -> None:
     log = home / "logs" / "airflow-dags-test.log"
     console.print(f"[bold]running the DAG '{DAG_ID}' with airflow dags test[/] (full log: {log})")
@@ -202,8 +206,8 @@ def _airflow_dags_test(
     console.print("[green]✓[/] DAG run succeeded")
 
 
-def _live_manifest(settings: RunSettings) -> dict[str, Any]:
-    """The live run's manifest as its summary shows it (the version in this store included)."""
+def _live_manifest(settings: RunSettings) -> Manifest:
+    """The manifest of the run whose version is live in the demo's store."""
     from jobs.manifest import load_manifest
     from kv_export.connect import open_from_settings
 
@@ -211,20 +215,13 @@ def _live_manifest(settings: RunSettings) -> dict[str, Any]:
     live = store.state(MODEL_NAME).live_info()
     if live is None:
         raise DemoFailed(f"Namespace '{MODEL_NAME}' has no live version after the DAG run")
-    manifest = load_manifest(settings.runs_dir / MODEL_NAME / live.run_id)
-    return json.loads(manifest.model_dump_json()) | manifest.summary()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return load_manifest(settings.runs_dir / MODEL_NAME / live.run_id)
 
 
 def _query_api(
-    env: dict[str, str], settings: RunSettings, manifest: dict[str, Any], console: Console
+    env: dict[str, str], settings: RunSettings, manifest: Manifest, console: Console
 ) -> None:
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "batchscore.cli", "serve", "--port", str(port)]
     keys = _sample_keys(manifest)
     base = f"http://127.0.0.1:{port}"
@@ -247,35 +244,32 @@ def _query_api(
             api.terminate()
 
 
-def _sample_keys(manifest: dict[str, Any]) -> list[str]:
-    part = manifest["shards"][0]["part"]
-    column = manifest["params"]["key_column"]
+def _sample_keys(manifest: Manifest) -> list[str]:
+    part = manifest.shards[0].part
+    column = manifest.params.key_column
     keys = pq.ParquetFile(part).read_row_group(0, columns=[column]).column(column).to_pylist()
     return [str(k) for k in keys[:: max(len(keys) // 6, 1)][:6]]
 
 
 def _wait_ready(base: str, api: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if api.poll() is not None:
-            error = api.stderr.read().decode()[-2000:] if api.stderr else ""
-            raise DemoFailed("The lookup API exited at startup", found=error)
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise DemoFailed("The lookup API did not answer /healthz within 60 s")
+    try:
+        wait_for_http(f"{base}/healthz", seconds=API_START_SECONDS, process=api)
+    except ServiceExited:
+        error = api.stderr.read().decode()[-2000:] if api.stderr else ""
+        raise DemoFailed("The lookup API exited at startup", found=error) from None
+    except ServiceTimeout:
+        raise DemoFailed(
+            f"The lookup API did not answer /healthz within {API_START_SECONDS:.0f} s"
+        ) from None
 
 
 def _print_summary(
-    console: Console, manifest: dict[str, Any], model_version: str, timings: dict[str, float]
+    console: Console, manifest: Manifest, model_version: str, timings: dict[str, float]
 ) -> None:
-    steps = manifest["steps"]
     table = Table(title="what the DAG run did")
     for column in ("step", "seconds", "rows", "detail"):
         table.add_column(column, justify="right" if column in ("seconds", "rows") else "left")
-    for step, details in steps.items():
+    for step, details in manifest.steps.items():
         detail = ""
         if step == "score":
             rate = details.get("rows_per_second") or 0
@@ -289,9 +283,9 @@ def _print_summary(
     console.print(table)
     console.print(
         Panel.fit(
-            f"rows {manifest['input']['rows']:,} · model {manifest['model']['name']} "
-            f"v{manifest['model']['version']} · run {manifest['run_id']} · "
-            f"version {manifest['version']} published\n"
+            f"rows {manifest.input.rows if manifest.input else 0:,} · model "
+            f"{manifest.model.name} v{manifest.model.version} · run {manifest.run_id} · "
+            f"version {manifest.version} published\n"
             + " · ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items()),
             title="summary",
         )
