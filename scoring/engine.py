@@ -38,7 +38,7 @@ from scoring.reader import prefetch, read_row_groups
 from scoring.shards import Shard
 
 if TYPE_CHECKING:
-    from scoring.validation import PartChecks
+    from scoring.validation.suite import PartChecks
 
 PLUGIN_NAME = "batchscore-model"
 QUICK_EXIT_PLUGIN = "batchscore-quick-exit"
@@ -253,7 +253,7 @@ def check_written_part(output: pa.Table, part: Path, shard: Shard, job: ScoreJob
     """
     if job.checks is None:
         return
-    from scoring.validation import PartTarget, check_part
+    from scoring.validation.suite import PartTarget, check_part
 
     try:
         check_part(output, PartTarget(shard.id, str(part), shard.rows), job.checks)

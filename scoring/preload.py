@@ -32,7 +32,7 @@ def preload() -> float:
         import torch  # noqa: F401
 
         from scoring import engine  # noqa: F401
-        from scoring.validation import import_gx
+        from scoring.validation.gx import import_gx
 
         import_gx()
     finally:

@@ -13,7 +13,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from scoring import validation
 from scoring.drift import judge, ks, moved_share, psi
 from scoring.errors import QualityConfigError
 from scoring.quality import (
@@ -36,9 +35,10 @@ from scoring.validation import (
     merge_results,
     overlapping_groups,
 )
-from scoring.validation import _document as document_of
-from scoring.validation import _outcome as outcome_of
-from scoring.validation import _part_suite as part_suite
+from scoring.validation import suite as part_suites
+from scoring.validation.report import _outcome as outcome_of
+from scoring.validation.suite import _document as document_of
+from scoring.validation.suite import _part_suite as part_suite
 
 RNG = np.random.default_rng(0)
 BASE = RNG.uniform(0, 1, 20_000)
@@ -370,13 +370,13 @@ def test_a_passing_part_costs_basic_yet_stores_what_summary_would() -> None:
 def test_a_process_keeps_a_bounded_number_of_suites(monkeypatch: pytest.MonkeyPatch) -> None:
     """A long-lived worker checks parts for many namespaces: the least recently used suites
     are dropped, the ones in use are kept and reused."""
-    monkeypatch.setattr(validation, "KEPT_SUITES", 2)
-    monkeypatch.setattr(validation, "_suites", {})
+    monkeypatch.setattr(part_suites, "KEPT_SUITES", 2)
+    monkeypatch.setattr(part_suites, "_suites", {})
     first = part_suite(PartChecks("k", {}, "/tmp/unused"), ("a",))
     part_suite(PartChecks("k", {}, "/tmp/unused"), ("b",))
     assert part_suite(PartChecks("k", {}, "/tmp/other"), ("a",)) is first  # same suite
     part_suite(PartChecks("k", {}, "/tmp/unused"), ("c",))  # drops b, the least recent
-    assert [outputs for _, outputs in validation._suites] == [("a",), ("c",)]
+    assert [outputs for _, outputs in part_suites._suites] == [("a",), ("c",)]
 
 
 def test_importing_gx_leaves_the_garbage_collector_as_it_was() -> None:
