@@ -28,14 +28,40 @@ def test_items_come_in_order_whatever_the_depth(depth: int) -> None:
     assert list(prefetch(counted(50, []), depth)) == list(range(50))
 
 
-def test_the_producer_runs_at_most_depth_items_ahead() -> None:
-    produced: list[int] = []
-    items = prefetch(counted(100, produced), 2)
-    assert next(items) == 0
-    time.sleep(0.2)  # let the producer run as far ahead as it may
-    # one taken, two queued, one produced and waiting to be put
-    assert len(produced) <= 1 + 2 + 1
-    items.close()
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_the_producer_runs_depth_items_ahead_and_no_further(depth: int) -> None:
+    """After each item taken, the producer fills the queue (``depth`` items) and holds one
+    more it cannot put yet; it never produces beyond that. ``requested`` counts the items
+    the consumer has asked for, so the bound holds even while ``next`` is returning."""
+    requested = produced = 0
+    overruns: list[tuple[int, int]] = []
+    changed = threading.Condition()
+
+    def source() -> Iterator[int]:
+        nonlocal produced
+        for i in range(100):
+            with changed:
+                if i > requested + depth:  # taken + queued + one in hand, at most
+                    overruns.append((i, requested))
+                produced = i + 1
+                changed.notify_all()
+            yield i
+
+    def held_back() -> bool:  # the producer has gone as far as it may
+        return produced >= requested + depth + 1
+
+    items = prefetch(source(), depth)
+    try:
+        for taken in range(10):
+            with changed:
+                requested = taken + 1
+            assert next(items) == taken
+            with changed:
+                assert changed.wait_for(held_back, 10), f"the producer stopped at {produced}"
+                assert produced == requested + depth + 1
+        assert overruns == []
+    finally:
+        items.close()
 
 
 def test_a_producer_error_reaches_the_consumer_where_the_item_would_have_been() -> None:
