@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -379,15 +383,59 @@ def test_a_process_keeps_a_bounded_number_of_suites(monkeypatch: pytest.MonkeyPa
     assert [outputs for _, outputs in part_suites._suites] == [("a",), ("c",)]
 
 
-def test_importing_gx_leaves_the_garbage_collector_as_it_was() -> None:
-    """GX is imported with the collector paused; it is back on after, and stays off for a
-    caller that had turned it off."""
-    assert gc.isenabled()
-    assert import_gx().__name__ == "great_expectations"
-    assert gc.isenabled()
+# Run in a fresh interpreter, so that GX is imported there for the first time.
+FRESH_GX_IMPORT = """
+import gc, json, sys
+
+class Watch:  # a finder that only looks: is the collector on as GX's import starts?
+    seen = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "great_expectations":
+            self.seen.append(gc.isenabled())
+        return None
+
+from scoring.validation.gx import import_gx
+
+def importing_gx():  # GX's module exists and its code is still running
+    module = sys.modules.get("great_expectations")
+    return module is not None and getattr(module.__spec__, "_initializing", False)
+
+fresh = "great_expectations" not in sys.modules
+collections, during = [], []
+def seen(phase, info):
+    if phase == "start":
+        (during if importing_gx() else collections).append(info["generation"])
+
+gc.callbacks.append(seen)
+junk = [[] for _ in range(100_000)]  # allocations that trigger automatic collections
+sys.meta_path.insert(0, Watch())
+import_gx()
+print(json.dumps({"fresh": fresh, "noticed": len(collections), "during": during,
+                  "on_at_import": Watch.seen, "on_after": gc.isenabled()}))
+"""
+
+
+def test_gx_is_imported_with_the_garbage_collector_paused() -> None:
+    """No collection runs while GX is imported (they walked every object loaded so far),
+    and the collector is on again after."""
+    root = Path(__file__).resolve().parents[2]
+    env = os.environ | {"PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_GX_IMPORT], capture_output=True, text=True, env=env, cwd=root
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["fresh"] and seen["noticed"] > 0  # the callback does see collections
+    assert seen["on_at_import"] == [False]
+    assert seen["during"] == []
+    assert seen["on_after"] is True
+
+
+def test_importing_gx_leaves_the_garbage_collector_off_for_a_caller_that_turned_it_off() -> None:
     gc.disable()
     try:
-        import_gx()
+        assert import_gx().__name__ == "great_expectations"
         assert not gc.isenabled()
     finally:
         gc.enable()
