@@ -31,7 +31,6 @@ from distributed import Client, LocalCluster, as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from batchscore.core.durable import sync
-from batchscore.core.settings import is_running_cluster
 from scoring.errors import ShardFailed
 from scoring.model import ModelSpec, Predictor, pick_device
 from scoring.reader import prefetch, read_row_groups
@@ -41,6 +40,7 @@ if TYPE_CHECKING:
     from scoring.validation.suite import PartChecks
 
 PLUGIN_NAME = "batchscore-model"
+STARTED_HERE = ("local", "cuda")  # clusters started for the run; other values are addresses
 QUICK_EXIT_PLUGIN = "batchscore-quick-exit"
 PRE_SPAWN_ENV = "distributed.nanny.pre-spawn-environ"
 PART_ROW_GROUP_ROWS = 32_768
@@ -389,11 +389,14 @@ def resolve_cluster(cluster: str) -> str:
 def dask_client(cluster: str, workers: int, threads_per_worker: int) -> Iterator[Client]:
     """A client on a LocalCluster, a dask-cuda LocalCUDACluster, or an existing scheduler.
 
-    ``cuda`` starts one worker per visible GPU (``CUDA_VISIBLE_DEVICES`` is
-    respected) and imports dask-cuda only then: the CPU path never needs it.
+    ``local`` and ``cuda`` are started for the run; any other value is the address of a
+    scheduler that is already running (which addresses a run may name is the settings'
+    rule, checked before a run starts). ``cuda`` starts one worker per visible GPU
+    (``CUDA_VISIBLE_DEVICES`` is respected) and imports dask-cuda only then: the CPU
+    path never needs it.
     """
     cluster = resolve_cluster(cluster)
-    if is_running_cluster(cluster):
+    if cluster not in STARTED_HERE:
         with Client(cluster) as client:
             yield client
         return
