@@ -44,20 +44,20 @@ STARTED_HERE = ("local", "cuda")  # clusters started for the run; other values a
 QUICK_EXIT_PLUGIN = "batchscore-quick-exit"
 PRE_SPAWN_ENV = "distributed.nanny.pre-spawn-environ"
 PART_ROW_GROUP_ROWS = 32_768
-# Arrow's default pool (mimalloc) kept growing a worker's peak RSS for the first ~7 shards
-# (about +110 MB at 40 shards, measured), so a small run's peak said little about a big
-# one's. jemalloc's peak stays within ~25 MB of its second shard at mimalloc's speed (the
-# system allocator was flatter still but ~10% slower: Dask's nanny trimmed glibc's heap,
-# so every decoded row group faulted its pages in again; measured before
-# WORKER_MALLOC_ENV below stopped that trimming). A pool chosen by the user's own
-# ARROW_DEFAULT_MEMORY_POOL is kept.
+# Arrow's memory pool: its default (mimalloc) keeps growing a worker's peak RSS over the
+# first shards, so a small run's peak says little about a big one's; jemalloc's peak levels
+# off after the first shards, at the same decoding speed. (The system allocator is flatter
+# still but slower where Dask's nanny trims glibc's heap: every decoded row group then
+# faults its pages in again.) A worker's memory is bounded by shard and row-group size, and
+# its peak is what the runs report, so it should not depend on how many shards it has
+# scored. A pool chosen by the user's own ARROW_DEFAULT_MEMORY_POOL is kept.
 WORKER_ENV = {"ARROW_DEFAULT_MEMORY_POOL": os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")}
 # glibc (torch's tensors, numpy's arrays): Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536,
 # which also pins glibc's mmap threshold at its 128 KiB default, so every activation
-# tensor of every batch was mmapped fresh and faulted in page by page: a worker thread
-# ran the 64-256-256-1 MLP at ~220,000 rows/s with the kernel zeroing pages for 40% of
-# it, ~420,000 rows/s without (measured, batches of 4,096 rows). Heap memory is kept
-# instead (the mmap threshold at glibc's maximum, 32 MiB; trimming only beyond 1 GiB
+# tensor above that size, in every batch, is a fresh mapping that the kernel zeroes and
+# faults in page by page: for a small model that page work is a large share of the
+# forward pass, and it buys nothing, since the next batch needs the same sizes. Heap
+# memory is kept instead (the mmap threshold at glibc's maximum, 32 MiB; trimming only beyond 1 GiB
 # free); peak memory is still bounded by shard and batch size. glibc reads these when
 # the process starts, so they go in the nanny's pre-spawn environment. Values the user
 # set are kept. CPU LocalCluster workers only.
@@ -118,8 +118,9 @@ class ShardResult:
 class QuickExit(WorkerPlugin):
     """Registered on every local cluster: a closing worker freezes what it holds, so that
     its interpreter's exit skips a last garbage collection over all of it. With torch,
-    MLflow and GX loaded that walk took ~1.5 s per worker, and the cluster's close (the
-    end of the score step, of a re-check in the validate step) waited for it."""
+    MLflow and GX loaded that walk covers millions of objects that die with the process
+    anyway, and the cluster's close (the end of the score step, of a re-check in the
+    validate step) waits for it."""
 
     def teardown(self, worker: object) -> None:
         gc.freeze()
@@ -238,8 +239,7 @@ def prefetch_depth(requested: int | None, device: str) -> int:
     """Row groups to decode ahead of compute: 2 when the model runs on a GPU, whose forward
     pass leaves the worker's CPU free for decoding; none on CPU, where the forward pass
     already runs on the worker's own threads, so a decoding thread only time-slices with it
-    (2 workers of 1 thread on 2 cores scored 10M rows 3% faster without it, measured on a
-    running cluster)."""
+    and adds its switching and queueing to every row group (docs/scoring.md)."""
     if requested is not None:
         return requested
     return 0 if device == "cpu" else 2

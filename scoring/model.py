@@ -156,10 +156,10 @@ Precision = Literal["fp32", "bf16", "fp16"]
 AUTO_BATCH_CAP = 1 << 20
 # On CPU, small batches are the fast ones: a 4,096-row batch's activations stay in cache
 # and, for layers narrower than 2,048, below glibc's 32 MiB mmap threshold
-# (scoring.engine's WORKER_MALLOC_ENV), so no batch faults in fresh pages. Measured per
-# worker thread: MLP 64-256-256-1 450,000 rows/s at 4,096 rows, 366,000 at 16,384,
-# 215,000 at 32,768; 64-1024-1024-1 38,000 at 4,096, 29,500 at 8,192 and above. The
-# pyfunc path keeps large batches: each call costs pyfunc's schema enforcement.
+# (scoring.engine's WORKER_MALLOC_ENV), so no batch faults in fresh pages; larger batches
+# spill activations out of cache and score fewer rows per second on CPU, for narrow and
+# wide layers alike (figures in docs/benchmarks.md). The pyfunc path keeps large
+# batches: each call costs pyfunc's schema enforcement, paid once per batch.
 CPU_AUTO_BATCH = 4_096
 PYFUNC_AUTO_BATCH = 32_768
 

@@ -3,11 +3,11 @@
 A worker of a cluster that outlives the runs (docker-compose's ``dask-worker``, any
 ``dask worker`` pointed at by ``BATCHSCORE_CLUSTER=tcp://...``) would otherwise import
 torch, MLflow's PyTorch flavour and Great Expectations inside the first run that needs
-them: ~4 s of the worker's CPU, measured, spent while that run's shards wait. Preloaded,
-the worker pays them once as it starts, and every run on it, the first included, begins
-with its model load. A LocalCluster started for one run does not preload: there the
-imports cost the same wherever they happen, and GX is not needed when the per-part
-checks are off.
+them: seconds of the worker's CPU (they are large packages), spent while that run's
+shards wait. Preloaded, the worker pays them once as it starts, and every run on it, the
+first included, begins with its model load. A LocalCluster started for one run does not
+preload: there the imports cost the same wherever they happen, and GX is not needed when
+the per-part checks are off.
 
 What the imports leave behind lives as long as the worker, so it is frozen out of the
 garbage collector's reach (``gc.freeze``), as the model plugin does after a load.

@@ -8,10 +8,11 @@ from typing import Any
 
 
 def import_gx() -> Any:
-    """GX costs 2-3 s to import: once per process, on first use, with the cyclic garbage
-    collector paused meanwhile. The import leaves next to no garbage, but the full
-    collections its allocations trigger each walk every object loaded so far: ~0.5 s of
-    the import (measured in the validate step's process)."""
+    """GX, imported once per process, on first use (a large package: seconds of CPU), with
+    the cyclic garbage collector paused meanwhile. The import leaves next to no garbage,
+    but each full collection its allocations trigger walks every object the process has
+    loaded so far (torch, MLflow, pandas): work that grows with what is loaded and frees
+    nothing. A caller that had the collector off finds it off still."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     collecting = gc.isenabled()
     gc.disable()
