@@ -83,20 +83,20 @@ def test_readers_see_one_version_while_a_new_one_is_published(
     keys = [1_000_000 + i * 397 for i in range(25)]
     by_version = {v: expected(registry, dataset, f"models:/churn/{v}", keys) for v in ("1", "2")}
     seen: list[dict[str, Any]] = []
-    stop = threading.Event()
+    stop, switched = threading.Event(), threading.Event()
 
     def read() -> None:
         while not stop.is_set():
             body = {"keys": [str(k) for k in keys]}
             seen.append(api.post("/v1/predictions/api/batch", body).json())
+            if seen[-1]["results"][0]["model"]["version"] == "2":
+                switched.set()
 
     reader = threading.Thread(target=read)
     reader.start()
     try:
         publish_run(dataset, store_url, "models:/churn/2")
-        deadline = time.monotonic() + 10  # the live pointer is cached for about a second
-        while time.monotonic() < deadline and seen[-1]["results"][0]["model"]["version"] != "2":
-            time.sleep(0.05)
+        assert switched.wait(10), "version 2 never answered"  # the live pointer is cached ~1 s
     finally:
         stop.set()
         reader.join()
@@ -126,19 +126,28 @@ def test_batch_fallback_when_redis_is_down(
     check_answer(first, KEYS[0], values[0], manifest, "kv")
 
     statuses: list[int] = []
-    stop = threading.Event()
+    stop, reading, on_batch = threading.Event(), threading.Event(), threading.Event()
 
     def read_while_redis_dies() -> None:
         while not stop.is_set():
             for key in KEYS:
-                statuses.append(api.get(f"/v1/predictions/api/{key}").status_code)
+                answer = api.get(f"/v1/predictions/api/{key}")
+                statuses.append(answer.status_code)
+                reading.set()
+                if answer.status_code == 200 and answer.json()["source"] == "batch":
+                    on_batch.set()
 
     reader = threading.Thread(target=read_while_redis_dies)
     reader.start()
     try:
-        time.sleep(0.3)
+        assert reading.wait(30), "no answer before Redis stopped"
         redis_server.stop()
-        time.sleep(1.0)
+        assert on_batch.wait(30), "the batch fallback never answered"
+        answered = len(statuses)
+        deadline = time.monotonic() + 30  # a few more rounds once on the fallback
+        while len(statuses) < answered + 3 * len(KEYS):
+            assert time.monotonic() < deadline, "the reader stopped getting answers"
+            stop.wait(0.05)
     finally:
         stop.set()
         reader.join()
