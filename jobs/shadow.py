@@ -2,7 +2,7 @@
 
 A shadow run is an ordinary run (resolve → plan → score → validate → export) whose model
 pin is a candidate such as ``models:/churn@challenger``. Its version is loaded into the
-store but never published (``steps.publish`` refuses a shadow run), and ``compare``
+store but never published (``publishing.publish`` refuses a shadow run), and ``compare``
 writes a report against the namespace's live version: per output, the share of keys
 whose prediction changed, the share that moved by more than the drift delta, the KS and
 PSI distances between the two distributions, whether the drift gate would have blocked
@@ -10,23 +10,36 @@ it, and a plot of both. Promoting the candidate is a registry action (``batchsco
 promote``); the next regular run then scores and publishes with it.
 
 A run is a shadow run when its manifest has a ``shadow`` step record, written by ``mark``
-right after the run is resolved.
+right after the run is resolved (``jobs.flow.start_run``). ``candidate_uri`` turns what a
+user gives (``challenger``, or a model URI) into the candidate's URI, for the CLI and
+the DAG alike; it is pure, and this module imports nothing heavy at its top.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from batchscore.core.settings import RunSettings
+from jobs.context import SHADOW_STEP, is_shadow, open_run_store, quality_rules
 from jobs.manifest import Manifest, load_manifest
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from kv_export.store import VersionInfo
+    from scoring.drift import Samples
+    from scoring.quality import DriftRules
+
+__all__ = ["SHADOW_STEP", "candidate_uri", "compare", "is_shadow", "mark"]
 
 log = logging.getLogger("batchscore.jobs")
 
-SHADOW_STEP = "shadow"
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/\d+|@[\w-]+)$")
 CHANGED_TOLERANCE = 1e-6  # a prediction "changed" when it moved by more than this
 REPORT = "shadow_comparison.json"
 PLOT = "shadow_distributions.png"
@@ -49,11 +62,38 @@ def mark(run_dir: str | Path, *, candidate: str, live_model: str) -> None:
     log.info("shadow run of %s (pinned %s) beside %s", candidate, manifest.model.uri, live_model)
 
 
-def is_shadow(manifest: Manifest) -> bool:
-    return SHADOW_STEP in manifest.steps
+def candidate_uri(model_uri: str, shadow: str | None) -> str | None:
+    """A shadow candidate as a model URI: a bare alias names an alias of the live model.
+
+    ``candidate_uri("models:/churn@champion", "challenger") == "models:/churn@challenger"``;
+    a model URI is taken as it is; None or empty: no shadow run.
+    """
+    if not shadow:
+        return None
+    if shadow.startswith("models:/"):
+        return shadow
+    match = MODEL_URI.match(model_uri)
+    name = match["name"] if match else model_uri
+    return f"models:/{name}@{shadow}"
 
 
-def compare(run_dir: str | Path, settings: RunSettings | None = None) -> dict[str, Any]:
+class ShadowReport(TypedDict):
+    """``reports/shadow_comparison.json``; ``path`` is where it was written."""
+
+    namespace: str
+    run_id: str
+    candidate: dict[str, object]
+    live: dict[str, object] | None
+    compared: bool
+    note: str
+    rules: dict[str, object]
+    outputs: list[dict[str, Any]]
+    plot: str
+    promote: str
+    path: str
+
+
+def compare(run_dir: str | Path, settings: RunSettings | None = None) -> ShadowReport:
     """Compare the run's output with the namespace's live version; write the report.
 
     Reads the live version's output parts (``VersionInfo.parts``) and this run's, joins
@@ -61,13 +101,12 @@ def compare(run_dir: str | Path, settings: RunSettings | None = None) -> dict[st
     ``reports/shadow_comparison.json`` and ``reports/shadow_distributions.png``. Without a
     live version the report says so and shows the candidate's distribution alone.
     """
-    from jobs import steps
     from scoring.reports import plot_distributions
 
     manifest = load_manifest(run_dir)
     started = time.perf_counter()
     live = _live_version(settings, manifest)
-    rules = steps.quality_rules(manifest).drift
+    rules = quality_rules(manifest).drift
     samples, outputs = _compare_outputs(manifest, live, rules)
     reports = Path(manifest.run_dir) / "reports"
     plot = plot_distributions(
@@ -77,9 +116,9 @@ def compare(run_dir: str | Path, settings: RunSettings | None = None) -> dict[st
         f"{manifest.namespace}: live v{live.version if live else '-'} vs candidate "
         f"{manifest.model.name} v{manifest.model.version}",
     )
-    report = _report(manifest, live, rules, outputs, plot)
     path = reports / REPORT
-    path.write_text(json.dumps(report, indent=2))
+    report = _report(manifest, live, rules, outputs, plot, path)
+    path.write_text(json.dumps({k: v for k, v in report.items() if k != "path"}, indent=2))
     manifest.reports["shadow_comparison"] = str(path)
     manifest.reports["shadow_distributions_png"] = str(plot)
     manifest.steps[SHADOW_STEP] |= {
@@ -91,20 +130,20 @@ def compare(run_dir: str | Path, settings: RunSettings | None = None) -> dict[st
     }
     manifest.save()
     log.info("shadow comparison of run %s: %s", manifest.run_id, report["note"])
-    return report | {"path": str(path)}
+    return report
 
 
-def _live_version(settings: RunSettings | None, manifest: Manifest) -> Any:
-    from jobs import steps
-
-    store = steps.open_run_store(manifest, settings)
+def _live_version(settings: RunSettings | None, manifest: Manifest) -> VersionInfo | None:
+    store = open_run_store(manifest, settings)
     try:
         return store.state(manifest.namespace).live_info()
     finally:
         store.close()
 
 
-def _compare_outputs(manifest: Manifest, live: Any, rules: Any) -> tuple[Any, list[dict[str, Any]]]:
+def _compare_outputs(
+    manifest: Manifest, live: VersionInfo | None, rules: DriftRules
+) -> tuple[Samples, list[dict[str, Any]]]:
     """Per output: changed share, moved share and the gate's verdict, KS and PSI."""
     from scoring.drift import judge, ks, moved_share, psi, read_samples
 
@@ -138,7 +177,7 @@ def _compare_outputs(manifest: Manifest, live: Any, rules: Any) -> tuple[Any, li
     return samples, outputs
 
 
-def _mean(values: Any) -> float | None:
+def _mean(values: np.ndarray) -> float | None:
     import numpy as np
 
     finite = values[np.isfinite(values)]
@@ -146,8 +185,13 @@ def _mean(values: Any) -> float | None:
 
 
 def _report(
-    manifest: Manifest, live: Any, rules: Any, outputs: list[dict[str, Any]], plot: Path
-) -> dict[str, Any]:
+    manifest: Manifest,
+    live: VersionInfo | None,
+    rules: DriftRules,
+    outputs: list[dict[str, Any]],
+    plot: Path,
+    path: Path,
+) -> ShadowReport:
     record = manifest.steps[SHADOW_STEP]
     alias = str(record.get("live_model", "")).partition("@")[2] or "champion"
     return {
@@ -175,10 +219,11 @@ def _report(
         "plot": str(plot),
         "promote": f"batchscore model promote {manifest.model.name} {manifest.model.version} "
         f"--alias {alias}",
+        "path": str(path),
     }
 
 
-def _note(live: Any, outputs: list[dict[str, Any]]) -> str:
+def _note(live: VersionInfo | None, outputs: list[dict[str, Any]]) -> str:
     if live is None:
         return "namespace has no live version: nothing to compare"
     if not outputs:

@@ -1,0 +1,104 @@
+"""What each step returns: small JSON documents of pointers and counts.
+
+These are what an Airflow task pushes to XCom (so plain, JSON-serialisable dicts) and
+what ``batchscore step`` prints; the DAG and the CLI may rely on the keys named here
+and on nothing else. Everything else about a run is in its manifest. Final, so that
+``"skipped" in result`` tells a ``Skipped`` from the step's own result.
+"""
+
+from __future__ import annotations
+
+from typing import NotRequired, TypedDict, final
+
+
+class RunRef(TypedDict):
+    """A resolved run: its folder and the model version it is pinned to."""
+
+    run_id: str
+    run_dir: str
+    namespace: str
+    model_name: str
+    model_version: str
+
+
+@final
+class StartedRun(RunRef):
+    """A resolved run as ``jobs.flow`` starts it: the shadow candidate's URI, or None."""
+
+    shadow: str | None
+
+
+@final
+class PlanResult(TypedDict):
+    run_dir: str
+    shards: int
+    rows: int
+
+
+@final
+class ScoreResult(TypedDict):
+    run_dir: str
+    rows: int
+    shards_scored: int
+    seconds: float
+
+
+@final
+class ValidateResult(TypedDict):
+    run_dir: str
+    success: bool
+    rows: int
+
+
+@final
+class DriftResult(TypedDict):
+    run_dir: str
+    passed: bool
+    overridden: bool
+
+
+@final
+class GateResult(TypedDict):
+    """The validate task's result: the GX suite, then the drift gate (``jobs.flow``).
+
+    ``rows`` is None and ``published_earlier`` true when the run was published before
+    and nothing was checked again; ``drift_passed`` is None when the gate did not run
+    (a shadow run, or one published earlier).
+    """
+
+    run_dir: str
+    success: bool
+    rows: int | None
+    published_earlier: bool
+    drift_passed: bool | None
+    drift_overridden: bool
+
+
+@final
+class ExportResult(TypedDict):
+    run_dir: str
+    version: int | None
+    keys: int | None
+    store: str
+    shadow_report: NotRequired[str]  # a shadow run's comparison with the live version
+
+
+@final
+class PublishResult(TypedDict):
+    run_dir: str
+    run_id: str
+    namespace: str
+    store: str
+    model: str  # <name>/<version>
+    version: int
+    previous: int | None  # the live version before
+    note: str
+    newly_published: bool  # live now, and not through an earlier publish of this run
+
+
+@final
+class Skipped(TypedDict):
+    """A step that did nothing, and why (a dry run, a shadow run's publish)."""
+
+    run_dir: str
+    skipped: str
