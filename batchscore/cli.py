@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -122,12 +123,23 @@ def run(
             "(the override is recorded in the manifest)."
         ),
     ] = False,
+    shadow: Annotated[
+        str | None,
+        typer.Option(
+            help="Score this candidate instead (an alias of --model's model, e.g. challenger, "
+            "or a model URI): export it unpublished and compare it with the live version."
+        ),
+    ] = None,
     summary_json: Annotated[Path | None, typer.Option(help="Write the run summary here.")] = None,
     verbose: bool = False,
 ) -> None:
-    """Run the whole pipeline: resolve, plan, score, validate, drift gate, export, publish."""
+    """Run the whole pipeline: resolve, plan, score, validate, drift gate, export, publish.
+
+    With --shadow, a shadow run: no drift gate, no publish; the comparison report's path
+    is printed last.
+    """
     _setup_logging(verbose)
-    from jobs.pipeline import run_pipeline
+    from jobs.flow import run_flow
 
     settings = _run_settings(
         output_dir=output,
@@ -154,7 +166,9 @@ def run(
             force=force,
         )
         with _score_progress() as on_progress:
-            manifest = run_pipeline(settings, params, run_id=run_id, on_progress=on_progress)
+            manifest = run_flow(
+                settings, params, run_id=run_id, shadow=shadow, on_progress=on_progress
+            )
     except BatchscoreError as exc:
         _write_summary_of_failure(summary_json, exc)
         _fail(exc)
@@ -163,6 +177,10 @@ def run(
     if summary_json:
         summary_json.write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary)
+    if summary["shadow"]:
+        report = summary["reports"].get("shadow_comparison")
+        out.print(f"shadow comparison report: file://{report}", soft_wrap=True, highlight=False)
+        return
     if not manifest.published and not params.dry_run:
         raise typer.Exit(1)
 
@@ -233,6 +251,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         if summary["published"]
         else ("dry run" if summary.get("dry_run") else "NOT published")
     )
+    if summary.get("shadow"):
+        state = f"shadow run of {escape(summary['shadow'])}, not published"
     # Which serialization ran: a pickle means code from the registry ran on the workers.
     loaded = f" · serialization {model['serialization']}" if model.get("serialization") else ""
     out.print(
@@ -557,11 +577,19 @@ def step_publish(
 
 
 def _one_step(name: str, run_dir: Path, **options: Any) -> None:
+    """One task of the DAG on an existing run folder: the same ``jobs.flow`` call."""
     _setup_logging()
-    from jobs import steps
+    from jobs import flow, steps
 
+    tasks: dict[str, Callable[..., Mapping[str, object]]] = {
+        "plan": steps.plan,
+        "score": steps.score,
+        "validate": flow.validate_and_gate,  # the drift gate too, as the DAG's task
+        "export": flow.export_and_compare,  # a shadow run's comparison too
+        "publish": flow.publish_run,
+    }
     try:
-        result = getattr(steps, name)(run_dir, **options)
+        result = tasks[name](run_dir, **options)
     except BatchscoreError as exc:
         _fail(exc)
         return

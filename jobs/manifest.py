@@ -229,6 +229,8 @@ class Manifest(BaseModel):
                 if s.state == "failed"
             ],
             "dry_run": self.params.dry_run,
+            # A shadow run's candidate (jobs.shadow): never published, compared instead.
+            "shadow": self.steps.get("shadow", {}).get("candidate"),
             "run_dir": self.run_dir,
             "validation": _validation_summary(self.validation),
             "drift": self.drift,

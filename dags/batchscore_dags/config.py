@@ -19,14 +19,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from batchscore.core.names import NAMESPACE_RULE, is_namespace
 from batchscore_dags.errors import JobConfigError
+from jobs.shadow import candidate_uri
 
 JOBS_DIR_VARIABLE = "BATCHSCORE_DAG_JOBS_DIR"
 DAG_ID_PREFIX = "score_"
@@ -40,7 +41,7 @@ STORE_SCHEMES = ("lmdb", "redis", "rediss", "unix")
 DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def parse_duration(value: Any) -> timedelta:
+def parse_duration(value: object) -> timedelta:
     """``90``, ``"90s"``, ``"5m"``, ``"2h"``, ``"1d"``, ``"1h30m"`` → timedelta."""
     if isinstance(value, timedelta):
         return value
@@ -51,17 +52,6 @@ def parse_duration(value: Any) -> timedelta:
             days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
             return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
     raise ValueError(f"expected {DURATION_EXPECTED}")
-
-
-def candidate_uri(model_uri: str, shadow: str | None) -> str | None:
-    """A shadow candidate as a model URI: a bare alias names an alias of the job's model."""
-    if not shadow:
-        return None
-    if shadow.startswith("models:/"):
-        return shadow
-    match = MODEL_URI.match(model_uri)
-    name = match["name"] if match else model_uri
-    return f"models:/{name}@{shadow}"
 
 
 class AssetSchedule(BaseModel):
@@ -145,14 +135,14 @@ class JobConfig(BaseModel):
 
     @field_validator("features", mode="before")
     @classmethod
-    def _features(cls, value: Any) -> Any:
+    def _features(cls, value: object) -> object:
         if isinstance(value, str):
             return [f.strip() for f in value.split(",") if f.strip()]
         return value
 
     @field_validator("schedule", mode="before")
     @classmethod
-    def _schedule(cls, value: Any) -> Any:
+    def _schedule(cls, value: object) -> object:
         if value is None or isinstance(value, AssetSchedule):
             return value
         if isinstance(value, dict):
@@ -166,7 +156,7 @@ class JobConfig(BaseModel):
 
     @field_validator("start_date", mode="before")
     @classmethod
-    def _start_date(cls, value: Any) -> Any:
+    def _start_date(cls, value: object) -> object:
         if isinstance(value, date) and not isinstance(value, datetime):
             return datetime(value.year, value.month, value.day, tzinfo=UTC)
         return value
@@ -178,7 +168,7 @@ class JobConfig(BaseModel):
 
     @field_validator("retry_delay", "max_retry_delay", "deadline", mode="before")
     @classmethod
-    def _duration(cls, value: Any) -> Any:
+    def _duration(cls, value: object) -> object:
         return None if value is None else parse_duration(value)
 
     @field_validator("store_url")
@@ -317,7 +307,7 @@ def load_job(path: Path) -> JobConfig:
         ) from None
 
 
-def _describe(path: Path, error: Any) -> str:
+def _describe(path: Path, error: ErrorDetails) -> str:
     field = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         return (

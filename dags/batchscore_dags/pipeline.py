@@ -2,8 +2,11 @@
 
 resolve → plan → score → validate (GX suite, then the drift gate) → export → publish; a
 shadow run skips the drift gate, writes its comparison with the live version after its
-export, and skips publish. Each task is one call into ``jobs.steps`` (and ``jobs.shadow``);
-XCom carries only the run folder, ids and counts.
+export, and skips publish. Those rules live in ``jobs.flow``, which ``batchscore run``
+runs too: each task is one call into it (or into ``jobs.steps``), and this module only
+translates (a skipped step → ``AirflowSkipException``, an out-of-order publish →
+``AirflowFailException``, a new live version → an asset event). XCom carries the step's
+result (``jobs.results``): the run folder, ids and counts.
 
 What every DAG built here has:
 
@@ -28,7 +31,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import (
     DAG,
@@ -39,6 +42,7 @@ from airflow.sdk import (
     Param,
     RetryAction,
     RetryRule,
+    get_current_context,
     task,
 )
 
@@ -53,8 +57,19 @@ from batchscore_dags.config import (
     MODEL_URI_EXPECTED,
     AssetSchedule,
     LoadedJob,
-    candidate_uri,
 )
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from jobs.results import (
+        ExportResult,
+        GateResult,
+        PlanResult,
+        PublishResult,
+        ScoreResult,
+        StartedRun,
+    )
 
 log = logging.getLogger("batchscore.dag")
 
@@ -295,18 +310,22 @@ def _deadline(spec: DagSpec) -> DeadlineAlert | None:
 
 
 def _wire_tasks(workers: int | None) -> None:
-    @task
-    def resolve(**context: Any) -> dict[str, Any]:
-        return resolve_run(context, workers)
+    """One task per step of ``jobs.flow``; XCom carries its result (``jobs.results``),
+    each key also as an XCom of its own (the results' types are imported for type
+    checking only, so Airflow cannot infer ``multiple_outputs`` from them)."""
 
-    @task
-    def plan(ref: dict[str, Any]) -> dict[str, Any]:
+    @task(multiple_outputs=True)
+    def resolve() -> StartedRun:
+        return resolve_run(get_current_context(), workers)
+
+    @task(multiple_outputs=True)
+    def plan(ref: StartedRun) -> PlanResult:
         from jobs import steps
 
         return steps.plan(ref["run_dir"])
 
-    @task(pool=SCORING_POOL)
-    def score(planned: dict[str, Any]) -> dict[str, Any]:
+    @task(pool=SCORING_POOL, multiple_outputs=True)
+    def score(planned: PlanResult) -> ScoreResult:
         from jobs import steps
 
         def progress(done: int, total: int, rows: int) -> None:
@@ -314,36 +333,39 @@ def _wire_tasks(workers: int | None) -> None:
 
         return steps.score(planned["run_dir"], on_progress=progress)
 
-    @task
-    def validate(scored: dict[str, Any]) -> dict[str, Any]:
-        return validate_run(scored["run_dir"])
+    @task(multiple_outputs=True)
+    def validate(scored: ScoreResult) -> GateResult:
+        from jobs import flow
 
-    @task
-    def export(validated: dict[str, Any]) -> dict[str, Any]:
+        return flow.validate_and_gate(scored["run_dir"])
+
+    @task(multiple_outputs=True)
+    def export(validated: GateResult) -> ExportResult:
         return export_run(validated["run_dir"])
 
-    @task(outlets=[PUBLISHED])
-    def publish(exported: dict[str, Any], **context: Any) -> dict[str, Any]:
-        return publish_run(exported["run_dir"], context)
+    @task(outlets=[PUBLISHED], multiple_outputs=True)
+    def publish(exported: ExportResult) -> PublishResult:
+        return publish_run(exported["run_dir"], get_current_context())
 
     # Each task receives the upstream task's XCom value; here the calls wire XComArgs.
     publish(export(validate(score(plan(resolve())))))  # type: ignore[arg-type]
 
 
-def resolve_run(context: Any, workers: int | None) -> dict[str, Any]:
+def resolve_run(context: Context, workers: int | None) -> StartedRun:
     """The form's values (rendered for the logical date) → a pinned run in its folder."""
     from batchscore.core.settings import RunSettings, load_settings
     from batchscore_dags.runs import data_as_of, render_input_path, run_key
-    from jobs import shadow, steps
+    from jobs import flow, steps
+    from jobs.shadow import candidate_uri
 
     params = context["params"]
+    dag_run = context["dag_run"]
     settings = load_settings(RunSettings)
-    candidate = candidate_uri(params["model_uri"], params.get("shadow"))
     features = [f.strip() for f in (params.get("features") or "").split(",") if f.strip()]
     run_params = steps.make_params(
         settings,
         input_path=render_input_path(params["input_path"], context, settings.home),
-        model_uri=candidate or params["model_uri"],
+        model_uri=params["model_uri"],
         key_column=params["key_column"],
         namespace=params.get("namespace"),
         store_url=params.get("store_url"),
@@ -352,72 +374,41 @@ def resolve_run(context: Any, workers: int | None) -> dict[str, Any]:
         features=features or None,
         dry_run=params.get("dry_run", False),
         force=params.get("force", False),
-        data_as_of=data_as_of(context["dag_run"].logical_date),
+        data_as_of=data_as_of(dag_run.logical_date),
     )
-    dag_run = context["dag_run"]
+    candidate = candidate_uri(params["model_uri"], params.get("shadow"))
     key = run_key(context["dag"].dag_id, dag_run.run_id, dag_run.logical_date, candidate)
-    ref = steps.resolve(settings, run_params, run_id=key)
-    if candidate:
-        shadow.mark(ref["run_dir"], candidate=candidate, live_model=params["model_uri"])
+    ref = flow.start_run(settings, run_params, run_id=key, shadow=candidate)
     log.info("input %s; run folder %s", run_params.input_path, ref["run_dir"])
-    return ref | {"shadow": candidate}
+    return ref
 
 
-def validate_run(run_dir: str) -> dict[str, Any]:
-    """The GX suite, then the drift gate (a shadow run is compared after its export instead)."""
-    from jobs import shadow, steps
-    from jobs.manifest import load_manifest
-
-    manifest = load_manifest(run_dir)
-    if manifest.published:
-        log.info(
-            "run %s was published as version %s after passing its gates; not run again",
-            manifest.run_id,
-            manifest.version,
-        )
-        return {"run_dir": run_dir, "success": True, "published_earlier": True}
-    result = steps.validate(run_dir)
-    if shadow.is_shadow(manifest):
-        log.info("shadow run: no drift gate; the export step compares it with the live version")
-        return result
-    # The drift gate runs inside this task so the task list stays the public one;
-    # it is its own step (steps.check_drift) for the CLI and the tests.
-    gate = steps.check_drift(run_dir)
-    for name, path in steps.run_reports(run_dir).items():
-        log.info("report %s: file://%s", name, path)
-    return result | {"drift_passed": gate["passed"], "drift_overridden": gate["overridden"]}
-
-
-def export_run(run_dir: str) -> dict[str, Any]:
-    """Load the version (not live yet); for a shadow run, then write its comparison report."""
+def export_run(run_dir: str) -> ExportResult:
+    """``jobs.flow.export_and_compare``; a skipped export (a dry run) skips the task."""
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from jobs import shadow, steps
-    from jobs.manifest import load_manifest
+    from jobs import flow
 
-    result = steps.export(run_dir)
-    if shadow.is_shadow(load_manifest(run_dir)):
-        report = shadow.compare(run_dir)
-        log.info("shadow comparison: %s; report file://%s", report["note"], report["path"])
-        result |= {"shadow_report": report["path"]}
+    result = flow.export_and_compare(run_dir)
     if "skipped" in result:
         raise AirflowSkipException(f"export skipped: {result['skipped']}")
     return result
 
 
-def publish_run(run_dir: str, context: Any) -> dict[str, Any]:
-    """Flip the live pointer once; announce the new live version as an asset event.
+def publish_run(run_dir: str, context: Context) -> PublishResult:
+    """``jobs.flow.publish_run``; announce a new live version as an asset event.
 
     A version older than the newest published is refused without retries (retrying
-    cannot make it newer); the error says how to publish it anyway.
+    cannot make it newer); the error says how to publish it anyway. A skipped publish
+    (a dry run, a shadow run) skips the task.
     """
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from jobs import steps
+    from jobs import flow
     from kv_export.errors import VersionExpired, VersionOutOfOrder
 
     try:
-        result = steps.publish(run_dir)
+        result = flow.publish_run(run_dir)
     except (VersionOutOfOrder, VersionExpired) as exc:
         raise AirflowFailException(str(exc)) from exc
     if "skipped" in result:

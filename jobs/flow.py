@@ -1,0 +1,153 @@
+"""The pipeline's one composition: the order of the steps and the rules between them.
+
+``run_flow`` is ``batchscore run``; the DAG's tasks call ``start_run``, ``steps.plan``,
+``steps.score``, ``validate_and_gate``, ``export_and_compare`` and ``publish`` one per
+task, so a run from the command line and a run of the DAG take the same path:
+
+    resolve (+ mark a shadow run) → plan → score → validate → drift gate → export
+    (+ a shadow run's comparison with the live version) → publish (never a shadow run)
+
+The rules that live here, and nowhere else:
+
+- **published earlier**: a run that went live before is not validated or gated again
+  (the live version may have moved on since; the run's verdict stands), its export is
+  the version it published and its publish changes nothing;
+- **shadow**: a shadow run scores the candidate, skips the drift gate, is compared
+  with the live version after its export and is never published (``jobs.shadow``);
+- **drift gate**: every other run is gated on drift after validation, before export.
+
+Each function is idempotent, as the steps are: a retried task or a re-run command
+does no work twice and publishes nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from batchscore.core.settings import RunSettings
+from jobs import steps
+from jobs.context import is_shadow
+from jobs.drift_gate import check_drift, run_reports
+from jobs.errors import RunError
+from jobs.manifest import Manifest, RunParams, load_manifest
+from jobs.publishing import export, publish
+from jobs.results import ExportResult, GateResult, PublishResult, Skipped, StartedRun
+from jobs.shadow import candidate_uri, compare, mark
+
+log = logging.getLogger("batchscore.jobs")
+
+
+def start_run(
+    settings: RunSettings,
+    params: RunParams,
+    *,
+    run_id: str | None = None,
+    shadow: str | None = None,
+) -> StartedRun:
+    """Resolve the run; with ``shadow`` (an alias of the model, e.g. ``challenger``,
+    or a model URI), a shadow run that scores that candidate beside ``params.model_uri``.
+
+    ``run_id`` None derives the run id from the inputs (``steps.resolve``); a shadow
+    run's differs from the regular run's, so the two never share a folder.
+    """
+    candidate = candidate_uri(params.model_uri, shadow)
+    if candidate is None:
+        return {**steps.resolve(settings, params, run_id), "shadow": None}
+    if candidate == params.model_uri:
+        raise RunError(
+            f"The shadow candidate {candidate} is the live model itself",
+            expected="a candidate other than the model, e.g. an alias such as challenger",
+            fix="Give the candidate's alias or model URI (--shadow), or run without it",
+        )
+    scored = params.model_copy(update={"model_uri": candidate})
+    ref = steps.resolve(settings, scored, run_id, shadow=True)
+    mark(ref["run_dir"], candidate=candidate, live_model=params.model_uri)
+    return {**ref, "shadow": candidate}
+
+
+def validate_and_gate(run_dir: str | Path, settings: RunSettings | None = None) -> GateResult:
+    """The GX suite, then the drift gate; a shadow run is compared after its export instead.
+
+    A run published earlier is not checked again: it passed both gates to go live.
+    """
+    manifest = load_manifest(run_dir)
+    if manifest.published:
+        log.info(
+            "run %s was published as version %s after passing its gates; not run again",
+            manifest.run_id,
+            manifest.version,
+        )
+        return _gate(manifest.run_dir, None, published_earlier=True)
+    validated = steps.validate(run_dir)
+    if is_shadow(manifest):
+        log.info("shadow run: no drift gate; the export step compares it with the live version")
+        return _gate(manifest.run_dir, validated["rows"])
+    # The drift gate runs in the validate task so the DAG's task list stays the public
+    # one; it is its own step (drift_gate.check_drift) with its own manifest record.
+    gate = check_drift(run_dir, settings)
+    for name, path in run_reports(run_dir).items():
+        log.info("report %s: file://%s", name, path)
+    return _gate(manifest.run_dir, validated["rows"], gate["passed"], gate["overridden"])
+
+
+def _gate(
+    run_dir: str,
+    rows: int | None,
+    drift_passed: bool | None = None,
+    drift_overridden: bool = False,
+    *,
+    published_earlier: bool = False,
+) -> GateResult:
+    return {
+        "run_dir": run_dir,
+        "success": True,  # a failed validation or drift gate raises
+        "rows": rows,
+        "published_earlier": published_earlier,
+        "drift_passed": drift_passed,
+        "drift_overridden": drift_overridden,
+    }
+
+
+def export_and_compare(
+    run_dir: str | Path, settings: RunSettings | None = None
+) -> ExportResult | Skipped:
+    """Load the version (not live yet); for a shadow run, then write its comparison
+    with the live version (also for a dry run, whose export is skipped)."""
+    result = export(run_dir, settings)
+    if not is_shadow(load_manifest(run_dir)):
+        return result
+    report = compare(run_dir, settings)
+    log.info("shadow comparison: %s; report file://%s", report["note"], report["path"])
+    if "skipped" in result:
+        return result
+    return {**result, "shadow_report": report["path"]}
+
+
+def run_flow(
+    settings: RunSettings,
+    params: RunParams,
+    *,
+    run_id: str | None = None,
+    shadow: str | None = None,
+    on_progress: steps.Progress | None = None,
+) -> Manifest:
+    """The whole pipeline in this process (``batchscore run``), in the DAG's order.
+
+    ``settings`` is passed to every step that opens the store: the caller's settings,
+    not the environment's (a password given in ``--store``'s URL is only there).
+    """
+    run_dir = start_run(settings, params, run_id=run_id, shadow=shadow)["run_dir"]
+    steps.plan(run_dir)
+    steps.score(run_dir, on_progress=on_progress)
+    validate_and_gate(run_dir, settings)
+    export_and_compare(run_dir, settings)
+    publish_run(run_dir, settings)
+    return load_manifest(run_dir)
+
+
+def publish_run(
+    run_dir: str | Path, settings: RunSettings | None = None, *, force: bool | None = None
+) -> PublishResult | Skipped:
+    """Flip the live pointer once (``publishing.publish``: a shadow run or a dry run skip)."""
+    return publish(run_dir, settings, force=force)
