@@ -8,12 +8,15 @@ Both are module-level functions so that Airflow can import them by their dotted 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
 
 log = logging.getLogger("batchscore.dag")
 
 
-def on_task_failure(context: Any) -> None:
+def on_task_failure(context: Context) -> None:
     """A task failed and has no retry left (or its retry policy said not to retry)."""
     ti = context["task_instance"]
     log.error(
@@ -26,7 +29,7 @@ def on_task_failure(context: Any) -> None:
     )
 
 
-def describe_error(error: Any) -> str:
+def describe_error(error: object) -> str:
     if isinstance(error, BaseException):
         return f"{type(error).__name__}: {error}"
     return str(error) if error else "no exception was recorded (see the task log)"

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
 
 #: The DAG's tasks in order, each named after the manifest step it records.
 STEPS = ("resolve", "plan", "score", "validate", "export", "publish")
@@ -67,7 +70,7 @@ def data_as_of(logical_date: datetime | str | None) -> str | None:
     return logical_date.isoformat()
 
 
-def render_input_path(template: str, context: Any, home: Path) -> str:
+def render_input_path(template: str, context: Context, home: Path) -> str:
     """Render the input path with the run's dates only; relative paths are under home.
 
     The template is rendered in a Jinja sandbox that knows the names of
@@ -139,7 +142,7 @@ def _sandbox() -> Any:
     return environment
 
 
-def _template_names(context: Any) -> dict[str, Any]:
+def _template_names(context: Context) -> dict[str, object]:
     """The allowed names as plain values (a ``dag`` that has a ``dag_id`` and nothing
     else); a name the run lacks (no logical date) is left out, so it is undefined."""
     from types import SimpleNamespace
