@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from scoring.validation.documents import ResultDocument
 from scoring.validation.gx import ephemeral_context, gx_version, import_gx
 from scoring.validation.suite import SUITE, PartReport
+
+if TYPE_CHECKING:
+    from great_expectations.data_context import AbstractDataContext
 
 DOCS_SITE = "run"
 DOCS_PART_PAGES = 20  # failing parts with a Data Docs page of their own
@@ -17,7 +21,7 @@ DOCS_PART_PAGES = 20  # failing parts with a Data Docs page of their own
 def build_data_docs(
     docs_dir: Path,
     run_name: str,
-    merged: list[dict[str, Any]],
+    merged: list[ResultDocument],
     success: bool,
     reports: Sequence[PartReport],
     failing: Sequence[PartReport],
@@ -58,8 +62,8 @@ def build_data_docs(
 
 
 def _suite_document(
-    results: list[dict[str, Any]], success: bool, run_name: str, what: str
-) -> dict[str, Any]:
+    results: list[ResultDocument], success: bool, run_name: str, what: str
+) -> dict[str, object]:
     passed = sum(1 for r in results if r.get("success"))
     return {
         "success": success,
@@ -79,7 +83,7 @@ def _suite_document(
     }
 
 
-def _add_docs_site(context: Any, docs_dir: Path) -> None:
+def _add_docs_site(context: AbstractDataContext, docs_dir: Path) -> None:
     """A Data Docs site whose files land in ``docs_dir`` (the run folder's ``data_docs``)."""
     docs_dir.mkdir(parents=True, exist_ok=True)
     context.add_data_docs_site(

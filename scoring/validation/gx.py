@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import gc
 import os
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from great_expectations.data_context import AbstractDataContext
 
 
-def import_gx() -> Any:
+def import_gx() -> ModuleType:
     """GX, imported once per process, on first use (a large package: seconds of CPU), with
     the cyclic garbage collector paused meanwhile. The import leaves next to no garbage,
     but each full collection its allocations trigger walks every object the process has
@@ -30,9 +34,10 @@ def gx_version() -> str:
     return str(gx.__version__)
 
 
-def ephemeral_context(gx: Any) -> Any:
+def ephemeral_context(gx: ModuleType) -> AbstractDataContext:
+    """A context that keeps nothing on disk, without progress bars in the logs."""
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    context = gx.get_context(mode="ephemeral")
+    context: AbstractDataContext = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     return context

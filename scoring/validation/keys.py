@@ -12,20 +12,19 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from scoring.validation.documents import plain
-from scoring.validation.suite import PARTIAL, UNIQUE, PartReport
+from scoring.validation.documents import JsonScalar, plain
+from scoring.validation.suite import PARTIAL, UNIQUE, Key, PartReport
 
 
 @dataclass(frozen=True)
 class KeyDuplicates:
     rows: int  # rows whose key occurs more than once, over all parts
-    sample: list[Any]
+    sample: list[JsonScalar]  # some of the repeated keys
     parts: dict[str, int]  # part name → its rows with a duplicated key
     parts_merged: int  # parts whose keys were read (their key range overlaps another's)
 
@@ -37,7 +36,7 @@ def duplicate_keys(reports: Sequence[PartReport], key: str, limit: int = PARTIAL
     its per-part uniqueness result counts. Parts with overlapping ranges are merged.
     """
     rows, merged = 0, 0
-    sample: list[Any] = []
+    sample: list[JsonScalar] = []
     parts: dict[str, int] = {}
     for group in overlapping_groups(reports):
         if len(group) == 1:
@@ -55,18 +54,20 @@ def overlapping_groups(reports: Sequence[PartReport]) -> list[list[PartReport]]:
     """Parts grouped so that key ranges of different groups are disjoint (empty parts: none)."""
     ranged = sorted((r for r in reports if r.rows and r.min_key is not None), key=_min_key)
     groups: list[list[PartReport]] = []
-    high: Any = None
+    high: Key | None = None
     for report in ranged:
+        # one key column: every key has its type, int or str
         if groups and report.min_key <= high:  # type: ignore[operator]
             groups[-1].append(report)
-            high = max(high, report.max_key)
+            high = max(high, report.max_key)  # type: ignore[type-var]
         else:
             groups.append([report])
             high = report.max_key
     return groups
 
 
-def _min_key(report: PartReport) -> Any:
+def _min_key(report: PartReport) -> Key:
+    assert report.min_key is not None  # parts without keys are left out before
     return report.min_key
 
 
@@ -115,7 +116,7 @@ def _merge_duplicates(paths: Sequence[Path], key: str, limit: int) -> KeyDuplica
     """
     cursors = [_KeyCursor(p, key) for p in paths]
     rows = 0
-    sample: list[Any] = []
+    sample: list[JsonScalar] = []
     parts: Counter[str] = Counter()
     while True:
         for cursor in cursors:

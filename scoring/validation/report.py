@@ -14,9 +14,15 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from scoring.validation.docs import build_data_docs
+from scoring.validation.documents import (
+    NO_EXCEPTION,
+    ExpectationConfig,
+    GxMapping,
+    JsonScalar,
+    ResultDocument,
+)
 from scoring.validation.keys import KeyDuplicates, duplicate_keys
 from scoring.validation.suite import (
     FINITE_BOUND,
@@ -31,7 +37,6 @@ from scoring.validation.suite import (
 )
 
 NAMED_PARTS = 5  # parts named in a message; the manifest keeps them all
-NO_EXCEPTION = {"raised_exception": False, "exception_traceback": None, "exception_message": None}
 
 
 @dataclass(frozen=True)
@@ -39,10 +44,10 @@ class Outcome:
     expectation: str
     column: str | None
     success: bool
-    observed: Any = None
+    observed: object = None  # GX's observed value, e.g. the row count
     unexpected_count: int | None = None
-    sample: list[Any] = field(default_factory=list)
-    expected: Any = None
+    sample: list[JsonScalar] = field(default_factory=list)  # unexpected values
+    expected: object = None
     scope: str = "each part"  # or "all parts": computed once across the parts
     parts: dict[str, str] = field(default_factory=dict)  # failing part → what it had
     error: str | None = None  # GX raised instead of evaluating the expectation
@@ -83,12 +88,12 @@ class ValidationReport:
     def failures(self) -> list[Outcome]:
         return [o for o in self.outcomes if not o.success]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return json.loads(json.dumps(asdict(self), default=str))
 
 
 DocsBuilder = Callable[
-    [Path, str, list[dict[str, Any]], bool, Sequence[PartReport], Sequence[PartReport]],
+    [Path, str, list[ResultDocument], bool, Sequence[PartReport], Sequence[PartReport]],
     Path | None,
 ]
 
@@ -145,7 +150,7 @@ def validate_parts(
 
 def merge_results(
     reports: Sequence[PartReport], key: str, expected_rows: int, duplicates: KeyDuplicates
-) -> list[dict[str, Any]]:
+) -> list[ResultDocument]:
     """One suite result from the parts': per-part expectations summed, global ones added.
 
     Each document's ``meta.failed_parts`` names the parts that failed it.
@@ -154,19 +159,19 @@ def merge_results(
     short = {r.name: f"{r.rows} rows, its shard has {r.expected_rows}" for r in reports}
     merged = [
         _global(
-            {"type": ROW_COUNT, "kwargs": {"value": expected_rows}},
+            ExpectationConfig(type=ROW_COUNT, kwargs={"value": expected_rows}),
             rows == expected_rows and all(r.rows == r.expected_rows for r in reports),
             {"observed_value": rows},
             {n: s for n, s in short.items() if n in _row_count_failures(reports)},
         ),
         _global(
-            {"type": UNIQUE, "kwargs": {"column": key}},
+            ExpectationConfig(type=UNIQUE, kwargs={"column": key}),
             duplicates.rows == 0,
             _counts(rows, duplicates.rows, 0, duplicates.sample),
             {n: f"{c} rows with a repeated key" for n, c in duplicates.parts.items()},
         ),
     ]
-    per_part: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    per_part: dict[str, list[tuple[str, ResultDocument]]] = {}
     for report in reports:
         for document in report.results:
             config = document["expectation_config"]
@@ -185,18 +190,20 @@ def _row_count_failures(reports: Iterable[PartReport]) -> set[str]:
 
 
 def _global(
-    config: dict[str, Any], success: bool, result: dict[str, Any], failed: dict[str, str]
-) -> dict[str, Any]:
+    config: ExpectationConfig, success: bool, result: GxMapping, failed: dict[str, str]
+) -> ResultDocument:
     return {
         "success": success,
-        "expectation_config": config | {"meta": {"scope": "all parts"}},
+        "expectation_config": ExpectationConfig(
+            type=config["type"], kwargs=config["kwargs"], meta={"scope": "all parts"}
+        ),
         "result": result,
         "meta": {"scope": "all parts", "failed_parts": failed},
         "exception_info": NO_EXCEPTION,
     }
 
 
-def _sum_documents(found: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+def _sum_documents(found: list[tuple[str, ResultDocument]]) -> ResultDocument:
     """Unexpected, missing and element counts added; samples and value counts pooled."""
     first = found[0][1]
     results = [d.get("result") or {} for _, d in found]
@@ -208,7 +215,7 @@ def _sum_documents(found: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     sample = [v for r in results for v in r.get("partial_unexpected_list") or []][:PARTIAL]
     result = _counts(total("element_count"), total("unexpected_count"), missing, sample)
     pooled: Counter[str] = Counter()
-    values: dict[str, Any] = {}
+    values: dict[str, object] = {}
     for r in results:
         for item in r.get("partial_unexpected_counts") or []:
             token = json.dumps(item["value"])
@@ -234,9 +241,11 @@ def _sum_documents(found: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     }
 
 
-def _counts(elements: int, unexpected: int, missing: int | None, sample: list[Any]) -> dict:
+def _counts(
+    elements: int, unexpected: int, missing: int | None, sample: list[JsonScalar]
+) -> GxMapping:
     present = elements - (missing or 0)
-    result: dict[str, Any] = {
+    result: GxMapping = {
         "element_count": elements,
         "unexpected_count": unexpected,
         "unexpected_percent": 100 * unexpected / present if present else None,
@@ -253,7 +262,7 @@ def _counts(elements: int, unexpected: int, missing: int | None, sample: list[An
     return result
 
 
-def _outcome(document: dict[str, Any]) -> Outcome:
+def _outcome(document: ResultDocument) -> Outcome:
     config = document["expectation_config"]
     kwargs = config.get("kwargs") or {}
     result = document.get("result") or {}
@@ -275,7 +284,7 @@ def _outcome(document: dict[str, Any]) -> Outcome:
     )
 
 
-def _exception(document: dict[str, Any]) -> str | None:
+def _exception(document: ResultDocument) -> str | None:
     info = document.get("exception_info") or {}
     if not info.get("raised_exception"):
         return None

@@ -21,7 +21,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +30,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from scoring.quality import OutputRules, default_output_rules
-from scoring.validation.documents import plain, write_json
+from scoring.validation.documents import ResultDocument, plain, write_json
 from scoring.validation.gx import ephemeral_context, import_gx
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from distributed import Client
+    from great_expectations.core import (
+        ExpectationSuiteValidationResult,
+        ExpectationValidationResult,
+    )
+    from great_expectations.expectations import Expectation
 
 SUITE = "batchscore-output"
 SUITE_VERSION = 2  # bump when the per-part suite changes: older part results are re-checked
@@ -39,6 +49,7 @@ FINITE_NAME = "expect_column_values_to_be_finite (between ±float max)"
 ROW_COUNT = "expect_table_row_count_to_equal"
 UNIQUE = "expect_column_values_to_be_unique"
 PARTIAL = 20  # GX's SUMMARY keeps this many unexpected values per expectation
+Key = int | str  # a part's key column: integers or strings
 SUMMARY_ONLY = ("partial_unexpected_counts", "partial_unexpected_index_list")  # not in BASIC
 
 
@@ -84,13 +95,13 @@ class PartReport:
     rows: int
     success: bool
     seconds: float
-    min_key: int | str | None
-    max_key: int | str | None
+    min_key: Key | None
+    max_key: Key | None
     fingerprint: str
     part_size: int
     part_mtime_ns: int
     checked_by: str  # host:pid of the process that ran GX
-    results: list[dict[str, Any]]  # GX ExpectationValidationResult documents (SUMMARY)
+    results: list[ResultDocument]  # GX's documents, SUMMARY format
 
     @property
     def name(self) -> str:
@@ -135,7 +146,7 @@ def check_part_file(target: PartTarget, checks: PartChecks) -> PartReport:
 
 
 def check_parts_on(
-    client: Any, targets: Sequence[PartTarget], checks: PartChecks
+    client: Client, targets: Sequence[PartTarget], checks: PartChecks
 ) -> list[PartReport]:
     """Check parts on a Dask cluster, one task per part (GX imported once per worker)."""
     tag = uuid.uuid4().hex[:8]
@@ -165,6 +176,11 @@ def fresh_report(target: PartTarget, checks: PartChecks) -> PartReport | None:
     return report if same else None
 
 
+class SuiteResult(TypedDict):
+    success: bool
+    results: list[ResultDocument]
+
+
 class _PartSuite:
     """One GX context, suite and validation definition, built once per process and suite."""
 
@@ -184,7 +200,7 @@ class _PartSuite:
         )
         self.lock = threading.Lock()  # a worker may run several tasks in threads
 
-    def run(self, frame: Any, expected_rows: int) -> dict[str, Any]:
+    def run(self, frame: pd.DataFrame, expected_rows: int) -> SuiteResult:
         """SUMMARY documents of the suite over ``frame``, at BASIC's price when it passes.
 
         BASIC skips SUMMARY's extra queries per expectation (the unexpected values, their
@@ -197,14 +213,16 @@ class _PartSuite:
             result = self._run(frame, expected_rows, "BASIC")
             if not result.success:
                 result = self._run(frame, expected_rows, "SUMMARY")
-                return {"success": False, "results": [_document(r) for r in result.results]}
+                return SuiteResult(success=False, results=[_document(r) for r in result.results])
         documents = [_document(r) for r in result.results]
         for document in documents:
             if "unexpected_count" in document["result"]:
                 document["result"] |= {name: [] for name in SUMMARY_ONLY}
-        return {"success": True, "results": documents}
+        return SuiteResult(success=True, results=documents)
 
-    def _run(self, frame: Any, expected_rows: int, result_format: str) -> Any:
+    def _run(
+        self, frame: pd.DataFrame, expected_rows: int, result_format: Literal["BASIC", "SUMMARY"]
+    ) -> ExpectationSuiteValidationResult:
         return self.definition.run(
             batch_parameters={"dataframe": frame},
             expectation_parameters={"expected_rows": expected_rows},
@@ -229,9 +247,9 @@ def _part_suite(checks: PartChecks, outputs: tuple[str, ...]) -> _PartSuite:
         return suite
 
 
-def _expectations(gx: Any, key: str, rules: Mapping[str, OutputRules]) -> list[Any]:
+def _expectations(gx: ModuleType, key: str, rules: Mapping[str, OutputRules]) -> list[Expectation]:
     expect = gx.expectations
-    found = [
+    found: list[Expectation] = [
         expect.ExpectTableRowCountToEqual(value={"$PARAMETER": "expected_rows"}),
         expect.ExpectColumnValuesToNotBeNull(column=key),
         expect.ExpectColumnValuesToBeUnique(column=key),
@@ -254,7 +272,7 @@ def _expectations(gx: Any, key: str, rules: Mapping[str, OutputRules]) -> list[A
     return found
 
 
-def _gx_frame(table: pa.Table, key: str, outputs: Sequence[str]) -> Any:
+def _gx_frame(table: pa.Table, key: str, outputs: Sequence[str]) -> pd.DataFrame:
     """Outputs as float64: GX's pandas range check is vectorised only for int64/float64.
 
     (float32 takes a Python call per value; widening is exact.)
@@ -268,9 +286,9 @@ def _gx_frame(table: pa.Table, key: str, outputs: Sequence[str]) -> Any:
     return pa.table(columns).to_pandas()
 
 
-def _document(result: Any) -> dict[str, Any]:
+def _document(result: ExpectationValidationResult) -> ResultDocument:
     """A GX result as a plain JSON document, without the per-run noise."""
-    document = result.to_json_dict()
+    document: ResultDocument = json.loads(json.dumps(result.to_json_dict(), default=plain))
     document["expectation_config"]["kwargs"].pop("batch_id", None)
     document["expectation_config"].pop("id", None)
-    return json.loads(json.dumps(document, default=plain))
+    return document
