@@ -19,9 +19,12 @@ import shutil
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from registry.errors import ModelNotFound, RegistryError
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
 
 REGISTER_EXPERIMENT = "batchscore-model-registry"
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w\-]+))$")
@@ -212,7 +215,7 @@ class MlflowRegistry:
         return sorted(self._client.get_registered_model(name).aliases or {})
 
     @staticmethod
-    def _describe(version: Any) -> RegisteredVersion:
+    def _describe(version: ModelVersion) -> RegisteredVersion:
         return RegisteredVersion(
             name=version.name,
             version=str(version.version),

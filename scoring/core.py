@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ def score_in_batches(predict: Predict, features: np.ndarray, batch_size: int) ->
     return np.concatenate(chunks)
 
 
-def as_matrix(out: Any) -> np.ndarray:
+def as_matrix(out: object) -> np.ndarray:
     """Model outputs (tensor, tuple of tensors, array, frame) as a 2-D float32 array."""
     if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
         out = torch.cat([o.reshape(len(o), -1) for o in out], dim=1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -81,7 +80,7 @@ class OutputDrift:
             f"moved by more than {self.moved_delta:g} (max {self.max_moved_share:.1%})"
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self) | {"drifted": self.drifted}
 
 

@@ -7,15 +7,20 @@ per run); nothing talks to a tracking server, so Dask workers can load it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from registry.errors import UnsupportedModel
 from scoring.core import as_matrix, score_batch, score_in_batches
+
+if TYPE_CHECKING:
+    import torch
 
 NUMERIC_MLFLOW_TYPES = {"float", "double", "integer", "long", "boolean"}
 #: How a model's files become a model. pickle/cloudpickle run code from the artifact when
@@ -100,8 +105,10 @@ def _serialization(model_dir: Path, conf: dict | None) -> Literal["pt2", "pickle
     return "pt2" if (data / "model.pt2").exists() else "pickle"
 
 
-def _pyfunc_serialization(flavors: dict[str, Any]) -> Serialization:
-    pyfunc = flavors.get("python_function") or {}
+def _pyfunc_serialization(flavors: Mapping[str, object]) -> Serialization:
+    pyfunc = flavors.get("python_function")
+    if not isinstance(pyfunc, dict):
+        pyfunc = {}
     if pyfunc.get("model_code_path"):
         return "code"
     if pyfunc.get("python_model") or pyfunc.get("cloudpickle_version"):
@@ -264,7 +271,7 @@ class Predictor:
                 start += size
         return as_matrix(torch.cat(outputs))  # .cpu() inside synchronises: the buffer is free
 
-    def _host_buffer(self, rows: int) -> Any:
+    def _host_buffer(self, rows: int) -> torch.Tensor:
         import torch
 
         pinned = getattr(self._local, "pinned", None)
@@ -288,7 +295,7 @@ class Predictor:
     def _scratch(self, table: pa.Table) -> np.ndarray:
         return self._buffer("scratch", (len(self.spec.features), table.num_rows))
 
-    def _autocast(self) -> Any:
+    def _autocast(self) -> AbstractContextManager[object]:
         import contextlib
 
         import torch

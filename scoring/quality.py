@@ -19,10 +19,10 @@ Castability rule (the engine hands the model one float32 matrix, or float64 for 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, TypedDict, cast
 
 import numpy as np
 import pyarrow as pa
@@ -79,13 +79,42 @@ def looks_like_probability(name: str) -> bool:
     return any(marker in lowered for marker in PROBABILITY_MARKERS)
 
 
+Label = str | int | float | bool  # a class label, as YAML reads it
+
+
+class OutputSection(TypedDict, total=False):
+    min: float
+    max: float
+    values: list[Label]
+
+
+class DriftSection(TypedDict, total=False):  # DriftRules' fields, each optional
+    enabled: bool
+    metric: Literal["psi", "ks"]
+    max_distance: float
+    moved_delta: float
+    max_moved_share: float
+    sample_rows: int
+
+
+class NamespaceSection(TypedDict, total=False):
+    drift: DriftSection
+    outputs: dict[str, OutputSection]
+
+
+class QualityConfig(TypedDict, total=False):
+    """The quality config file's shape (``namespace_quality`` draws it)."""
+
+    namespaces: dict[str, NamespaceSection]
+
+
 @dataclass(frozen=True)
 class OutputRules:
     """What one output must satisfy; not null and finite always hold."""
 
     min_value: float | None = None
     max_value: float | None = None
-    values: tuple[Any, ...] | None = None  # class labels: the known set
+    values: tuple[Label, ...] | None = None  # class labels: the known set
 
 
 @dataclass(frozen=True)
@@ -115,7 +144,7 @@ def default_output_rules(outputs: Sequence[str]) -> dict[str, OutputRules]:
 
 
 def namespace_quality(
-    namespace: str, outputs: Sequence[str], drift: DriftRules, config: Mapping[str, Any] | None
+    namespace: str, outputs: Sequence[str], drift: DriftRules, config: QualityConfig | None
 ) -> NamespaceQuality:
     """Defaults, overlaid by the config's ``namespaces.<namespace>`` section.
 
@@ -153,7 +182,7 @@ def namespace_quality(
     return NamespaceQuality(outputs=rules, drift=replace(drift, **drift_given))
 
 
-def load_quality_config(path: str | Path | None) -> dict[str, Any] | None:
+def load_quality_config(path: str | Path | None) -> QualityConfig | None:
     """Read the quality config (YAML, JSON being YAML too); None: no file configured."""
     if not path:
         return None
@@ -175,4 +204,4 @@ def load_quality_config(path: str | Path | None) -> dict[str, Any] | None:
             expected="a 'namespaces' mapping",
             found=json.dumps(loaded, default=str)[:200],
         )
-    return loaded
+    return cast(QualityConfig, loaded)  # its sections are checked as they are read
