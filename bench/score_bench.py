@@ -24,8 +24,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -33,6 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import machine, table, write_section  # noqa: E402
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.pyfunc import PyFuncModel
+
+    from batchscore.devcluster import RunningCluster
 
 N_FEATURES = 64
 FILE_ROWS = 500_000
@@ -148,9 +155,22 @@ def decode_limit(folder: Path, rows: int) -> float:
     return done / (time.perf_counter() - started)
 
 
+class ScoreRun(TypedDict):
+    """One timed score step, from its manifest (printed as JSON, rendered as a table)."""
+
+    rows: int
+    seconds: float
+    rows_per_second: float
+    peak_rss: int
+    workers: int
+    path: str
+    batch_size: int
+    shards: int
+
+
 def batchscore_run(
-    folder: Path, uri: str, tracking: str, home: Path, **options: Any
-) -> dict[str, Any]:
+    folder: Path, uri: str, tracking: str, home: Path, **options: object
+) -> ScoreRun:
     """The score step as a user runs it: resolve + plan, then score on a fresh cluster."""
     from batchscore.core.settings import RunSettings
     from jobs import steps
@@ -173,21 +193,24 @@ def batchscore_run(
     seconds = time.perf_counter() - started
     manifest = load_manifest(ref["run_dir"])
     score = manifest.steps["score"]
-    return {
-        "rows": score["rows"],
-        "seconds": seconds,
-        "rows_per_second": score["rows"] / seconds,
-        "peak_rss": max(score["peak_rss_bytes_per_worker"].values()),
-        "workers": len(score["peak_rss_bytes_per_worker"]),
-        "path": score["path"],
-        "batch_size": score["batch_size"],
-        "shards": len(manifest.shards),
-    }
+    return ScoreRun(
+        rows=score["rows"],
+        seconds=seconds,
+        rows_per_second=score["rows"] / seconds,
+        peak_rss=max(score["peak_rss_bytes_per_worker"].values()),
+        workers=len(score["peak_rss_bytes_per_worker"]),
+        path=score["path"],
+        batch_size=score["batch_size"],
+        shards=len(manifest.shards),
+    )
 
 
-def pyfunc_loop(folder: Path, uri: str, tracking: str, out_name: str, **where: Any) -> float:
-    """The plain loop: pyfunc predict per file, predictions written per file."""
-    out = where["cache"] / out_name
+def pyfunc_loop(
+    folder: Path, uri: str, tracking: str, out_name: str, *, cache: Path, workers: int
+) -> float:
+    """The plain loop: pyfunc predict per file, predictions written per file (one process:
+    ``workers`` is not used)."""
+    out = cache / out_name
     import mlflow.pyfunc
     import pandas as pd
 
@@ -208,10 +231,10 @@ def pyfunc_loop(folder: Path, uri: str, tracking: str, out_name: str, **where: A
     return rows / (time.perf_counter() - started)
 
 
-_dask_model: Any = None
+_dask_model: PyFuncModel | None = None
 
 
-def _dask_predict(frame: Any, model_dir: str, names: list[str]) -> Any:
+def _dask_predict(frame: pd.DataFrame, model_dir: str, names: list[str]) -> pd.DataFrame:
     import mlflow.pyfunc
     import pandas as pd
 
@@ -222,9 +245,11 @@ def _dask_predict(frame: Any, model_dir: str, names: list[str]) -> Any:
     return pd.DataFrame({KEY: frame[KEY].to_numpy(), "score": predictions[:, 0]})
 
 
-def dask_dataframe(folder: Path, model_dir: Path, out_name: str, **where: Any) -> float:
+def dask_dataframe(
+    folder: Path, model_dir: Path, out_name: str, *, cache: Path, workers: int
+) -> float:
     """dask.dataframe.read_parquet(...).map_partitions(predict).to_parquet(...)."""
-    out, workers = where["cache"] / out_name, where["workers"]
+    out = cache / out_name
     import dask.dataframe as dd
     import pandas as pd
     from distributed import Client, LocalCluster
@@ -245,9 +270,11 @@ def dask_dataframe(folder: Path, model_dir: Path, out_name: str, **where: Any) -
         return rows / (time.perf_counter() - started)
 
 
-def ray_data(folder: Path, model_dir: Path, out_name: str, venv: Path, **where: Any) -> float | str:
+def ray_data(
+    folder: Path, model_dir: Path, out_name: str, venv: Path, *, cache: Path, workers: int
+) -> float | str:
     """Ray Data in its own venv (ray may pin what batchscore needs otherwise)."""
-    out, workers = where["cache"] / out_name, where["workers"]
+    out = cache / out_name
     python = venv / "bin" / "python"
     if not python.exists():
         log(f"installing Ray Data into {venv}")
@@ -352,7 +379,7 @@ def score_model(
     tracking: str,
     name: str,
     uri: str,
-    cluster: Any,
+    cluster: RunningCluster | None,
 ) -> dict[str, Any]:
     """One model's limits, score-step variants and peers, in interleaved rounds. Every
     model runs the default and the running cluster; the variants without per-part checks
@@ -363,7 +390,7 @@ def score_model(
     data = folder if rows == args.rows else dataset(cache, rows)
     decode_rows = min(args.rows, 2_000_000)
     entry: dict[str, Any] = {"compute": 0.0, "decode": 0.0, "peers": {}, "runs": {}}
-    variants: dict[str, dict[str, Any]] = {"batchscore": {}}
+    variants: dict[str, dict[str, object]] = {"batchscore": {}}
     if main_model and not args.skip_peers:
         variants["batchscore_no_checks"] = {"check_parts_in_score": False}
     if cluster is not None:
@@ -396,7 +423,7 @@ def score_model(
         if not main_model or args.skip_peers:
             continue
         ray_venv = REPO / ".bench-venvs" / "ray"
-        peers: list[tuple[str, Any, tuple[Any, ...]]] = [
+        peers: list[tuple[str, Callable[..., float | str], tuple[object, ...]]] = [
             ("mlflow.pyfunc loop over files", pyfunc_loop, (uri, tracking, "out-pyfunc")),
             ("dask.dataframe map_partitions", dask_dataframe, (model_dir, "out-dask")),
             ("Ray Data map_batches", ray_data, (model_dir, "out-ray", ray_venv)),
@@ -554,7 +581,12 @@ def gpu_bench(args: argparse.Namespace) -> None:
 
     cache = Path(args.cache)
     folder = dataset(cache, args.rows)
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "rows": args.rows}
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0),
+        "cores": os.cpu_count(),
+        "rows": args.rows,
+        "shard_rows": args.shard_rows,
+    }
     for name, model_dir in model_dirs_for_gpu(cache).items():
         spec = read_model_spec(model_dir)
         summary = inspect_input(folder, spec.features, KEY)
@@ -612,6 +644,8 @@ def gpu_bench(args: argparse.Namespace) -> None:
 
 
 def render_gpu(results: dict[str, Any], command: str) -> str:
+    """The GPU section from the JSON that ``--gpu`` wrote on the GPU machine; every figure
+    in it comes from that JSON (an older one lacks cores and shard_rows: not shown)."""
     rows = []
     for name, entry in results.items():
         if not isinstance(entry, dict):
@@ -631,10 +665,12 @@ def render_gpu(results: dict[str, Any], command: str) -> str:
                     f"{r['cluster_start_seconds']:.1f} + {r['first_shard_seconds']:.1f}",
                 ]
             )
+    cores = f", {results['cores']} cores" if results.get("cores") else ""
+    shards = f", shards of {results['shard_rows']:,} rows" if results.get("shard_rows") else ""
     return "\n".join(
         [
-            f"Command: `{command}` on the lent GPU machine ({results['device']}, 16 cores), "
-            f"{results['rows']:,} rows, shards of 500,000 rows, one dask-cuda worker "
+            f"Command: `{command}` on the lent GPU machine ({results['device']}{cores}), "
+            f"{results['rows']:,} rows{shards}, one dask-cuda worker "
             "(`LocalCUDACluster`, one per GPU) with N threads sharing one model; batch size auto "
             "(the largest power of two that fits half the free GPU memory, capped at 2^20).",
             "",
@@ -658,14 +694,29 @@ def render_gpu(results: dict[str, Any], command: str) -> str:
                 rows,
             ),
             "",
-            "Steady: after the first shard (which loads the model: mlflow import, CUDA and "
-            "cuBLAS start-up, about 12-14 s). End-to-end: from cluster start to the last part "
-            "written. The run is decode-bound: the GPU forward pass is 10-100× faster than "
-            "decoding, so bf16 changes little. The GPU tests (`tests/integration/test_gpu.py`, "
-            "pickle and pt2 models on CUDA equal to CPU, dask-cuda cluster scoring every row "
-            "once, OOM halving) passed on the same machine: 6 passed, 1 skipped (the "
-            "no-dask-cuda case).",
+            gpu_notes(results),
         ]
+    )
+
+
+def gpu_notes(results: dict[str, Any]) -> str:
+    """What the table's columns mean, with this run's start-up and forward/decode ratio."""
+    entries = [e for e in results.values() if isinstance(e, dict)]
+    firsts = [r["first_shard_seconds"] for e in entries for r in e["runs"].values()]
+    ratios = [e["gpu_forward"] / e["decode"] for e in entries]
+    span = f"{min(firsts):.1f}-{max(firsts):.1f} s in this run" if firsts else "not measured"
+    bound = (
+        f"The GPU forward pass is {min(ratios):.0f}-{max(ratios):.0f}× the decode limit: "
+        + ("the run is decode-bound, so bf16 changes little. " if min(ratios) > 1 else "")
+        if ratios
+        else ""
+    )
+    return (
+        "Steady: after the first shard (which loads the model: mlflow import, CUDA and "
+        f"cuBLAS start-up, {span}). End-to-end: from cluster start to the last part "
+        f"written. {bound}The GPU tests (`tests/integration/test_gpu.py`: pickle and pt2 "
+        "models on CUDA equal to CPU, a dask-cuda cluster scoring every row once, OOM "
+        "halving) are run apart, with `pytest -m gpu` on the same machine."
     )
 
 

@@ -31,13 +31,37 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import machine, table, write_section  # noqa: E402
 from bench.score_bench import KEY, N_FEATURES, dataset  # noqa: E402
+
+if TYPE_CHECKING:
+    from batchscore.core.settings import RunSettings
+
+
+class VariantRun(TypedDict):
+    """A variant's run (or its best round, measure by measure), in seconds."""
+
+    run_dir: str
+    score: float
+    validate: float
+    drift: float | None  # None: no live version to compare with
+    step: dict[str, Any]  # the manifest's record of the validate step
+    gx_seconds_in_score: float  # worker-seconds of the per-part checks
+    parts: int
+    part_seconds: float | None  # a typical part's check; None without per-part checks
+    set_up_seconds: float | None  # GX import + suite set-up, once per worker
+
+
+class Results(TypedDict):
+    rows: int
+    best: dict[str, VariantRun]  # by variant: A, B (LocalCluster), C, D (running cluster)
+    seconds: float
+
 
 TITLE = "Validation cost (make bench-validate)"
 TARGET = 0.20
@@ -84,14 +108,14 @@ def register_model(cache: Path) -> tuple[str, str]:
 
 
 def run_variant(
-    settings: Any,
+    settings: RunSettings,
     folder: Path,
     uri: str,
     run_id: str,
     checks: bool,
     args: argparse.Namespace,
     cluster: str | None = None,
-) -> dict[str, Any]:
+) -> VariantRun:
     """resolve + plan, then the timed score step here and the validate task in a subprocess."""
     from jobs import steps
 
@@ -124,29 +148,29 @@ def run_variant(
     task = json.loads(done.stdout.strip().splitlines()[-1])
     parts = [json.loads(p.read_text()) for p in (Path(run_dir) / "validation").glob("part-*.json")]
     in_score = [(p["checked_by"], p["seconds"]) for p in parts] if checks else []
-    return {
-        "run_dir": run_dir,
-        "score": score,
-        "validate": task["validate"],
-        "drift": task["drift"] if task["compared"] else None,
-        "step": task["step"],
-        "gx_seconds_in_score": sum(seconds for _, seconds in in_score),
-        "parts": len(parts),
-        **split_set_up(in_score),
-    }
+    part_seconds, set_up_seconds = split_set_up(in_score)
+    return VariantRun(
+        run_dir=run_dir,
+        score=score,
+        validate=task["validate"],
+        drift=task["drift"] if task["compared"] else None,
+        step=task["step"],
+        gx_seconds_in_score=sum(seconds for _, seconds in in_score),
+        parts=len(parts),
+        part_seconds=part_seconds,
+        set_up_seconds=set_up_seconds,
+    )
 
 
-def split_set_up(checked: list[tuple[str, float]]) -> dict[str, float | None]:
-    """A worker's first part pays GX's import and the suite's set-up; the others don't."""
+def split_set_up(checked: list[tuple[str, float]]) -> tuple[float | None, float | None]:
+    """A typical part's seconds, and the set-up a worker's first part pays on top (GX's
+    import and the suite's set-up; the others don't): both None without checked parts."""
     if not checked:
-        return {"part_seconds": None, "set_up_seconds": None}
+        return None, None
     firsts = {w: max(s for v, s in checked if v == w) for w, _ in checked}
     rest = sorted(s for _, s in checked)[: len(checked) - len(firsts)] or [0.0]
     typical = float(statistics.median(rest))
-    return {
-        "part_seconds": typical,
-        "set_up_seconds": statistics.mean(firsts.values()) - typical,
-    }
+    return typical, statistics.mean(firsts.values()) - typical
 
 
 def warm_page_cache(folder: Path) -> None:
@@ -157,22 +181,29 @@ def warm_page_cache(folder: Path) -> None:
                 pass
 
 
-def keep_best(best: dict[str, Any], name: str, found: dict[str, Any]) -> None:
-    if name not in best:
-        best[name] = found
+def keep_best(best: dict[str, VariantRun], name: str, found: VariantRun) -> None:
+    """Keep each measure's lowest round (the one least disturbed by the shared machine)."""
+    old = best.setdefault(name, found)
+    if old is found:
         return
-    for measure in ("score", "validate", "drift", "gx_seconds_in_score", "part_seconds"):
-        if found[measure] is not None and (
-            best[name][measure] is None or found[measure] < best[name][measure]
-        ):
-            best[name][measure] = found[measure]
-            if measure == "validate":
-                best[name]["step"] = found["step"]
-            if measure == "gx_seconds_in_score":
-                best[name]["set_up_seconds"] = found["set_up_seconds"]
+
+    def lower(new: float | None, kept: float | None) -> bool:
+        return new is not None and (kept is None or new < kept)
+
+    if lower(found["score"], old["score"]):
+        old["score"] = found["score"]
+    if lower(found["validate"], old["validate"]):
+        old["validate"], old["step"] = found["validate"], found["step"]
+    if lower(found["drift"], old["drift"]):
+        old["drift"] = found["drift"]
+    if lower(found["gx_seconds_in_score"], old["gx_seconds_in_score"]):
+        old["gx_seconds_in_score"] = found["gx_seconds_in_score"]
+        old["set_up_seconds"] = found["set_up_seconds"]
+    if lower(found["part_seconds"], old["part_seconds"]):
+        old["part_seconds"] = found["part_seconds"]
 
 
-def bench(args: argparse.Namespace) -> dict[str, Any]:
+def bench(args: argparse.Namespace) -> Results:
     from batchscore.core.settings import RunSettings
 
     started = time.perf_counter()
@@ -184,7 +215,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     home = cache / "home"
     shutil.rmtree(home, ignore_errors=True)
     settings = RunSettings(home=home, mlflow_tracking_uri=tracking)
-    best: dict[str, Any] = {}
+    best: dict[str, VariantRun] = {}
     cluster = None
     variants: list[tuple[str, bool, str | None]] = [("A", True, None), ("B", False, None)]
     if not args.skip_running_cluster:
@@ -198,16 +229,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if cluster is not None:
             cluster.stop()
-    return {"rows": args.rows, "best": best, "seconds": time.perf_counter() - started}
+    return Results(rows=args.rows, best=best, seconds=time.perf_counter() - started)
 
 
 def run_rounds(
     args: argparse.Namespace,
-    settings: Any,
+    settings: RunSettings,
     folder: Path,
     uri: str,
     variants: list[tuple[str, bool, str | None]],
-    best: dict[str, Any],
+    best: dict[str, VariantRun],
 ) -> None:
     from jobs import steps
 
@@ -230,7 +261,7 @@ def run_rounds(
                 shutil.rmtree(found["run_dir"], ignore_errors=True)
 
 
-def render(results: dict[str, Any], args: argparse.Namespace) -> str:
+def render(results: Results, args: argparse.Namespace) -> str:
     a, b = results["best"]["A"], results["best"]["B"]
     reference = b["score"]
     in_score = a["score"] - reference
@@ -337,7 +368,7 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     )
 
 
-def render_running(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
+def render_running(results: Results, args: argparse.Namespace) -> list[str]:
     """The same runs on a running cluster (C with per-part checks, D without): workers
     started once with torch, MLflow and GX preloaded, Data Docs built by one of them."""
     if "C" not in results["best"]:
@@ -414,7 +445,7 @@ def render_running(results: dict[str, Any], args: argparse.Namespace) -> list[st
     ]
 
 
-def split_note(a: dict[str, Any], args: argparse.Namespace, reference: float) -> str:
+def split_note(a: VariantRun, args: argparse.Namespace, reference: float) -> str:
     """How much of the cost is paid once per process, and how much grows with the rows."""
     step = a["step"]
     fixed = a["set_up_seconds"] + step["docs_seconds"]
