@@ -138,7 +138,8 @@ def log_and_register(
             input_example=example,
             serialization_format=serialization,
             registered_model_name=name,
-            # Given, not inferred: inference imports the model in a subprocess (~10 s).
+            # Given, not inferred: inferring them starts a subprocess that imports torch
+            # and the model, for a list that is known here already.
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
