@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The integration tests start their own redis-server; install it if this machine lacks it.
+# The integration tests start their own redis-server, and the TLS test makes its
+# certificates with openssl; installed when missing (a failed install stops make here).
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
-		echo "installing redis-server (Debian package)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	@command -v redis-server >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 || { \
+		echo "installing redis-server and openssl (Debian packages)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq redis-server openssl; }
 
 # The Airflow UI test drives headless Chromium through chromedriver (Debian packages;
 # selenium cannot download a browser or driver here). Installed when missing; a failed
