@@ -134,12 +134,40 @@ def test_airflow_dags_test_runs_the_pipeline(
     assert steps["validate"]["success"] is True and steps["export"]["skipped"] == "dry run"
 
 
+def task_instances(home: Path, env: dict[str, str]) -> list[list[str]]:
+    """Every task instance in the Airflow database: dag, task, run id and state."""
+    code = (
+        "import json; from sqlalchemy import select; "
+        "from airflow.models.taskinstance import TaskInstance as TI; "
+        "from airflow.utils.session import create_session\n"
+        "with create_session() as s:\n"
+        "    rows = s.execute(select(TI.dag_id, TI.task_id, TI.run_id, TI.state)).all()\n"
+        "print(json.dumps(sorted([list(map(str, r)) for r in rows])))"
+    )
+    done = subprocess.run(
+        [str(BIN / "python"), "-c", code],
+        env=airflow_env(home, env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found: list[list[str]] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
 def test_invalid_params_are_refused_before_any_task(
     airflow_home: Path, env: dict[str, str], dataset: Path
 ) -> None:
-    done = dags_test(airflow_home, env, {"input_path": str(dataset), "batch_size": 0})
+    before = task_instances(airflow_home, env)
+    conf = {"input_path": str(dataset), "batch_size": 0, "namespace": "refused"}
+    done = dags_test(airflow_home, env, conf)
     assert done.returncode != 0
     assert "batch_size" in done.stdout + done.stderr
+    # Refused by the form's schema: no task instance was created, none ran, and no run
+    # folder (resolve's first act) exists.
+    assert task_instances(airflow_home, env) == before
+    assert not (Path(env["BATCHSCORE_HOME"]) / "runs" / "refused").exists()
 
 
 def secrets_in(folder: Path, secret: bytes) -> list[Path]:

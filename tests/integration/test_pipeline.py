@@ -292,3 +292,46 @@ def test_rollback_restores_the_previous_version(env: dict[str, str], dataset: Pa
     assert done.returncode == 0, done.stderr
     assert "→ 1" in done.stdout
     assert lookup(store_url, "rb", SAMPLE)[0].model_version == "1"
+
+
+def downloadable(settings: RunSettings, model_uri: str, destination: Path) -> bool:
+    from registry.mlflow_registry import MlflowRegistry
+
+    found = MlflowRegistry(settings.tracking_uri)
+    try:
+        found.download(found.resolve(model_uri), destination)
+    except Exception:  # whatever MLflow raises for missing artifacts
+        return False
+    return (destination / "MLmodel").exists()  # MLflow may return an empty folder instead
+
+
+def test_the_driver_downloads_the_model_once_per_run(
+    env: dict[str, str], registry: Registry, dataset: Path, tmp_path: Path
+) -> None:
+    """Only resolve downloads the pinned model (into the run folder); the workers, the
+    later steps and a retried resolve use that copy. Shown by taking the registry's
+    artifacts away after resolve: the run still completes."""
+    settings = load_settings(RunSettings)
+    params = steps.make_params(
+        settings,
+        input_path=str(dataset),
+        model_uri="models:/churn@champion",
+        key_column=KEY,
+        namespace="downloaded",
+    )
+    ref = steps.resolve(settings, params, run_id="scheduled__2026-11-24")
+    model_dir = Path(load_manifest(ref["run_dir"]).model.local_dir)
+    assert (model_dir / "MLmodel").exists()
+    away = registry.artifact_root.with_name(f"{registry.artifact_root.name}.away")
+    registry.artifact_root.rename(away)
+    try:
+        assert not downloadable(settings, "models:/churn/1", tmp_path / "probe")
+        again = steps.resolve(settings, params, run_id="scheduled__2026-11-24")  # a retry
+        assert again["model_version"] == ref["model_version"]
+        for step in (steps.plan, steps.score, steps.validate, steps.export, steps.publish):
+            step(ref["run_dir"])
+    finally:
+        away.rename(registry.artifact_root)
+    manifest = load_manifest(ref["run_dir"])
+    assert manifest.published and manifest.steps["score"]["rows"] == 12_000
+    assert set(manifest.steps["score"]["model_loads_per_worker"].values()) == {1}

@@ -13,6 +13,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -214,9 +215,20 @@ def test_run_ids_follow_the_logical_date(dag_modules: dict[str, ModuleType]) -> 
         runs.run_key("score_daily", "backfill__z", day, None)
     )
     assert runs.run_key("batchscore", "manual__2026", None, None) == "batchscore__manual__2026"
-    candidate = config.candidate_uri("models:/churn@champion", "challenger")
+    from jobs.shadow import candidate_uri
+
+    candidate = candidate_uri("models:/churn@champion", "challenger")
     assert candidate == "models:/churn@challenger"
-    assert config.candidate_uri("models:/churn@champion", "models:/other/3") == "models:/other/3"
+    assert candidate_uri("models:/churn@champion", "models:/other/3") == "models:/other/3"
+    assert candidate_uri("models:/churn/2", "challenger") == "models:/churn@challenger"
+    assert candidate_uri("models:/churn@champion", None) is None
+    assert candidate_uri("models:/churn@champion", "") is None
+    # A job config's shadow field becomes the same URI as the CLI's --shadow.
+    job = config.JobConfig.model_validate(
+        {"name": "j", "model_uri": "models:/churn@champion", "input_path": "/in",
+         "key_column": "k", "shadow": "challenger"}
+    )  # fmt: skip
+    assert job.candidate == candidate
     assert runs.run_key("score_daily", "m", day, candidate).endswith(
         "__shadow_models:/churn@challenger"
     )
@@ -560,3 +572,51 @@ def test_a_job_whose_model_name_is_no_namespace_needs_one(
     assert "'my model'" in problem
     write(tmp_path, "daily.yaml", yaml.safe_dump(data | {"namespace": "my_model"}))
     assert problems_of(dag_modules["config"], tmp_path) == []
+
+
+def test_the_retry_policy_retries_a_missing_input_and_fails_bad_input_at_once(
+    dag_modules: dict[str, ModuleType],
+) -> None:
+    """README: "a missing input is retried by the DAG" (it may land late); an error that a
+    retry cannot fix fails the task at once. Evaluated as the worker evaluates it, after
+    the scheduler's serialisation round trip."""
+    from airflow.sdk import ExceptionRetryPolicy, RetryAction
+
+    from batchscore.core.errors import InvalidName
+    from jobs.errors import RunError
+    from registry.errors import RegistryError
+    from scoring.errors import (
+        BadColumnType,
+        DriftDetected,
+        InputNotFound,
+        ShardFailed,
+        TooManyNulls,
+        ValidationFailed,
+    )
+
+    policy = dag_modules["pipeline"].RETRY_POLICY
+    for rule in policy.rules:  # a typo in a dotted path would match nothing, silently
+        assert len(rule._resolve_exception_classes()) == len(rule._specs), rule.exception
+    for evaluated in (policy, ExceptionRetryPolicy.deserialize(policy.serialize())):
+        action = partial(_retry_action, evaluated)
+
+        assert action(InputNotFound("Input /data/dt=2026-11-20 does not exist")) == (
+            RetryAction.DEFAULT  # the task's retries and backoff apply
+        )
+        for fails in (
+            BadColumnType("Input column 'f01' has type string"),
+            TooManyNulls("'f04' is 5.00% null"),
+            ValidationFailed("failed validation", failures=[]),
+            DriftDetected("drifted", drift=[]),
+            RegistryError("no such alias"),
+            RunError("not scored"),
+            InvalidName("bad namespace"),
+        ):
+            assert action(fails) == RetryAction.FAIL, type(fails).__name__
+        # A failed shard or a lost connection may pass on the next try: retried.
+        assert action(ShardFailed("2 of 6 shards failed")) == RetryAction.DEFAULT
+        assert action(ConnectionError("store unreachable")) == RetryAction.DEFAULT
+
+
+def _retry_action(policy: Any, error: BaseException) -> Any:
+    return policy.evaluate(error, try_number=1, max_tries=3).action
