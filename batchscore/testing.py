@@ -67,8 +67,8 @@ class ServiceTimeout(ServiceError):
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free when asked (the kernel picks it).
 
-    Another process may take it before the caller binds it; on loopback, out of the
-    kernel's ephemeral range, that window is short enough for tests and benchmarks.
+    Another process may take it before the caller binds it: the kernel hands out its
+    ephemeral ports in turn, so that window is short enough for tests and benchmarks.
     """
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
