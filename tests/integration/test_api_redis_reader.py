@@ -24,7 +24,8 @@ from kv_export.encoding import (
 )
 from kv_export.errors import StoreUnavailable
 from kv_export.redis_reader import RedisReader
-from kv_export.store import VersionInfo, open_store
+from kv_export.state import VersionInfo
+from kv_export.store import open_store
 from tests.conftest import RedisServer, load_version
 
 pytestmark = [pytest.mark.redis]

@@ -20,7 +20,8 @@ from jobs.manifest import (
     ShardRecord,
     load_manifest,
 )
-from kv_export.store import NewVersion, open_store
+from kv_export.state import NewVersion
+from kv_export.store import open_store
 from tests.conftest import RedisServer, run_cli
 
 pytestmark = pytest.mark.redis

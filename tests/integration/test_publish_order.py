@@ -19,12 +19,9 @@ import numpy as np
 import pytest
 
 from kv_export.encoding import encode_keys, pack_values
-from kv_export.store import (
-    PredictionStore,
-    VersionExpired,
-    VersionOutOfOrder,
-    open_store,
-)
+from kv_export.errors import VersionExpired, VersionOutOfOrder
+from kv_export.interface import PredictionStore
+from kv_export.store import open_store
 from tests.conftest import KEY, RedisServer, new_version, run_cli
 
 KEYS = 2_000

@@ -23,9 +23,11 @@ from kv_export.connect import StoreTarget
 from kv_export.encoding import bucket_count, encode_keys, unpack_value
 from kv_export.errors import StoreUnavailable
 from kv_export.export import export_parts, export_parts_on_dask
+from kv_export.interface import PredictionStore
 from kv_export.redis_reader import RedisReader
 from kv_export.redis_store import RedisStore
-from kv_export.store import NewVersion, PredictionStore, open_store
+from kv_export.state import NewVersion
+from kv_export.store import open_store
 from tests.conftest import RedisServer as Server
 from tests.conftest import free_port
 

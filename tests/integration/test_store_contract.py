@@ -13,7 +13,8 @@ import pytest
 
 from kv_export.encoding import encode_keys, text_keys, unpack_value
 from kv_export.errors import BadStoreUrl, StoreUnavailable, VersionIncomplete
-from kv_export.store import PredictionStore, open_store
+from kv_export.interface import PredictionStore
+from kv_export.store import open_store
 from tests.conftest import RedisServer, load_version, new_version
 
 KEYS = 5_000

@@ -21,7 +21,7 @@ from kv_export.encoding import (
     redis_state_key,
     text_keys,
 )
-from kv_export.store import NamespaceState, NewVersion
+from kv_export.state import NamespaceState, NewVersion
 
 
 def test_column_keys_are_the_same_text_as_single_keys() -> None:

@@ -11,7 +11,7 @@ from kv_export.errors import (
     VersionNotFound,
     VersionOutOfOrder,
 )
-from kv_export.store import NamespaceState, NewVersion
+from kv_export.state import NamespaceState, NewVersion
 
 
 def new(run: str) -> NewVersion:
