@@ -201,7 +201,7 @@ def make_certificate(folder: Path) -> tuple[Path, Path]:
 
 def test_tls_with_rediss_and_a_private_ca(tmp_path: Path, servers: list[Server]) -> None:
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+        pytest.fail("openssl is not installed: run `make system-deps`, which installs it")
     cert, key = make_certificate(tmp_path)
     port = free_port()
     server = Server(
