@@ -182,7 +182,7 @@ def _new_run(
 ) -> Manifest:
     """The run folder with the pinned model's local copy; nothing is kept if the model
     cannot be scored here."""
-    from registry.errors import UnsupportedModel
+    from scoring.errors import UnsupportedModel
 
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = registry.download(pin, run_dir / "model")

@@ -1,4 +1,8 @@
-"""Registry errors: ``RegistryError`` ├── ``ModelNotFound`` └── ``UnsupportedModel``."""
+"""Registry errors: ``RegistryError`` └── ``ModelNotFound``.
+
+A model the registry has but batchscore cannot score is ``scoring.errors.UnsupportedModel``:
+the scoring side reads the model and decides.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,3 @@ class RegistryError(BatchscoreError):
 
 class ModelNotFound(RegistryError):
     """A model name, version or alias that the registry does not have."""
-
-
-class UnsupportedModel(RegistryError):
-    """A registered model that batchscore cannot score (flavor, signature, format)."""

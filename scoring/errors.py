@@ -10,6 +10,7 @@
     │   ├── BadColumnType
     │   ├── BadKeyColumn
     │   └── TooManyNulls      a feature's null rate is above the bound
+    ├── UnsupportedModel      a registered model batchscore cannot load or score
     ├── ShardFailed           a shard could not be scored
     ├── ValidationFailed      the output broke an expectation
     ├── DriftDetected         the output moved too far from the live version
@@ -47,6 +48,12 @@ class BadColumnType(InputError):
 
 class BadKeyColumn(InputError):
     pass
+
+
+class UnsupportedModel(ScoringError):
+    """A registered model that batchscore cannot score (flavor, signature, format), or a
+    pickled one where pickles are not allowed: found reading its MLmodel, before any
+    worker loads it."""
 
 
 class ShardFailed(ScoringError):

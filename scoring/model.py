@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pyarrow as pa
 
-from registry.errors import UnsupportedModel
 from scoring.core import as_matrix, score_batch, score_in_batches
+from scoring.errors import UnsupportedModel
 
 if TYPE_CHECKING:
     import torch

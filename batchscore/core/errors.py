@@ -10,8 +10,7 @@ drawn under the wrong parent)::
     ├── DemoFailed                          (batchscore.core.errors) a check of `batchscore demo`
     ├── JobConfigError                      (batchscore_dags.errors) a job YAML that cannot be a DAG
     ├── RegistryError                       (registry.errors)
-    │   ├── ModelNotFound                   no such model, version or alias
-    │   └── UnsupportedModel                a flavor or format batchscore cannot load
+    │   └── ModelNotFound                   no such model, version or alias
     ├── ScoringError                        (scoring.errors)
     │   ├── InputError                      bad input, found before anything is scored
     │   │   ├── InputNotFound               (retried by the DAG: the input may land late)
@@ -20,6 +19,7 @@ drawn under the wrong parent)::
     │   │   ├── BadColumnType
     │   │   ├── BadKeyColumn
     │   │   └── TooManyNulls                a feature's null rate is above the bound
+    │   ├── UnsupportedModel                a flavor or format batchscore cannot load
     │   ├── ShardFailed                     a shard could not be scored
     │   ├── ValidationFailed                the output broke an expectation
     │   ├── DriftDetected                   the output moved too far from the live version

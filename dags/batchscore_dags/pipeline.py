@@ -91,6 +91,7 @@ RETRY_POLICY = ExceptionRetryPolicy(
                 "scoring.errors.ValidationFailed",
                 "scoring.errors.DriftDetected",
                 "scoring.errors.QualityConfigError",
+                "scoring.errors.UnsupportedModel",
                 "registry.errors.RegistryError",
                 "kv_export.errors.BadStoreUrl",
                 "batchscore.core.errors.SettingsError",
