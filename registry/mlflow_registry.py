@@ -115,6 +115,15 @@ class MlflowRegistry:
             mlflow.artifacts.download_artifacts(
                 artifact_uri=pin.uri, dst_path=str(staging), tracking_uri=self.tracking_uri
             )
+            # MLflow returns an empty folder, without an error, when the version's
+            # artifacts are gone from the store: that is not a model.
+            if not (staging / "MLmodel").exists():
+                raise ModelNotFound(
+                    f"The artifacts of {pin.uri} are missing from the artifact store",
+                    expected="the registered version's model folder, with its MLmodel file",
+                    found="an empty download, with no MLmodel file",
+                    fix="register the model again or pin another version",
+                )
             os.replace(staging, destination)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -294,17 +294,6 @@ def test_rollback_restores_the_previous_version(env: dict[str, str], dataset: Pa
     assert lookup(store_url, "rb", SAMPLE)[0].model_version == "1"
 
 
-def downloadable(settings: RunSettings, model_uri: str, destination: Path) -> bool:
-    from registry.mlflow_registry import MlflowRegistry
-
-    found = MlflowRegistry(settings.tracking_uri)
-    try:
-        found.download(found.resolve(model_uri), destination)
-    except Exception:  # whatever MLflow raises for missing artifacts
-        return False
-    return (destination / "MLmodel").exists()  # MLflow may return an empty folder instead
-
-
 def test_the_driver_downloads_the_model_once_per_run(
     env: dict[str, str], registry: Registry, dataset: Path, tmp_path: Path
 ) -> None:
@@ -325,7 +314,12 @@ def test_the_driver_downloads_the_model_once_per_run(
     away = registry.artifact_root.with_name(f"{registry.artifact_root.name}.away")
     registry.artifact_root.rename(away)
     try:
-        assert not downloadable(settings, "models:/churn/1", tmp_path / "probe")
+        from registry.errors import ModelNotFound
+        from registry.mlflow_registry import MlflowRegistry
+
+        probe = MlflowRegistry(settings.tracking_uri)
+        with pytest.raises(ModelNotFound, match="missing from the artifact store"):
+            probe.download(probe.resolve("models:/churn/1"), tmp_path / "probe")
         again = steps.resolve(settings, params, run_id="scheduled__2026-11-24")  # a retry
         assert again["model_version"] == ref["model_version"]
         for step in (steps.plan, steps.score, steps.validate, steps.export, steps.publish):
