@@ -43,6 +43,10 @@ class _Common(BaseSettings):
         repr=False,
         description="Redis password when the store URL carries none (the URL's wins).",
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log lines as text, or as one JSON object per line (for log shippers).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -182,6 +186,28 @@ class RunSettings(_Common):
         default=None,
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "mlflow_tracking_uri"),
         description="MLflow tracking URI; default sqlite:///HOME/mlflow.db.",
+    )
+    mlflow_registry_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_REGISTRY_URI", "mlflow_registry_uri"),
+        description="MLflow model registry URI when it differs from the tracking URI.",
+    )
+    mlflow_experiment: str | None = Field(
+        default=None,
+        description="MLflow experiment that records scoring runs; default batchscore/<namespace>.",
+    )
+    mlflow_runs: bool = Field(
+        default=True,
+        description="Record every scoring run as an MLflow run (params, metrics, artifacts).",
+    )
+    metrics_textfile_dir: Path | None = Field(
+        default=None,
+        description="Write each run's figures as <namespace>.prom for node-exporter's "
+        "textfile collector.",
+    )
+    pushgateway_url: str | None = Field(
+        default=None,
+        description="Push each run's figures to this Prometheus Pushgateway.",
     )
 
     @field_validator("cluster")
