@@ -200,15 +200,6 @@ class RunSettings(_Common):
         default=True,
         description="Record every scoring run as an MLflow run (params, metrics, artifacts).",
     )
-    metrics_textfile_dir: Path | None = Field(
-        default=None,
-        description="Write each run's figures as <namespace>.prom for node-exporter's "
-        "textfile collector.",
-    )
-    pushgateway_url: str | None = Field(
-        default=None,
-        description="Push each run's figures to this Prometheus Pushgateway.",
-    )
 
     @field_validator("cluster")
     @classmethod
