@@ -31,8 +31,31 @@ from jobs.shadow import candidate_uri
 
 JOBS_DIR_VARIABLE = "BATCHSCORE_DAG_JOBS_DIR"
 DAG_ID_PREFIX = "score_"
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/\d+|@[\w-]+)$")
-MODEL_URI_EXPECTED = "models:/<name>@<alias> or models:/<name>/<version>"
+# The model URI forms a run pins (registry.uris parses them with MLflow's parsers; these
+# patterns only shape-check them, so that parsing a DAG file never imports MLflow). They
+# are JSON Schema patterns too (the trigger form): Python's and ECMAScript's regex alike.
+REGISTERED_MODEL_URI_PATTERN = r"models:/(?P<name>[^/@]+)(/[0-9]+|/latest|@[\w-]+)"
+LOGGED_MODEL_URI_PATTERN = r"models:/m-[\w-]+"
+RUN_MODEL_URI_PATTERN = r"runs:/[\w-]+/\S+"
+MODEL_URI_PATTERN = (
+    f"^({REGISTERED_MODEL_URI_PATTERN.replace('?P<name>', '')}|{LOGGED_MODEL_URI_PATTERN}"
+    f"|{RUN_MODEL_URI_PATTERN})$"
+)
+MODEL_URI = re.compile(MODEL_URI_PATTERN)
+REGISTERED_MODEL_URI = re.compile(f"^{REGISTERED_MODEL_URI_PATTERN}$")
+# A shadow candidate is a models:/ URI (jobs.shadow takes anything else as an alias).
+SHADOW_URI_PATTERN = (
+    f"^({REGISTERED_MODEL_URI_PATTERN.replace('?P<name>', '')}|{LOGGED_MODEL_URI_PATTERN})$"
+)
+SHADOW_URI = re.compile(SHADOW_URI_PATTERN)
+SHADOW_EXPECTED = (
+    "models:/<name>@<alias>, models:/<name>/<version>, models:/<name>/latest or "
+    "models:/m-<model id>"
+)
+MODEL_URI_EXPECTED = (
+    "models:/<name>@<alias>, models:/<name>/<version>, models:/<name>/latest, "
+    "models:/m-<model id> or runs:/<run id>/<artifact path>"
+)
 ALIAS = re.compile(r"^[\w-]+$")
 NAME = r"^[A-Za-z0-9_.-]+$"
 DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
@@ -127,9 +150,9 @@ class JobConfig(BaseModel):
     @field_validator("shadow")
     @classmethod
     def _shadow(cls, value: str | None) -> str | None:
-        if value is not None and not (MODEL_URI.match(value) or ALIAS.match(value)):
+        if value is not None and not (SHADOW_URI.match(value) or ALIAS.match(value)):
             raise ValueError(
-                f"expected an alias of the job's model (e.g. challenger) or {MODEL_URI_EXPECTED}"
+                f"expected an alias of the job's model (e.g. challenger) or {SHADOW_EXPECTED}"
             )
         return value
 
@@ -193,7 +216,20 @@ class JobConfig(BaseModel):
                 "field 'start_date': expected the first logical date to run, since catchup "
                 "is true; found none"
             )
-        model_name = (MODEL_URI.match(self.model_uri) or {"name": ""})["name"]
+        registered = REGISTERED_MODEL_URI.match(self.model_uri)
+        if self.namespace is None and registered is None:
+            raise ValueError(
+                f"field 'namespace': expected a namespace ({NAMESPACE_RULE}), since "
+                f"model_uri {self.model_uri!r} names no registered model whose name would be "
+                "the default namespace; found none"
+            )
+        if self.shadow and ALIAS.match(self.shadow) and registered is None:
+            raise ValueError(
+                f"field 'shadow': expected a model URI ({SHADOW_EXPECTED}), since model_uri "
+                f"{self.model_uri!r} names no registered model to take the alias of; found "
+                f"{self.shadow!r}"
+            )
+        model_name = registered["name"] if registered else ""
         if self.namespace is None and not is_namespace(model_name):
             raise ValueError(
                 f"field 'namespace': expected a namespace ({NAMESPACE_RULE}), since the "

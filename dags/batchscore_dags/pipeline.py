@@ -46,15 +46,24 @@ from airflow.sdk import (
     task,
 )
 
-# Also exported by airflow.sdk, but missing from its 3.3.2 type stub:
-from airflow.sdk.definitions.callback import SyncCallback
-from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
+# isort: split
+# Public: airflow.sdk exports them (its __all__ and lazy imports), but its 3.3.2 type stub
+# (airflow/sdk/__init__.pyi) leaves them out; a separate import, so that the ignore covers
+# these three names only.
+from airflow.sdk import (  # type: ignore[attr-defined]
+    DeadlineAlert,
+    DeadlineReference,
+    SyncCallback,
+)
 
 from batchscore.core.names import NAMESPACE_PATTERN, NAMESPACE_RULE
 from batchscore_dags.callbacks import deadline_missed, on_task_failure
 from batchscore_dags.config import (
     DEFAULT_START,
     MODEL_URI_EXPECTED,
+    MODEL_URI_PATTERN,
+    SHADOW_EXPECTED,
+    SHADOW_URI_PATTERN,
     AssetSchedule,
     LoadedJob,
 )
@@ -75,11 +84,11 @@ log = logging.getLogger("batchscore.dag")
 
 SCORING_POOL = "batchscore_scoring"
 PUBLISHED = AssetAlias("batchscore_published")
-MODEL_URI_PATTERN = r"^models:/[^/@]+(/\d+|@[\w-]+)$"
 # batchscore.core.names' rule, or empty (the model's name): "^(<rule>)?$".
 OPTIONAL_NAMESPACE_PATTERN = f"^({NAMESPACE_PATTERN.removeprefix('^').removesuffix('$')})?$"
 OPTIONAL_STORE_PATTERN = r"^((lmdb|redis|rediss|unix)://.*)?$"
-OPTIONAL_SHADOW_PATTERN = r"^(models:/[^/@]+(/\d+|@[\w-]+)|[\w-]+)?$"
+# A models:/ URI or an alias of the form's model, or empty (no shadow run).
+OPTIONAL_SHADOW_PATTERN = f"^({SHADOW_URI_PATTERN.removeprefix('^').removesuffix('$')}|[\\w-]+)?$"
 
 # Retrying cannot fix these; a missing input (InputNotFound) is retried: it may land late.
 RETRY_POLICY = ExceptionRetryPolicy(
@@ -206,8 +215,8 @@ def form_params(d: FormDefaults) -> dict[str, Param]:
             type=["null", "string"],
             pattern=OPTIONAL_SHADOW_PATTERN,
             title="Shadow candidate",
-            description="A candidate model (an alias of the model above, e.g. challenger, or a "
-            "model URI) scored instead of it: the run writes an unpublished version and a "
+            description="A candidate model (an alias of the model above, e.g. challenger, or "
+            f"{SHADOW_EXPECTED}) scored instead of it: the run writes an unpublished version and a "
             "comparison with the live version, and publishes nothing.",
         ),
         "dry_run": Param(

@@ -202,6 +202,85 @@ def test_the_trigger_form_validates_what_it_is_given(dag_modules: dict[str, Modu
             form[name].resolve(bad)
 
 
+MODEL_URIS = (
+    "models:/churn@champion",
+    "models:/churn/2",
+    "models:/churn/latest",
+    "models:/m-0123456789abcdef0123456789abcdef",
+    "runs:/0123456789abcdef0123456789abcdef/model",
+    "runs:/0123456789abcdef/models/churn",
+)
+NOT_MODEL_URIS = (
+    "churn",
+    "models:/churn",  # neither a version nor an alias
+    "models:/churn/Production",  # a stage: deprecated by MLflow
+    "models:/churn/2/extra",
+    "models:/churn@",
+    "runs:/0123456789abcdef",  # a run, but no model folder in it
+    "runs:/0123456789abcdef/",
+    "s3://bucket/model",
+)
+
+
+@pytest.mark.parametrize("uri", MODEL_URIS)
+def test_every_pinnable_model_uri_is_accepted(
+    dag_modules: dict[str, ModuleType], tmp_path: Path, uri: str
+) -> None:
+    import yaml
+
+    pipeline, config = dag_modules["pipeline"], dag_modules["config"]
+    assert pipeline.form_params(pipeline.FormDefaults())["model_uri"].resolve(uri) == uri
+    write(tmp_path, "daily.yaml", yaml.safe_dump(yaml.safe_load(GOOD) | {"model_uri": uri}))
+    assert problems_of(config, tmp_path) == []
+
+
+@pytest.mark.parametrize("uri", NOT_MODEL_URIS)
+def test_other_model_uris_are_refused_naming_the_forms(
+    dag_modules: dict[str, ModuleType], tmp_path: Path, uri: str
+) -> None:
+    import yaml
+    from airflow.sdk.exceptions import ParamValidationError
+
+    pipeline, config = dag_modules["pipeline"], dag_modules["config"]
+    with pytest.raises(ParamValidationError):
+        pipeline.form_params(pipeline.FormDefaults())["model_uri"].resolve(uri)
+    path = write(tmp_path, "daily.yaml", yaml.safe_dump(yaml.safe_load(GOOD) | {"model_uri": uri}))
+    [problem] = problems_of(config, tmp_path)
+    assert problem.startswith(f"{path}: field 'model_uri': expected models:/<name>@<alias>, ")
+    assert "models:/<name>/latest, models:/m-<model id> or runs:/<run id>/" in problem
+
+
+def test_a_job_without_a_registered_model_names_its_namespace_and_shadow_uri(
+    dag_modules: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    """The default namespace is the registered model's name, and a bare shadow alias an
+    alias of it: a logged model or a run's folder has neither."""
+    import yaml
+    from airflow.sdk.exceptions import ParamValidationError
+
+    config = dag_modules["config"]
+    run_uri = "runs:/0123456789abcdef/model"
+    data = yaml.safe_load(GOOD) | {"model_uri": run_uri}
+    data.pop("namespace")
+    path = write(tmp_path, "daily.yaml", yaml.safe_dump(data))
+    [problem] = problems_of(config, tmp_path)
+    assert problem.startswith(f"{path}: field 'namespace': expected a namespace")
+    assert f"'{run_uri}' names no registered model" in problem
+
+    write(tmp_path, "daily.yaml", yaml.safe_dump(data | {"namespace": "d", "shadow": "next"}))
+    [problem] = problems_of(config, tmp_path)
+    assert problem.startswith(f"{path}: field 'shadow': expected a model URI")
+    assert "found 'next'" in problem
+    shadow = {"namespace": "d", "shadow": "models:/churn/latest"}
+    write(tmp_path, "daily.yaml", yaml.safe_dump(data | shadow))
+    assert problems_of(config, tmp_path) == []
+    form = dag_modules["pipeline"].form_params(dag_modules["pipeline"].FormDefaults())
+    assert form["shadow"].resolve("models:/churn/latest") == "models:/churn/latest"
+    for bad in (run_uri, "models:/churn"):
+        with pytest.raises(ParamValidationError):
+            form["shadow"].resolve(bad)
+
+
 def test_run_ids_follow_the_logical_date(dag_modules: dict[str, ModuleType]) -> None:
     from datetime import UTC, datetime
 
