@@ -3,7 +3,8 @@
 A config says what to score (``model_uri``, an ``input_path`` template, ``key_column``),
 where the predictions go (``namespace``, ``store_url``), when it runs (``schedule``: a
 cron string, ``{asset: <uri>}`` or null) and how Airflow runs it (owner, retries,
-``max_active_runs``, ``deadline``). A ``shadow`` candidate turns every run of the job
+``max_active_runs``, ``deadline``, ``execution_timeout`` for every step and ``timeouts``
+per step). A ``shadow`` candidate turns every run of the job
 into a shadow run. Unknown fields are refused: a typo fails parsing instead of being
 ignored. A problem is reported as ``<file>: field '<name>': <what was expected>; found
 <value>``.
@@ -60,6 +61,7 @@ ALIAS = re.compile(r"^[\w-]+$")
 NAME = r"^[A-Za-z0-9_.-]+$"
 DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 DURATION_EXPECTED = "a duration such as 90s, 5m, 2h, 1h30m or a number of seconds"
+TIMEOUTS_EXAMPLE = "{score: 2h, validate: 20m}"
 STORE_SCHEMES = ("lmdb", "redis", "rediss", "unix")
 DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -83,6 +85,37 @@ class AssetSchedule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     asset: str = Field(min_length=1, description="Asset URI, e.g. batchscore://features")
+
+
+def positive_duration(value: object) -> timedelta:
+    """``parse_duration``, refusing zero: a limit of nothing would fail every try."""
+    duration = parse_duration(value)
+    if duration <= timedelta(0):
+        raise ValueError(
+            f"expected a positive duration, {DURATION_EXPECTED.removeprefix('a duration ')}"
+        )
+    return duration
+
+
+class StepTimeouts(BaseModel):
+    """How long one try of each step may run (``execution_timeout``); unset: the job's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resolve: timedelta | None = None
+    plan: timedelta | None = None
+    score: timedelta | None = None
+    validate_: timedelta | None = Field(default=None, alias="validate")
+    export: timedelta | None = None
+    publish: timedelta | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return None if value is None else positive_duration(value)
+
+    def of(self, step: str) -> timedelta | None:
+        return getattr(self, "validate_" if step == "validate" else step)  # type: ignore[no-any-return]
 
 
 class JobConfig(BaseModel):
@@ -124,10 +157,23 @@ class JobConfig(BaseModel):
     shadow: str | None = Field(
         default=None, description="Candidate model: an alias of model_uri's model, or a URI."
     )
+    execution_timeout: timedelta | None = Field(
+        default=None,
+        description="Longest one try of any step may run; then the try fails (and is retried).",
+    )
+    timeouts: StepTimeouts = Field(
+        default_factory=StepTimeouts,
+        description="Per step, over execution_timeout: {score: 2h, validate: 20m}.",
+    )
 
     @property
     def dag_id(self) -> str:
         return f"{DAG_ID_PREFIX}{self.name}"
+
+    def step_timeouts(self, steps: tuple[str, ...]) -> dict[str, timedelta]:
+        """Each step's ``execution_timeout``: its own, else the job's; absent: none."""
+        found = {step: self.timeouts.of(step) or self.execution_timeout for step in steps}
+        return {step: limit for step, limit in found.items() if limit is not None}
 
     @property
     def candidate(self) -> str | None:
@@ -193,6 +239,20 @@ class JobConfig(BaseModel):
     @classmethod
     def _duration(cls, value: object) -> object:
         return None if value is None else parse_duration(value)
+
+    @field_validator("execution_timeout", mode="before")
+    @classmethod
+    def _timeout(cls, value: object) -> object:
+        return None if value is None else positive_duration(value)
+
+    @field_validator("timeouts", mode="before")
+    @classmethod
+    def _timeouts(cls, value: object) -> object:
+        if value is None:
+            return StepTimeouts()
+        if not isinstance(value, dict | StepTimeouts):
+            raise ValueError(f"expected a mapping of step to duration, e.g. {TIMEOUTS_EXAMPLE}")
+        return value
 
     @field_validator("store_url")
     @classmethod
@@ -346,9 +406,10 @@ def load_job(path: Path) -> JobConfig:
 def _describe(path: Path, error: ErrorDetails) -> str:
     field = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
+        parent = ".".join(str(part) for part in error["loc"][:-1])
+        what, names = NESTED_FIELDS.get(parent, ("job config fields", _names(JobConfig)))
         return (
-            f"{path}: field '{field}': expected one of the job config fields "
-            f"({', '.join(JobConfig.model_fields)}); found an unknown field"
+            f"{path}: field '{field}': expected one of the {what} ({names}); found an unknown field"
         )
     if error["type"] == "missing":
         return f"{path}: field '{field}': expected a value; found none (it is required)"
@@ -361,6 +422,14 @@ def _describe(path: Path, error: ErrorDetails) -> str:
     if field == "store_url" and isinstance(found, str):
         found = _redacted(found)
     return f"{path}: field '{field}': {message}; found {repr(found)[:120]}"
+
+
+def _names(model: type[BaseModel]) -> str:
+    return ", ".join(info.alias or name for name, info in model.model_fields.items())
+
+
+#: The mappings inside a job config: what their keys are, for an unknown key's message.
+NESTED_FIELDS = {"timeouts": ("steps", _names(StepTimeouts))}
 
 
 def _redacted(url: str) -> str:

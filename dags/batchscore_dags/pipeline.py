@@ -17,6 +17,8 @@ What every DAG built here has:
 - retries with exponential backoff, except for errors that a retry cannot fix (bad input,
   a failed quality gate, an unknown model), which fail at once (``RETRY_POLICY``);
 - the ``batchscore_scoring`` pool on the score task, to bound concurrent scoring runs;
+- an ``execution_timeout`` per task when the job sets one (``execution_timeout``, or per
+  step ``timeouts``);
 - an ``on_failure_callback`` naming the failed step and the error, and a Deadline Alert
   when the job sets a deadline;
 - an asset event on ``batchscore://<namespace>`` (through the ``batchscore_published``
@@ -29,7 +31,7 @@ imported inside the tasks, so parsing the DAG files stays cheap.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +69,7 @@ from batchscore_dags.config import (
     AssetSchedule,
     LoadedJob,
 )
+from batchscore_dags.runs import STEPS
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -154,6 +157,8 @@ class DagSpec:
     # None: Airflow's [core] dags_are_paused_at_creation (the compose stack: paused).
     paused_upon_creation: bool | None = None
     workers: int | None = None
+    # Per task id: how long one try may run (execution_timeout); absent: no limit.
+    timeouts: dict[str, timedelta] = field(default_factory=dict)
 
 
 def form_params(d: FormDefaults) -> dict[str, Param]:
@@ -269,6 +274,7 @@ def job_spec(job: LoadedJob) -> DagSpec:
         max_retry_delay=c.max_retry_delay,
         deadline=c.deadline,
         workers=c.workers,
+        timeouts=c.step_timeouts(STEPS),
     )
 
 
@@ -296,7 +302,7 @@ def build_dag(spec: DagSpec) -> DAG:
         },
         deadline=_deadline(spec),
     ) as built:
-        _wire_tasks(spec.workers)
+        _wire_tasks(spec.workers, spec.timeouts)
     return built
 
 
@@ -319,22 +325,29 @@ def _deadline(spec: DagSpec) -> DeadlineAlert | None:
     )
 
 
-def _wire_tasks(workers: int | None) -> None:
+def _wire_tasks(workers: int | None, timeouts: dict[str, timedelta]) -> None:
     """One task per step of ``jobs.flow``; XCom carries its result (``jobs.results``),
     each key also as an XCom of its own (the results' types are imported for type
-    checking only, so Airflow cannot infer ``multiple_outputs`` from them)."""
+    checking only, so Airflow cannot infer ``multiple_outputs`` from them).
 
-    @task(multiple_outputs=True)
+    A step without a timeout is given none, rather than ``execution_timeout=None``, so
+    that Airflow's ``[core] default_task_execution_timeout`` still applies to it.
+    """
+
+    def limits(step: str) -> dict[str, Any]:
+        return {"execution_timeout": timeouts[step]} if step in timeouts else {}
+
+    @task(multiple_outputs=True, **limits("resolve"))
     def resolve() -> StartedRun:
         return resolve_run(get_current_context(), workers)
 
-    @task(multiple_outputs=True)
+    @task(multiple_outputs=True, **limits("plan"))
     def plan(ref: StartedRun) -> PlanResult:
         from jobs import steps
 
         return steps.plan(ref["run_dir"])
 
-    @task(pool=SCORING_POOL, multiple_outputs=True)
+    @task(pool=SCORING_POOL, multiple_outputs=True, **limits("score"))
     def score(planned: PlanResult) -> ScoreResult:
         from jobs import steps
 
@@ -343,17 +356,17 @@ def _wire_tasks(workers: int | None) -> None:
 
         return steps.score(planned["run_dir"], on_progress=progress)
 
-    @task(multiple_outputs=True)
+    @task(multiple_outputs=True, **limits("validate"))
     def validate(scored: ScoreResult) -> GateResult:
         from jobs import flow
 
         return flow.validate_and_gate(scored["run_dir"])
 
-    @task(multiple_outputs=True)
+    @task(multiple_outputs=True, **limits("export"))
     def export(validated: GateResult) -> ExportResult:
         return export_run(validated["run_dir"])
 
-    @task(outlets=[PUBLISHED], multiple_outputs=True)
+    @task(outlets=[PUBLISHED], multiple_outputs=True, **limits("publish"))
     def publish(exported: ExportResult) -> PublishResult:
         return publish_run(exported["run_dir"], get_current_context())
 

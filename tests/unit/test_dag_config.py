@@ -57,6 +57,8 @@ retries: 4
 retry_delay: 30s
 max_active_runs: 2
 deadline: 1h30m
+execution_timeout: 2h
+timeouts: {score: 3h, validate: 20m}
 """
 
 
@@ -88,6 +90,25 @@ def test_a_valid_config_becomes_a_job(dag_modules: dict[str, ModuleType], tmp_pa
     assert job.dag_id == "score_daily" and job.batch_size == 512 and job.workers == 3
     assert job.retry_delay == timedelta(seconds=30) and job.deadline == timedelta(minutes=90)
     assert job.start_date.isoformat() == "2026-11-20T00:00:00+00:00"
+    steps = ("resolve", "plan", "score", "validate", "export", "publish")
+    hours = {step: limit / timedelta(hours=1) for step, limit in job.step_timeouts(steps).items()}
+    assert hours == {step: 2.0 for step in steps} | {"score": 3.0, "validate": 1 / 3}
+
+
+def test_a_step_without_a_timeout_has_none(
+    dag_modules: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    import yaml
+
+    config = dag_modules["config"]
+    data = yaml.safe_load(GOOD)
+    data.pop("execution_timeout")
+    write(tmp_path, "daily.yaml", yaml.safe_dump(data))
+    job = config.load_jobs(tmp_path).jobs[0].config
+    assert job.step_timeouts(("resolve", "score", "validate")) == {
+        "score": timedelta(hours=3),
+        "validate": timedelta(minutes=20),
+    }
 
 
 @pytest.mark.parametrize(
@@ -105,6 +126,12 @@ def test_a_valid_config_becomes_a_job(dag_modules: dict[str, ModuleType], tmp_pa
         ({"shadow": "models:/churn@champion"}, "shadow", "other than the live model", ""),
         ({"scheduel": "0 2 * * *"}, "scheduel", "one of the job config fields", "unknown"),
         ({"key_column": None}, "key_column", "valid string", "None"),
+        ({"execution_timeout": "soon"}, "execution_timeout", "a duration such as", "'soon'"),
+        ({"execution_timeout": 0}, "execution_timeout", "a positive duration", "found 0"),
+        ({"timeouts": "2h"}, "timeouts", "mapping of step to duration", "'2h'"),
+        ({"timeouts": {"scor": "2h"}}, "timeouts.scor", "one of the steps (resolve, plan", ""),
+        ({"timeouts": {"validate": "20x"}}, "timeouts.validate", "a duration such", "'20x'"),
+        ({"timeouts": {"score": "0s"}}, "timeouts.score", "a positive duration", "'0s'"),
     ],
 )
 def test_a_bad_field_is_named_with_file_expectation_and_value(
@@ -399,6 +426,10 @@ for dag in bag.dags.values():
         "backoff": score.retry_exponential_backoff,
         "retry_policy": type(score.retry_policy).__name__,
         "on_failure_callback": [f"{c.__module__}.{c.__name__}" for c in score.on_failure_callback],
+        "timeouts": {
+            t.task_id: t.execution_timeout.total_seconds()
+            for t in dag.tasks if t.execution_timeout is not None
+        },
         "deadline": [
             {"interval": d.interval.total_seconds(), "reference": type(d.reference).__name__,
              "callback": d.callback.path} for d in dag.deadline or []
@@ -482,11 +513,21 @@ def test_parsing_the_dags_folder_imports_nothing_heavy(
         }
     ]
     assert daily["outlets"] == ["batchscore_published"]
+    hour = 3600.0
+    assert daily["timeouts"] == {
+        "resolve": 2 * hour,
+        "plan": 2 * hour,
+        "score": 3 * hour,
+        "validate": 20 * 60.0,
+        "export": 2 * hour,
+        "publish": 2 * hour,
+    }
 
     chained = parsed["dags"]["score_chained"]
     assert chained["timetable"] == "AssetTriggeredTimetable"
     assert chained["schedule_assets"] == ["batchscore://daily/"]
     assert chained["deadline"] == [] and chained["catchup"] is False
+    assert chained["timeouts"] == {}  # Airflow's default_task_execution_timeout applies
     adhoc = parsed["dags"]["batchscore"]
     assert adhoc["params"]["input_path"] == "" and adhoc["timetable"] == "NullTimetable"
 
