@@ -78,11 +78,21 @@ class RunParams(BaseModel):
 
 
 class ModelRecord(BaseModel):
+    """The run's model pin (``registry.mlflow_registry.ModelPin``): ``uri`` is concrete.
+
+    ``version`` is the registered version for ``source`` "registry", the logged model's
+    id (``m-...``) for "logged_model", the run's id for "run"; every step uses ``uri``
+    and ``local_dir``, never ``requested`` again.
+    """
+
     name: str
     version: str
     uri: str
     requested: str
     alias: str | None = None
+    source: Literal["registry", "logged_model", "run"] = "registry"
+    model_id: str | None = None  # the MLflow 3 logged model behind it, when there is one
+    source_run_id: str | None = None  # the MLflow run that produced the model, when known
     local_dir: str
     flavor: str
     serialization: str | None

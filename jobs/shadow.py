@@ -12,21 +12,23 @@ promote``); the next regular run then scores and publishes with it.
 A run is a shadow run when its manifest has a ``shadow`` step record, written by ``mark``
 right after the run is resolved (``jobs.flow.start_run``). ``candidate_uri`` turns what a
 user gives (``challenger``, or a model URI) into the candidate's URI, for the CLI and
-the DAG alike; it is pure, and this module imports nothing heavy at its top.
+the DAG alike; this module imports nothing heavy at its top (MLflow's URI parser is
+imported when ``candidate_uri`` needs the live model's name).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from batchscore.core.settings import RunSettings
 from jobs.context import SHADOW_STEP, is_shadow, open_run_store, quality_rules
+from jobs.errors import RunError
 from jobs.manifest import Manifest, load_manifest
+from registry.uris import parse_model_uri
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,7 +41,6 @@ __all__ = ["SHADOW_STEP", "candidate_uri", "compare", "is_shadow", "mark"]
 
 log = logging.getLogger("batchscore.jobs")
 
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/\d+|@[\w-]+)$")
 CHANGED_TOLERANCE = 1e-6  # a prediction "changed" when it moved by more than this
 REPORT = "shadow_comparison.json"
 PLOT = "shadow_distributions.png"
@@ -66,15 +67,22 @@ def candidate_uri(model_uri: str, shadow: str | None) -> str | None:
     """A shadow candidate as a model URI: a bare alias names an alias of the live model.
 
     ``candidate_uri("models:/churn@champion", "challenger") == "models:/churn@challenger"``;
-    a model URI is taken as it is; None or empty: no shadow run.
+    a model URI (``models:/`` or ``runs:/``) is taken as it is; None or empty: no shadow
+    run. A bare alias needs a live model that is registered (it has aliases).
     """
     if not shadow:
         return None
-    if shadow.startswith("models:/"):
+    if shadow.startswith(("models:/", "runs:/")):
         return shadow
-    match = MODEL_URI.match(model_uri)
-    name = match["name"] if match else model_uri
-    return f"models:/{name}@{shadow}"
+    live = parse_model_uri(model_uri)
+    if live.name is None:
+        raise RunError(
+            f"The shadow candidate '{shadow}' is an alias, but the model {model_uri} is not "
+            "a registered model's",
+            expected="a model URI as the candidate (models:/..., runs:/...)",
+            fix="Give the candidate's full model URI (--shadow models:/<name>@<alias>)",
+        )
+    return f"models:/{live.name}@{shadow}"
 
 
 class ShadowReport(TypedDict):
@@ -217,10 +225,17 @@ def _report(
         "rules": vars(rules),
         "outputs": outputs,
         "plot": str(plot),
-        "promote": f"batchscore model promote {manifest.model.name} {manifest.model.version} "
-        f"--alias {alias}",
+        "promote": _promote_command(manifest, alias),
         "path": str(path),
     }
+
+
+def _promote_command(manifest: Manifest, alias: str) -> str:
+    """How to make the candidate live; a model outside the registry is registered first."""
+    model = manifest.model
+    if model.source == "registry":
+        return f"batchscore model promote {model.name} {model.version} --alias {alias}"
+    return f"batchscore model register {model.uri} NAME --alias {alias}"
 
 
 def _note(live: VersionInfo | None, outputs: list[dict[str, Any]]) -> str:

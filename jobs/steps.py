@@ -109,7 +109,7 @@ def make_params(settings: RunSettings, **given: object) -> RunParams:
 def resolve(
     settings: RunSettings, params: RunParams, run_id: str | None = None, *, shadow: bool = False
 ) -> RunRef:
-    """Pin the model alias to one version and create the run folder with its local copy.
+    """Pin the model URI to one concrete model and create the run folder with its local copy.
 
     With a given ``run_id`` (an Airflow run) whose folder already exists, the
     pin recorded there is kept: a retried or cleared run never re-resolves.
@@ -125,7 +125,7 @@ def resolve(
     if params.namespace:
         check_namespace(params.namespace)
     check_store(settings, params.store_url)
-    registry = MlflowRegistry(settings.tracking_uri)
+    registry = MlflowRegistry.from_settings(settings)
     pin = registry.resolve(params.model_uri)
     namespace = params.namespace or check_namespace(
         pin.name,
@@ -203,6 +203,9 @@ def _new_run(
             uri=pin.uri,
             requested=pin.requested,
             alias=pin.alias,
+            source=pin.source,
+            model_id=pin.model_id,
+            source_run_id=pin.run_id,
             local_dir=str(model_dir),
             flavor=spec.flavor,
             serialization=spec.serialization,
