@@ -1,16 +1,24 @@
-"""The ``batchscore`` command line: the same ``jobs`` functions that the Airflow DAG calls."""
+"""The ``batchscore`` command line: the same ``jobs`` functions that the Airflow DAG calls.
+
+Exit codes are one table (``ExitCode``) and one function (``exit_code``): every command
+fails through ``_fail`` and an error no command expected goes through ``_Cli.__call__``,
+so a script can tell "fix the command" (3) from "look at the data" (4) from "retry
+later" (5). ``batchscore --help`` shows the table.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -22,26 +30,207 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from batchscore.core.errors import BatchscoreError
-from batchscore.core.settings import ApiSettings, RunSettings, load_settings
+from batchscore.core.errors import BatchscoreError, InvalidName, SettingsError
+from batchscore.core.settings import SCHEDULER_SCHEMES, ApiSettings, RunSettings, load_settings
 
-app = typer.Typer(
-    help="Batch scoring on Airflow, MLflow, Dask and a KV store.", no_args_is_help=True
+if TYPE_CHECKING:
+    from jobs.manifest import RunParams
+
+log = logging.getLogger("batchscore.cli")
+
+
+class ExitCode(IntEnum):
+    """What a command's exit status tells a script, by what the user has to do next."""
+
+    OK = 0
+    FAILED = 1  # anything else: look at the error (a run that ended unpublished is here)
+    USAGE = 2  # the command line itself: an unknown option, a value of the wrong form
+    BAD_INPUT = 3  # what the command names: fix the input, model, name, setting or config
+    GATE = 4  # a quality gate held the output back: look at the data or the model
+    UNAVAILABLE = 5  # the store, the registry or the Dask cluster did not answer: retry
+
+
+EXIT_CODES_HELP = "\n\n".join(
+    [
+        "Exit codes:",
+        "0 ok;",
+        "1 failed: a run that finished unpublished, a shard that could not be scored, an "
+        "unexpected error;",
+        "2 usage: an unknown option, a value of the wrong form;",
+        "3 bad input: the input data, a model, version, alias, namespace, setting, store "
+        "URL, job config or run folder the command names;",
+        "4 a quality gate held the output back: validation, drift, a feature's null rate;",
+        "5 unavailable: the store, the MLflow registry or the Dask cluster did not answer.",
+        "BATCHSCORE_LOG_FORMAT=json: logs as one JSON object per line on stderr.",
+    ]
+)
+
+
+def exit_code(exc: BaseException) -> ExitCode:
+    """The exit code of an error: the one mapping every command uses.
+
+    TooManyNulls is an input error by its class but a gate by what the user does: the
+    input broke the quality rule ``max_feature_null_rate`` (or the quality config's),
+    and the fix is the data or the rule, not the command. A failure that is not a
+    batchscore error counts as unavailable when a refused or timed-out connection is
+    behind it (MLflow wraps its HTTP client's, Dask raises OSError); else it is 1.
+    """
+    from jobs.errors import RunError
+    from kv_export.errors import StoreError, StoreUnavailable
+    from registry.errors import RegistryError
+    from scoring.errors import (
+        DriftDetected,
+        InputError,
+        QualityConfigError,
+        TooManyNulls,
+        UnsupportedModel,
+        ValidationFailed,
+    )
+
+    if isinstance(exc, StoreUnavailable):
+        return ExitCode.UNAVAILABLE
+    if isinstance(exc, ValidationFailed | DriftDetected | TooManyNulls):
+        return ExitCode.GATE
+    bad_input = (InputError, InvalidName, SettingsError, StoreError, RegistryError, RunError)
+    if isinstance(exc, bad_input + (UnsupportedModel, QualityConfigError, *_dag_errors())):
+        return ExitCode.BAD_INPUT
+    if isinstance(exc, BatchscoreError):
+        return ExitCode.FAILED
+    return ExitCode.UNAVAILABLE if _unreachable(exc) else ExitCode.FAILED
+
+
+def _dag_errors() -> tuple[type[BaseException], ...]:
+    """``JobConfigError`` when the DAG package is loaded (only ``run -f`` loads it)."""
+    loaded = sys.modules.get("batchscore_dags.errors")
+    return (loaded.JobConfigError,) if loaded is not None else ()
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A refused, reset or timed-out connection anywhere in the error's chain."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionError | TimeoutError):
+            return True
+        name = f"{type(current).__module__}.{type(current).__name__}"
+        if name in ("requests.exceptions.ConnectionError", "requests.exceptions.Timeout"):
+            return True
+        if type(current) is OSError and "connect" in str(current).lower():
+            return True  # distributed: "Timed out trying to connect to tcp://..."
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class _Cli(typer.Typer):
+    """The app, whose unexpected errors exit by ``exit_code`` too: an unreachable
+    service with one ``error:`` line and 5; anything else with its traceback and 1
+    (a JSON log line carrying the traceback under BATCHSCORE_LOG_FORMAT=json)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            code = exit_code(exc)
+            if code == ExitCode.FAILED and not _logs["json"]:
+                raise
+            _report(exc, code)
+            sys.exit(code)
+
+
+app = _Cli(
+    help="Batch scoring on Airflow, MLflow, Dask and a KV store.",
+    epilog=EXIT_CODES_HELP,
+    no_args_is_help=True,
 )
 model_app = typer.Typer(
     help="The MLflow model registry: register, promote, list.", no_args_is_help=True
 )
 step_app = typer.Typer(
-    help="Run one pipeline step on an existing run folder.", no_args_is_help=True
+    help="Run one pipeline step, as one task of the DAG: resolve creates the run folder, "
+    "the others work on it.",
+    no_args_is_help=True,
 )
 app.add_typer(model_app, name="model")
 app.add_typer(step_app, name="step")
 console = Console(stderr=True)
 out = Console()
+_logs = {"json": False}  # set once by _setup_logging: how errors are reported
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"batchscore {version('batchscore')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Batch scoring on Airflow, MLflow, Dask and a KV store."""
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    json = "json"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+CLUSTERS = ("local", "cuda", "auto")
+
+
+def _cluster_value(value: str) -> str:
+    if value in CLUSTERS or value.startswith(SCHEDULER_SCHEMES):
+        return value
+    raise typer.BadParameter(
+        f"{value!r} is not one of local, cuda, auto, or a running scheduler's address "
+        "(tcp://HOST:PORT or tls://HOST:PORT)"
+    )
+
+
+def _complete_cluster(incomplete: str) -> list[str]:
+    return [c for c in (*CLUSTERS, "tcp://") if c.startswith(incomplete)]
+
 
 StoreOpt = Annotated[
-    str | None, typer.Option("--store", help="lmdb:///path or redis://host:port/db")
+    str | None,
+    typer.Option(
+        "--store", help="KV store URL: lmdb:///path or redis://host:port/db (default: setting)."
+    ),
 ]
+OutputOpt = Annotated[
+    OutputFormat,
+    typer.Option(
+        "--output",
+        "-o",
+        case_sensitive=False,
+        help="table: for people; json: one stable document for scripts.",
+    ),
+]
+JsonFlag = Annotated[
+    bool, typer.Option("--json", hidden=True, help="Same as -o json (kept for scripts).")
+]
+VerboseOpt = Annotated[bool, typer.Option(help="Debug logs of batchscore's own modules.")]
+RunDirArg = Annotated[Path, typer.Argument(help="The run folder (step resolve prints it).")]
 
 
 def _namespace_value(value: str | None) -> str | None:
@@ -60,19 +249,68 @@ NamespaceArg = Annotated[
 ]
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s")
-    for name in ("batchscore", "scoring", "kv_export", "registry", "jobs", "lookup"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("distributed", "great_expectations", "mlflow", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+PROJECT_LOGGERS = ("batchscore", "scoring", "kv_export", "registry", "jobs", "lookup")
+NOISY_LOGGERS = ("distributed", "great_expectations", "mlflow", "alembic")
 
 
-def _fail(exc: BatchscoreError) -> None:
+def _setup_logging(log_format: str = "text", verbose: bool = False) -> None:
+    """Text through rich, or JSON lines (``batchscore.core.logs``), on stderr.
+
+    For JSON, MLflow is told not to install a handler of its own and Dask's logging is
+    set up first, so that their lines come out as JSON too.
+    """
+    import os
+
+    from batchscore.core import logs
+
+    level = logging.DEBUG if verbose else logging.INFO
+    if log_format != "json":
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(
+            console=console, show_path=False, rich_tracebacks=False
+        )
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+        import distributed  # noqa: F401  (installs its handlers, which configure() removes)
+
+        handler = logs.json_handler()
+        _logs["json"] = True
+    logs.configure(handler, level=level, loggers=PROJECT_LOGGERS, quiet=NOISY_LOGGERS)
+
+
+def _report(exc: BaseException, code: int) -> None:
+    """The one ``error:`` line (a JSON log line with BATCHSCORE_LOG_FORMAT=json)."""
+    if _logs["json"]:
+        known = exc.to_dict() if isinstance(exc, BatchscoreError) else None
+        fields = {"error": type(exc).__name__, "exit_code": int(code)}
+        log.error(
+            "error: %s",
+            exc if known else f"{type(exc).__name__}: {exc}",
+            exc_info=None if known or code != ExitCode.FAILED else exc,
+            extra={"fields": fields},
+        )
+        return
     # No wrapping and no markup: the message is one greppable line, brackets included.
-    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
-    raise typer.Exit(1)
+    shown = str(exc) if isinstance(exc, BatchscoreError) else f"{type(exc).__name__}: {exc}"
+    console.print(f"[bold red]error:[/] {escape(shown)}", soft_wrap=True, highlight=False)
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    code = exit_code(exc)
+    _report(exc, code)
+    raise typer.Exit(code)
+
+
+def _print_json(document: object) -> None:
+    """A document for scripts: plain JSON on stdout, nothing else on that stream."""
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _as_json(output: OutputFormat, json_flag: bool) -> bool:
+    return json_flag or output == OutputFormat.json
 
 
 def _run_settings(**overrides: Any) -> RunSettings:
@@ -80,99 +318,340 @@ def _run_settings(**overrides: Any) -> RunSettings:
         return load_settings(RunSettings, **overrides)
     except BatchscoreError as exc:
         _fail(exc)
-        raise
+
+
+# The options of a run, shared by `run` and `step resolve` (both start a run).
+InputOpt = Annotated[
+    str | None,
+    typer.Option("--input", help="Parquet file or folder (partition folders too)."),
+]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="models:/name@alias or models:/name/N")
+]
+KeyColumnOpt = Annotated[
+    str | None, typer.Option("--key-column", help="Column with each row's key.")
+]
+NamespaceOpt = Annotated[
+    str | None,
+    typer.Option(help="Keyspace; default: the model's name.", callback=_namespace_value),
+]
+RunsRootOpt = Annotated[Path | None, typer.Option("--output", help="Root of run folders.")]
+BatchSizeOpt = Annotated[
+    str | None, typer.Option(help="Rows per forward pass, or 'auto' (the largest that fits).")
+]
+WorkersOpt = Annotated[int | None, typer.Option(min=1, help="Dask worker processes.")]
+ClusterOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="[local|cuda|auto|tcp://HOST:PORT]",
+        parser=_cluster_value,
+        shell_complete=lambda ctx, param, incomplete: _complete_cluster(incomplete),
+        help="local (LocalCluster), cuda (dask-cuda), auto (cuda on a GPU machine), or "
+        "a running scheduler's tcp:// address.",
+    ),
+]
+DeviceOpt = Annotated[
+    Device | None, typer.Option(help="Where workers run the model (auto: their GPU if any).")
+]
+PrecisionOpt = Annotated[
+    Precision | None, typer.Option(help="Autocast precision of the forward pass.")
+]
+MaxFailedOpt = Annotated[
+    int | None, typer.Option(min=0, help="Shards allowed to fail; their rows are left out.")
+]
+FeaturesOpt = Annotated[
+    str | None, typer.Option(help="Comma-separated feature columns (tensor-signature models).")
+]
+ShardRowsOpt = Annotated[int | None, typer.Option(min=1, help="Target rows per shard.")]
+RunIdOpt = Annotated[
+    str | None,
+    typer.Option(help="Run id; default: derived from the inputs (with -f: the DAG run's)."),
+]
+DryRunOpt = Annotated[bool, typer.Option(help="Score and validate; publish nothing.")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Re-score shards whose parts exist, and publish past a failing drift gate "
+        "(the override is recorded in the manifest)."
+    ),
+]
+ShadowOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Score this candidate instead (an alias of --model's model, e.g. challenger, "
+        "or a model URI): export it unpublished and compare it with the live version."
+    ),
+]
+JobFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--file",
+        "-f",
+        exists=True,
+        dir_okay=False,
+        help="A job config (dags/jobs/*.yaml): run what its DAG runs for --date, outside "
+        "Airflow. Options given here override its fields.",
+    ),
+]
+DateOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="With -f: the logical date, YYYY-MM-DD (midnight UTC) or an ISO timestamp; "
+        "default: today (UTC)."
+    ),
+]
+
+
+class _RunRequest:
+    """What starts a run, from the command line or from a job config (-f) replayed for a
+    date as its DAG would run it: the settings, the parameters, the run id and shadow."""
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        params: RunParams,
+        run_id: str | None,
+        shadow: str | None,
+    ) -> None:
+        self.settings, self.params, self.run_id, self.shadow = settings, params, run_id, shadow
+
+
+def _run_request(
+    *,
+    job_file: Path | None,
+    date: str | None,
+    input: str | None,
+    model: str | None,
+    key_column: str | None,
+    namespace: str | None,
+    store: str | None,
+    features: str | None,
+    shard_rows: int | None,
+    run_id: str | None,
+    dry_run: bool,
+    force: bool,
+    shadow: str | None,
+    settings: Mapping[str, Any],
+    log_verbose: bool,
+) -> _RunRequest:
+    if date is not None and job_file is None:
+        raise typer.BadParameter("--date needs a job config (-f)", param_hint="--date")
+    job = _load_job(job_file) if job_file else None
+    run_settings = _run_settings(
+        store_url=store or (job.store_url if job else None),
+        **{k: v for k, v in settings.items() if v is not None},
+        **(_job_settings(job, settings) if job else {}),
+    )
+    _setup_logging(run_settings.log_format, log_verbose)
+    given = {"--input": input, "--model": model, "--key-column": key_column}
+    if job is None:
+        for name, value in given.items():
+            if value is None:
+                raise typer.BadParameter(
+                    "missing: give --input, --model and --key-column, or a job config (-f)",
+                    param_hint=name,
+                )
+    try:
+        from jobs.steps import make_params
+
+        replay = _Replay(job, date, run_settings.home, model, shadow) if job else None
+        params = make_params(
+            run_settings,
+            input_path=input or (replay.input_path if replay else None),
+            model_uri=model or (job.model_uri if job else None),
+            key_column=key_column or (job.key_column if job else None),
+            namespace=namespace or (job.namespace if job else None),
+            shard_rows=shard_rows,
+            features=_features(features) or (job.features if job else None),
+            dry_run=dry_run,
+            force=force,
+            data_as_of=replay.data_as_of if replay else None,
+        )
+    except BatchscoreError as exc:
+        _fail(exc)
+    return _RunRequest(
+        run_settings,
+        params,
+        run_id or (replay.run_key if replay else None),
+        shadow or (job.shadow if job else None),
+    )
+
+
+def _features(value: str | None) -> list[str] | None:
+    return [f.strip() for f in value.split(",") if f.strip()] if value else None
+
+
+def _job_settings(job: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The job config's settings where the command line gave none."""
+    fields = {"workers": job.workers, "batch_size": job.batch_size}
+    return {k: v for k, v in fields.items() if v is not None and given.get(k) is None}
+
+
+def _load_job(path: Path) -> Any:
+    """The job config, read and checked by the DAGs' own loader (``batchscore_dags``)."""
+    _find_dag_package(path)
+    from batchscore_dags.config import load_job
+    from batchscore_dags.errors import JobConfigError
+
+    try:
+        return load_job(path)
+    except JobConfigError as exc:
+        _fail(exc)
+
+
+def _find_dag_package(job_file: Path) -> None:
+    """Put the DAGs folder on ``sys.path``, as Airflow does, if ``batchscore_dags`` is not
+    importable yet: the job file's folder or the one above it (``dags/jobs/x.yaml``),
+    else this checkout's ``dags/``."""
+    import importlib.util
+
+    if importlib.util.find_spec("batchscore_dags") is not None:
+        return
+    here = job_file.resolve().parent
+    candidates = (here, here.parent, Path(__file__).resolve().parents[1] / "dags")
+    for folder in candidates:
+        if (folder / "batchscore_dags" / "__init__.py").is_file():
+            sys.path.insert(0, str(folder))
+            return
+    _fail(
+        BatchscoreError(
+            f"Cannot read job config {job_file}: the DAGs' package batchscore_dags is not "
+            "installed here",
+            expected="a job config in the DAGs folder (dags/jobs/), beside dags/batchscore_dags",
+            found=f"no batchscore_dags in {', '.join(str(c) for c in candidates)}",
+            fix="Run from the batchscore checkout or image, or give the run's options instead",
+        )
+    )
+
+
+class _Replay:
+    """A job config's run for one logical date, as its DAG makes it: the input path
+    rendered (``batchscore_dags.runs.render_input_path``), the run id (``run_key``) and
+    the data's date (``data_as_of``) of a run triggered with that logical date, as
+    ``airflow dags test <dag> <date>`` does (data interval: the logical date itself)."""
+
+    def __init__(
+        self, job: Any, date: str | None, home: Path, model: str | None, shadow: str | None
+    ) -> None:
+        from batchscore_dags.runs import data_as_of, render_input_path, run_key
+
+        from jobs.shadow import candidate_uri
+
+        when = _logical_date(date)
+        dag_run_id = f"manual__{when.isoformat()}"
+        self.input_path = render_input_path(job.input_path, _context(job, when, dag_run_id), home)
+        candidate = candidate_uri(model or job.model_uri, shadow or job.shadow)
+        self.run_key = run_key(job.dag_id, dag_run_id, when, candidate)
+        self.data_as_of = data_as_of(when)
+        log.info("job %s for %s: input %s, run %s", job.name, when, self.input_path, self.run_key)
+
+
+def _logical_date(value: str | None) -> datetime:
+    if value is None:
+        today = datetime.now(UTC).date()
+        return datetime(today.year, today.month, today.day, tzinfo=UTC)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a date; expected YYYY-MM-DD or an ISO timestamp such as "
+            "2026-11-20T03:00:00+00:00",
+            param_hint="--date",
+        ) from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _context(job: Any, when: datetime, dag_run_id: str) -> Any:
+    """The names an input path template may use (``runs.TEMPLATE_NAMES``) for a run
+    triggered with logical date ``when``."""
+    from types import SimpleNamespace
+
+    return {
+        "dag": SimpleNamespace(dag_id=job.dag_id),
+        "dag_run": SimpleNamespace(run_id=dag_run_id, logical_date=when),
+        "ds": when.strftime("%Y-%m-%d"),
+        "ds_nodash": when.strftime("%Y%m%d"),
+        "ts": when.isoformat(),
+        "ts_nodash": when.strftime("%Y%m%dT%H%M%S"),
+        "logical_date": when,
+        "data_interval_start": when,
+        "data_interval_end": when,
+        "run_id": dag_run_id,
+    }
 
 
 @app.command()
 def run(
-    input: Annotated[
-        str, typer.Option("--input", help="Parquet file or folder (partition folders too).")
-    ],
-    model: Annotated[str, typer.Option("--model", help="models:/name@alias or models:/name/N")],
-    key_column: Annotated[str, typer.Option("--key-column", help="Column with each row's key.")],
-    namespace: Annotated[
-        str | None,
-        typer.Option(help="Keyspace; default: the model's name.", callback=_namespace_value),
-    ] = None,
+    input: InputOpt = None,
+    model: ModelOpt = None,
+    key_column: KeyColumnOpt = None,
+    namespace: NamespaceOpt = None,
     store: StoreOpt = None,
-    output: Annotated[Path | None, typer.Option("--output", help="Root of run folders.")] = None,
-    batch_size: Annotated[
-        str | None, typer.Option(help="Rows per forward pass, or 'auto' (the largest that fits).")
+    output: RunsRootOpt = None,
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
+    cluster: ClusterOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    max_failed_shards: MaxFailedOpt = None,
+    features: FeaturesOpt = None,
+    shard_rows: ShardRowsOpt = None,
+    run_id: RunIdOpt = None,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
+    shadow: ShadowOpt = None,
+    job_file: JobFileOpt = None,
+    date: DateOpt = None,
+    summary_json: Annotated[
+        Path | None, typer.Option(help="Write the run summary here (JSON).")
     ] = None,
-    workers: Annotated[int | None, typer.Option(min=1)] = None,
-    cluster: Annotated[
-        str | None, typer.Option(help="local, cuda (dask-cuda), auto, or tcp://scheduler:8786")
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
-    precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (autocast)")] = None,
-    max_failed_shards: Annotated[
-        int | None, typer.Option(min=0, help="Shards allowed to fail; their rows are left out.")
-    ] = None,
-    features: Annotated[
-        str | None, typer.Option(help="Comma-separated feature columns (tensor-signature models).")
-    ] = None,
-    shard_rows: Annotated[int | None, typer.Option(min=1, help="Target rows per shard.")] = None,
-    run_id: Annotated[
-        str | None, typer.Option(help="Run id; default: derived from the inputs.")
-    ] = None,
-    dry_run: Annotated[bool, typer.Option(help="Score and validate; publish nothing.")] = False,
-    force: Annotated[
-        bool,
-        typer.Option(
-            help="Re-score shards whose parts exist, and publish past a failing drift gate "
-            "(the override is recorded in the manifest)."
-        ),
-    ] = False,
-    shadow: Annotated[
-        str | None,
-        typer.Option(
-            help="Score this candidate instead (an alias of --model's model, e.g. challenger, "
-            "or a model URI): export it unpublished and compare it with the live version."
-        ),
-    ] = None,
-    summary_json: Annotated[Path | None, typer.Option(help="Write the run summary here.")] = None,
-    verbose: bool = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run the whole pipeline: resolve, plan, score, validate, drift gate, export, publish.
 
-    With --shadow, a shadow run: no drift gate, no publish; the comparison report's path
-    is printed last.
+    --input, --model and --key-column, or a job config (-f) that gives them. With
+    --shadow, a shadow run: no drift gate, no publish; the comparison report's path is
+    printed last. A run that finishes without publishing (not a dry run) exits 1.
     """
-    _setup_logging(verbose)
+    request = _run_request(
+        job_file=job_file,
+        date=date,
+        input=input,
+        model=model,
+        key_column=key_column,
+        namespace=namespace,
+        store=store,  # a password in it moves to the settings, never to the manifest
+        features=features,
+        shard_rows=shard_rows,
+        run_id=run_id,
+        dry_run=dry_run,
+        force=force,
+        shadow=shadow,
+        settings={
+            "output_dir": output,
+            "batch_size": batch_size,
+            "cluster": cluster,
+            "device": device.value if device else None,
+            "precision": precision.value if precision else None,
+            "max_failed_shards": max_failed_shards,
+            "workers": workers,
+        },
+        log_verbose=verbose,
+    )
     from jobs.flow import run_flow
 
-    settings = _run_settings(
-        output_dir=output,
-        batch_size=batch_size,
-        cluster=cluster,
-        device=device,
-        precision=precision,
-        max_failed_shards=max_failed_shards,
-        workers=workers,
-        store_url=store,  # a password in it moves to the settings, never to the manifest
-    )
     try:
-        from jobs.steps import make_params
-
-        params = make_params(
-            settings,
-            input_path=input,
-            model_uri=model,
-            key_column=key_column,
-            namespace=namespace,
-            shard_rows=shard_rows,
-            features=[f.strip() for f in features.split(",") if f.strip()] if features else None,
-            dry_run=dry_run,
-            force=force,
-        )
         with _score_progress() as on_progress:
             manifest = run_flow(
-                settings, params, run_id=run_id, shadow=shadow, on_progress=on_progress
+                request.settings,
+                request.params,
+                run_id=request.run_id,
+                shadow=request.shadow,
+                on_progress=on_progress,
             )
     except BatchscoreError as exc:
         _write_summary_of_failure(summary_json, exc)
         _fail(exc)
-        return
     summary = manifest.summary()
     if summary_json:
         summary_json.write_text(json.dumps(summary, indent=2, default=str))
@@ -181,8 +660,8 @@ def run(
         report = summary["reports"].get("shadow_comparison")
         out.print(f"shadow comparison report: file://{report}", soft_wrap=True, highlight=False)
         return
-    if not manifest.published and not params.dry_run:
-        raise typer.Exit(1)
+    if not manifest.published and not request.params.dry_run:
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def _write_summary_of_failure(path: Path | None, exc: BatchscoreError) -> None:
@@ -191,9 +670,12 @@ def _write_summary_of_failure(path: Path | None, exc: BatchscoreError) -> None:
 
 
 class _score_progress:
-    """A live progress bar for the score step: shards done, rows, rows/s."""
+    """A live progress bar for the score step: shards done, rows, rows/s; with JSON logs,
+    a log line per shard instead (as the DAG's score task logs it)."""
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Callable[[int, int, int], None]:
+        if _logs["json"]:
+            return self._log
         self._progress = Progress(
             TextColumn("scoring"),
             BarColumn(),
@@ -207,6 +689,10 @@ class _score_progress:
         self._started = 0.0
         return self._update
 
+    @staticmethod
+    def _log(done: int, total: int, rows: int) -> None:
+        log.info("scored %d/%d shards, %d rows", done, total, rows)
+
     def _update(self, done: int, total: int, rows: int) -> None:
         import time
 
@@ -219,7 +705,8 @@ class _score_progress:
         self._progress.update(self._task, completed=done, rows=rows, rate=rate)
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        if not _logs["json"]:
+            self._progress.stop()
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -296,8 +783,8 @@ def _print_drift(drift: dict[str, Any] | None) -> None:
 @app.command()
 def serve(
     store: StoreOpt = None,
-    host: Annotated[str | None, typer.Option()] = None,
-    port: Annotated[int | None, typer.Option()] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default: setting).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to bind (default: setting).")] = None,
     workers: Annotated[
         int | None, typer.Option(min=1, max=64, help="uvicorn worker processes.")
     ] = None,
@@ -314,16 +801,19 @@ def serve(
         settings = load_settings(
             ApiSettings, store_url=store, host=host, port=port, api_workers=workers
         )
+        if settings.log_format == "json":
+            _setup_logging("json")
         application = create_app(settings)  # fails here, before binding, on a bad setting
     except BatchscoreError as exc:
         _fail(exc)
-        return
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": "warning",
         "access_log": False,
     }
+    if settings.log_format == "json":
+        common["log_config"] = None  # uvicorn's loggers propagate to the JSON handler
     if settings.api_workers == 1:
         uvicorn.run(application, **common)
         return
@@ -359,13 +849,15 @@ def rollback(
         info = opened.rollback(namespace, to)
     except BatchscoreError as exc:
         _fail(exc)
-        return
     out.print(f"namespace {namespace}: live version {before} → {info.version} (run {info.run_id})")
 
 
 @app.command()
 def status(
-    namespace: NamespaceArg, store: StoreOpt = None, json_out: bool = typer.Option(False, "--json")
+    namespace: NamespaceArg,
+    store: StoreOpt = None,
+    output: OutputOpt = OutputFormat.table,
+    json_out: JsonFlag = False,
 ) -> None:
     """Live version, kept versions and the last run's summary of a namespace."""
     from jobs.status import namespace_status
@@ -375,9 +867,8 @@ def status(
         report = namespace_status(settings, namespace, store)
     except BatchscoreError as exc:
         _fail(exc)
-        return
-    if json_out:
-        out.print_json(data=report)
+    if _as_json(output, json_out):
+        _print_json(report)
         return
     title = f"namespace {namespace} in {report['store']}: live version {report['live']}"
     table = Table(title=title)
@@ -400,23 +891,24 @@ def status(
 
 @app.command()
 def versions(
-    namespace: NamespaceArg, store: StoreOpt = None, json_out: bool = typer.Option(False, "--json")
+    namespace: NamespaceArg,
+    store: StoreOpt = None,
+    output: OutputOpt = OutputFormat.table,
+    json_out: JsonFlag = False,
 ) -> None:
     """Every version of a namespace in the store: live, kept, loading, expiring, deleting."""
     from jobs.status import namespace_state
+    from kv_export.connect import store_target
 
     settings = _run_settings()
     try:
+        label = store_target(settings, store).label
         state = namespace_state(settings, namespace, store)
     except BatchscoreError as exc:
         _fail(exc)
-        return
-    from kv_export.connect import store_target
-
-    label = store_target(settings, store).label
-    if json_out:
+    if _as_json(output, json_out):
         dumped = state.model_dump(mode="json", exclude={"versions": {"__all__": {"parts"}}})
-        out.print_json(data={"store": label} | dumped)
+        _print_json({"store": label} | dumped)
         return
     ttl = f"{state.ttl_seconds:,} s" if state.ttl_seconds else "none"
     table = Table(
@@ -469,25 +961,83 @@ def gc(
         int | None,
         typer.Option(min=0, help="Record the namespace's TTL in seconds first (0: none)."),
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            help="Show what would be deleted (with --ttl: once the TTL is set); change nothing."
+        ),
+    ] = False,
+    output: OutputOpt = OutputFormat.table,
 ) -> None:
     """Delete versions beyond --keep, stale never-published and expired ones."""
+    from kv_export.connect import store_target
+
     settings = _run_settings()
+    kept = keep or settings.keep_versions
     try:
-        opened = _open_store(settings, store)
-        if ttl is not None:
-            opened.set_ttl(namespace, ttl)
-        deleted = opened.gc(
-            namespace,
-            keep or settings.keep_versions,
-            loading_grace_seconds=settings.loading_grace_seconds,
-        )
-        live = opened.state(namespace).live
-        opened.close()
+        target = store_target(settings, store)
+        opened = target.open()
+        try:
+            if dry_run:
+                state = opened.state(namespace)
+                state = state.set_ttl(ttl) if ttl is not None else state
+                _, doomed = state.gc(kept, loading_grace_seconds=settings.loading_grace_seconds)
+            else:
+                if ttl is not None:
+                    opened.set_ttl(namespace, ttl)
+                doomed = opened.gc(
+                    namespace, kept, loading_grace_seconds=settings.loading_grace_seconds
+                )
+            live = opened.state(namespace).live
+        finally:
+            opened.close()
     except BatchscoreError as exc:
         _fail(exc)
+    if output == OutputFormat.json:
+        _print_json(
+            {
+                "namespace": namespace,
+                "store": target.label,
+                "dry_run": dry_run,
+                "keep": kept,
+                "live": live,
+                "versions": [_gc_record(info) for info in doomed],
+            }
+        )
         return
-    gone = ", ".join(str(info.version) for info in deleted) or "nothing"
-    out.print(f"namespace {namespace}: deleted {gone}; live version {live}")
+    _print_gc(namespace, target.label, dry_run, doomed, live)
+
+
+def _gc_record(info: Any) -> dict[str, Any]:
+    fields = ("version", "state", "run_id", "model_name", "model_version")
+    return {name: getattr(info, name) for name in fields} | {
+        "published_at": info.published_at,
+        "expires_at": info.expires_at,
+    }
+
+
+def _print_gc(
+    namespace: str, label: str, dry_run: bool, doomed: list[Any], live: int | None
+) -> None:
+    gone = ", ".join(str(info.version) for info in doomed) or "nothing"
+    if not dry_run:
+        out.print(f"namespace {namespace}: deleted {gone}; live version {live}")
+        return
+    out.print(f"namespace {namespace} in {label}: gc would delete {gone}; live version {live}")
+    if doomed:
+        table = Table(title="would delete")
+        for column in ("version", "state", "model", "run", "published", "expires"):
+            table.add_column(column)
+        for info in doomed:
+            table.add_row(
+                str(info.version),
+                info.state,
+                f"{info.model_name} v{info.model_version}",
+                info.run_id,
+                info.published_at or "",
+                info.expires_at or "",
+            )
+        out.print(table)
 
 
 @model_app.command("register")
@@ -504,14 +1054,13 @@ def model_register(
         found = MlflowRegistry(settings.tracking_uri).register(source, name, alias)
     except BatchscoreError as exc:
         _fail(exc)
-        return
     out.print(f"registered {found.name} version {found.version} aliases {list(found.aliases)}")
 
 
 @model_app.command("promote")
 def model_promote(
-    name: str,
-    version: str,
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="The version the alias points at.")],
     alias: Annotated[str, typer.Option(help="Alias to move, e.g. champion.")] = "champion",
 ) -> None:
     """Point an alias at a version (runs already started keep their pin)."""
@@ -522,49 +1071,159 @@ def model_promote(
         found = MlflowRegistry(settings.tracking_uri).promote(name, version, alias)
     except BatchscoreError as exc:
         _fail(exc)
-        return
     out.print(f"{name}@{alias} → version {found.version}")
 
 
 @model_app.command("list")
-def model_list(name: Annotated[str | None, typer.Argument()] = None) -> None:
-    """List registered models, or the versions and aliases of one."""
+def model_list(
+    name: Annotated[
+        str | None, typer.Argument(help="One registered model; default: every one.")
+    ] = None,
+    output: OutputOpt = OutputFormat.table,
+) -> None:
+    """List registered models (every page of them), or the versions and aliases of one."""
+    from batchscore.core.urls import public_url
+    from registry.errors import ModelNotFound
     from registry.mlflow_registry import MlflowRegistry
 
     settings = _run_settings()
-    registry = MlflowRegistry(settings.tracking_uri)
-    table = Table(title=f"models in {settings.tracking_uri}")
+    try:
+        registry = MlflowRegistry(settings.tracking_uri)
+        names = registry.models()
+        if name is not None and name not in names:
+            raise ModelNotFound(
+                f"Registered model '{name}' does not exist in {public_url(settings.tracking_uri)}",
+                expected=f"one of {names}" if names else "a registered model",
+                fix="Check MLFLOW_TRACKING_URI, or register it: batchscore model register",
+            )
+        found = {n: registry.versions(n) for n in ([name] if name else names)}
+    except BatchscoreError as exc:
+        _fail(exc)
+    where = public_url(settings.tracking_uri)
+    if output == OutputFormat.json:
+        models = [
+            {"name": n, "versions": [_version_record(v) for v in listed]}
+            for n, listed in found.items()
+        ]
+        _print_json({"registry": where, "models": models})
+        return
+    table = Table(title=f"models in {where}")
     for column in ("model", "version", "aliases", "source"):
         table.add_column(column)
-    for model_name in [name] if name else registry.models():
-        for v in registry.versions(model_name):
+    for listed in found.values():
+        for v in listed:
             table.add_row(v.name, v.version, ", ".join(v.aliases), v.source)
     out.print(table)
 
 
+def _version_record(version: Any) -> dict[str, Any]:
+    return {
+        "version": version.version,
+        "aliases": list(version.aliases),
+        "source": version.source,
+        "run_id": version.run_id,
+        "created_at": version.created_at,
+    }
+
+
+@step_app.command("resolve")
+def step_resolve(
+    input: InputOpt = None,
+    model: ModelOpt = None,
+    key_column: KeyColumnOpt = None,
+    namespace: NamespaceOpt = None,
+    store: StoreOpt = None,
+    output: RunsRootOpt = None,
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
+    cluster: ClusterOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    max_failed_shards: MaxFailedOpt = None,
+    features: FeaturesOpt = None,
+    shard_rows: ShardRowsOpt = None,
+    run_id: RunIdOpt = None,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
+    shadow: ShadowOpt = None,
+    job_file: JobFileOpt = None,
+    date: DateOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Pin the model and create the run folder (the DAG's resolve task); print it as JSON.
+
+    Takes the options of `batchscore run` (or -f and --date); the later steps take the
+    printed run_dir.
+    """
+    request = _run_request(
+        job_file=job_file,
+        date=date,
+        input=input,
+        model=model,
+        key_column=key_column,
+        namespace=namespace,
+        store=store,
+        features=features,
+        shard_rows=shard_rows,
+        run_id=run_id,
+        dry_run=dry_run,
+        force=force,
+        shadow=shadow,
+        settings={
+            "output_dir": output,
+            "batch_size": batch_size,
+            "cluster": cluster,
+            "device": device.value if device else None,
+            "precision": precision.value if precision else None,
+            "max_failed_shards": max_failed_shards,
+            "workers": workers,
+        },
+        log_verbose=verbose,
+    )
+    from jobs.flow import start_run
+
+    try:
+        started = start_run(
+            request.settings, request.params, run_id=request.run_id, shadow=request.shadow
+        )
+    except BatchscoreError as exc:
+        _fail(exc)
+    _print_json(started)
+
+
 @step_app.command("plan")
-def step_plan(run_dir: Path) -> None:
-    _one_step("plan", run_dir)
+def step_plan(run_dir: RunDirArg, verbose: VerboseOpt = False) -> None:
+    """Split the input into shards."""
+    _one_step("plan", run_dir, verbose)
 
 
 @step_app.command("score")
-def step_score(run_dir: Path) -> None:
-    _one_step("score", run_dir)
+def step_score(run_dir: RunDirArg, verbose: VerboseOpt = False) -> None:
+    """Score the shards on Dask (those with a part already are kept)."""
+    _one_step("score", run_dir, verbose)
 
 
 @step_app.command("validate")
-def step_validate(run_dir: Path) -> None:
-    _one_step("validate", run_dir)
+def step_validate(run_dir: RunDirArg, verbose: VerboseOpt = False) -> None:
+    """Check the output, then the drift gate (as the DAG's validate task)."""
+    _one_step("validate", run_dir, verbose)
+
+
+@step_app.command("drift")
+def step_drift(run_dir: RunDirArg, verbose: VerboseOpt = False) -> None:
+    """The drift gate alone: compare the output with the live version's (exit 4: drifted)."""
+    _one_step("drift", run_dir, verbose)
 
 
 @step_app.command("export")
-def step_export(run_dir: Path) -> None:
-    _one_step("export", run_dir)
+def step_export(run_dir: RunDirArg, verbose: VerboseOpt = False) -> None:
+    """Load the output into the store as a new version, not live yet."""
+    _one_step("export", run_dir, verbose)
 
 
 @step_app.command("publish")
 def step_publish(
-    run_dir: Path,
+    run_dir: RunDirArg,
     force: Annotated[
         bool,
         typer.Option(
@@ -572,19 +1231,24 @@ def step_publish(
             "replaces newer predictions otherwise)."
         ),
     ] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
-    _one_step("publish", run_dir, force=force or None)
+    """Make the exported version live, then collect old versions and run folders."""
+    _one_step("publish", run_dir, verbose, force=force or None)
 
 
-def _one_step(name: str, run_dir: Path, **options: Any) -> None:
+def _one_step(name: str, run_dir: Path, verbose: bool, **options: Any) -> None:
     """One task of the DAG on an existing run folder: the same ``jobs.flow`` call."""
-    _setup_logging()
+    settings = _run_settings()
+    _setup_logging(settings.log_format, verbose)
     from jobs import flow, steps
+    from jobs.drift_gate import check_drift
 
     tasks: dict[str, Callable[..., Mapping[str, object]]] = {
         "plan": steps.plan,
         "score": steps.score,
         "validate": flow.validate_and_gate,  # the drift gate too, as the DAG's task
+        "drift": lambda run_dir: check_drift(run_dir, settings),
         "export": flow.export_and_compare,  # a shadow run's comparison too
         "publish": flow.publish_run,
     }
@@ -592,8 +1256,7 @@ def _one_step(name: str, run_dir: Path, **options: Any) -> None:
         result = tasks[name](run_dir, **options)
     except BatchscoreError as exc:
         _fail(exc)
-        return
-    out.print_json(data=result)
+    _print_json(result)
 
 
 @app.command()
@@ -608,7 +1271,6 @@ def demo(
         code = run_demo(settings, rows=rows, console=out)
     except BatchscoreError as exc:
         _fail(exc)
-        return
     raise typer.Exit(code)
 
 

@@ -80,7 +80,7 @@ def test_publish_step_refuses_a_missing_or_incomplete_version(
         manifest["version"] = version
         (bad / "manifest.json").write_text(json.dumps(manifest))
         refused = run_cli("step", "publish", str(bad), env=cli_env)
-        assert refused.returncode == 1
+        assert refused.returncode == 3  # bad input: the version named cannot be published
         assert re.search(message, refused.stderr), refused.stderr
         assert load_manifest(bad).published is False
     state = store.state("ns")

@@ -56,9 +56,9 @@ def test_register_promote_and_list(env: dict[str, str], registry: Registry, tmp_
     assert len(lines) == 2 and "champion" in lines[1] and "champion" not in lines[0]
 
     missing = run_cli("model", "promote", "cli_model", "9", env=env)
-    assert missing.returncode == 1 and "has no version 9" in missing.stderr
+    assert missing.returncode == 3 and "has no version 9" in missing.stderr  # bad input
     not_a_model = run_cli("model", "register", str(tmp_path), "--name", "x", env=env)
-    assert not_a_model.returncode == 1 and "not an MLflow model folder" in not_a_model.stderr
+    assert not_a_model.returncode == 3 and "not an MLflow model folder" in not_a_model.stderr
 
 
 def registered_forward(tracking_uri: str, uri: str, destination: Path) -> np.ndarray:
