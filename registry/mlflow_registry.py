@@ -322,7 +322,16 @@ class MlflowRegistry:
         return sorted(described, key=lambda v: int(v.version))
 
     def models(self) -> list[str]:
-        return sorted(m.name for m in self._client.search_registered_models())
+        """Every registered model's name: MLflow answers a page at a time (100 names by
+        default), so the pages are followed until the server gives no next token."""
+        names: list[str] = []
+        token: str | None = None
+        while True:
+            page = self._client.search_registered_models(page_token=token)
+            names.extend(m.name for m in page)
+            token = page.token
+            if not token:
+                return sorted(names)
 
     def _require_model(self, name: str) -> None:
         try:
