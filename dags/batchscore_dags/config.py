@@ -4,10 +4,10 @@ A config says what to score (``model_uri``, an ``input_path`` template, ``key_co
 where the predictions go (``namespace``, ``store_url``), when it runs (``schedule``: a
 cron string, ``{asset: <uri>}`` or null) and how Airflow runs it (owner, retries,
 ``max_active_runs``, ``deadline``, ``execution_timeout`` for every step and ``timeouts``
-per step). A ``shadow`` candidate turns every run of the job
-into a shadow run. Unknown fields are refused: a typo fails parsing instead of being
-ignored. A problem is reported as ``<file>: field '<name>': <what was expected>; found
-<value>``.
+per step), and who is told of a failed step or a blocked gate (``notify``). A ``shadow``
+candidate turns every run of the job into a shadow run. Unknown fields are refused: a
+typo fails parsing instead of being ignored. A problem is reported as ``<file>: field
+'<name>': <what was expected>; found <value>``.
 
 The folder is ``dags/jobs/`` next to the DAG files unless ``BATCHSCORE_DAG_JOBS_DIR``
 names another one.
@@ -20,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -61,6 +62,7 @@ ALIAS = re.compile(r"^[\w-]+$")
 NAME = r"^[A-Za-z0-9_.-]+$"
 DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 DURATION_EXPECTED = "a duration such as 90s, 5m, 2h, 1h30m or a number of seconds"
+EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
 TIMEOUTS_EXAMPLE = "{score: 2h, validate: 20m}"
 STORE_SCHEMES = ("lmdb", "redis", "rediss", "unix")
 DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -118,6 +120,51 @@ class StepTimeouts(BaseModel):
         return getattr(self, "validate_" if step == "validate" else step)  # type: ignore[no-any-return]
 
 
+class SmtpChannel(BaseModel):
+    """Mail through one of Airflow's SMTP connections (host, port, login, TLS are there)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    to: list[str] = Field(min_length=1, description="Recipients.")
+    from_: str | None = Field(
+        default=None, alias="from", description="Sender; default: the connection's from_email."
+    )
+    conn_id: str = Field(default="smtp_default", min_length=1, description="Airflow connection.")
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _to(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("to")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            if not EMAIL.match(address):
+                raise ValueError(f"expected mail addresses such as ops@example.com; {address!r}")
+        return value
+
+
+class NotifyConfig(BaseModel):
+    """Who hears about a failed step (``failure``) and a blocked quality gate (``gate``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    when: list[Literal["failure", "gate"]] = Field(
+        default=["failure", "gate"], min_length=1, description="The events to notify."
+    )
+    smtp: SmtpChannel
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, value: object) -> object:
+        if isinstance(value, dict) and True in value:
+            raise ValueError(
+                "expected 'when: [failure, gate]' (YAML reads an unquoted 'on' as true)"
+            )
+        return value
+
+
 class JobConfig(BaseModel):
     """One scoring job; the DAG ``score_<name>``."""
 
@@ -164,6 +211,10 @@ class JobConfig(BaseModel):
     timeouts: StepTimeouts = Field(
         default_factory=StepTimeouts,
         description="Per step, over execution_timeout: {score: 2h, validate: 20m}.",
+    )
+    notify: NotifyConfig | None = Field(
+        default=None,
+        description="Mail on a failed step and a blocked gate: {when: [...], smtp: {to: ...}}.",
     )
 
     @property
@@ -429,7 +480,11 @@ def _names(model: type[BaseModel]) -> str:
 
 
 #: The mappings inside a job config: what their keys are, for an unknown key's message.
-NESTED_FIELDS = {"timeouts": ("steps", _names(StepTimeouts))}
+NESTED_FIELDS = {
+    "timeouts": ("steps", _names(StepTimeouts)),
+    "notify": ("notify fields", _names(NotifyConfig)),
+    "notify.smtp": ("smtp fields", _names(SmtpChannel)),
+}
 
 
 def _redacted(url: str) -> str:

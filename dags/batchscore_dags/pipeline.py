@@ -19,7 +19,8 @@ What every DAG built here has:
 - the ``batchscore_scoring`` pool on the score task, to bound concurrent scoring runs;
 - an ``execution_timeout`` per task when the job sets one (``execution_timeout``, or per
   step ``timeouts``);
-- an ``on_failure_callback`` naming the failed step and the error, and a Deadline Alert
+- an ``on_failure_callback`` naming the failed step and the error, a mail through the
+  job's notifier (``notify``) on a failed step or a blocked gate, and a Deadline Alert
   when the job sets a deadline;
 - an asset event on ``batchscore://<namespace>`` (through the ``batchscore_published``
   alias, since the form may change the namespace) when a version goes live.
@@ -68,7 +69,9 @@ from batchscore_dags.config import (
     SHADOW_URI_PATTERN,
     AssetSchedule,
     LoadedJob,
+    NotifyConfig,
 )
+from batchscore_dags.notify import JobNotifier
 from batchscore_dags.runs import STEPS
 
 if TYPE_CHECKING:
@@ -159,6 +162,7 @@ class DagSpec:
     workers: int | None = None
     # Per task id: how long one try may run (execution_timeout); absent: no limit.
     timeouts: dict[str, timedelta] = field(default_factory=dict)
+    notify: NotifyConfig | None = None
 
 
 def form_params(d: FormDefaults) -> dict[str, Param]:
@@ -275,6 +279,7 @@ def job_spec(job: LoadedJob) -> DagSpec:
         deadline=c.deadline,
         workers=c.workers,
         timeouts=c.step_timeouts(STEPS),
+        notify=c.notify,
     )
 
 
@@ -298,12 +303,25 @@ def build_dag(spec: DagSpec) -> DAG:
             "retry_exponential_backoff": 2.0,
             "max_retry_delay": spec.max_retry_delay,
             "retry_policy": RETRY_POLICY,
-            "on_failure_callback": on_task_failure,
+            "on_failure_callback": _failure_callbacks(spec.notify),
         },
         deadline=_deadline(spec),
     ) as built:
         _wire_tasks(spec.workers, spec.timeouts)
     return built
+
+
+def _failure_callbacks(notify: NotifyConfig | None) -> list[Any]:
+    """The log line always; a mail too when the job asks for one."""
+    if notify is None:
+        return [on_task_failure]
+    notifier = JobNotifier(
+        events=notify.when,
+        to=notify.smtp.to,
+        from_email=notify.smtp.from_,
+        conn_id=notify.smtp.conn_id,
+    )
+    return [on_task_failure, notifier]
 
 
 def _schedule(schedule: str | AssetSchedule | None) -> Any:

@@ -66,9 +66,15 @@ timeouts: {score: 3h, validate: 20m}
 def dag_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, ModuleType]]:
     """``batchscore_dags`` imported as Airflow imports it: from the DAGs folder on sys.path."""
     monkeypatch.syspath_prepend(str(DAGS))
-    from batchscore_dags import callbacks, config, pipeline, runs
+    from batchscore_dags import callbacks, config, notify, pipeline, runs
 
-    yield {"config": config, "pipeline": pipeline, "runs": runs, "callbacks": callbacks}
+    yield {
+        "config": config,
+        "pipeline": pipeline,
+        "runs": runs,
+        "callbacks": callbacks,
+        "notify": notify,
+    }
 
 
 def write(folder: Path, name: str, text: str) -> Path:
@@ -425,7 +431,10 @@ for dag in bag.dags.values():
         "retry_delay": score.retry_delay.total_seconds(),
         "backoff": score.retry_exponential_backoff,
         "retry_policy": type(score.retry_policy).__name__,
-        "on_failure_callback": [f"{c.__module__}.{c.__name__}" for c in score.on_failure_callback],
+        "on_failure_callback": [
+            f"{c.__module__}.{getattr(c, '__name__', type(c).__name__)}"
+            for c in score.on_failure_callback
+        ],
         "timeouts": {
             t.task_id: t.execution_timeout.total_seconds()
             for t in dag.tasks if t.execution_timeout is not None
@@ -740,3 +749,69 @@ def test_the_retry_policy_retries_a_missing_input_and_fails_bad_input_at_once(
 
 def _retry_action(policy: Any, error: BaseException) -> Any:
     return policy.evaluate(error, try_number=1, max_tries=3).action
+
+
+# --- notifications (issue 19) ------------------------------------------------------------
+
+NOTIFY = """\
+notify:
+  when: [gate]
+  smtp: {to: ops@example.com, from: batchscore@example.com, conn_id: mail}
+"""
+
+
+def test_notify_names_events_recipients_and_connection(
+    dag_modules: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    config = dag_modules["config"]
+    write(tmp_path, "daily.yaml", GOOD + NOTIFY)
+    notify = config.load_jobs(tmp_path).jobs[0].config.notify
+    assert notify.when == ["gate"] and notify.smtp.to == ["ops@example.com"]
+    assert (notify.smtp.from_, notify.smtp.conn_id) == ("batchscore@example.com", "mail")
+    write(tmp_path, "daily.yaml", GOOD + "notify: {smtp: {to: [a@example.com, b@example.com]}}")
+    notify = config.load_jobs(tmp_path).jobs[0].config.notify
+    assert notify.when == ["failure", "gate"] and notify.smtp.conn_id == "smtp_default"
+    assert notify.smtp.from_ is None  # the connection's from_email
+
+
+@pytest.mark.parametrize(
+    ("notify", "field", "expected"),
+    [
+        (NOTIFY.replace("when:", "on:"), "notify", "expected 'when: [failure, gate]'"),
+        (NOTIFY.replace("[gate]", "[crash]"), "notify.when.0", "'failure' or 'gate'"),
+        (NOTIFY.replace("ops@example.com", "ops"), "notify.smtp.to", "mail addresses"),
+        (NOTIFY.replace("conn_id", "connection"), "notify.smtp.connection", "(to, from, conn_id)"),
+        (NOTIFY.replace("  smtp", "  slack"), "notify.slack", "(when, smtp)"),
+        ("notify: {when: [gate]}", "notify.smtp", "expected a value; found none"),
+    ],
+)
+def test_a_bad_notify_is_named_with_file_and_key(
+    dag_modules: dict[str, ModuleType], tmp_path: Path, notify: str, field: str, expected: str
+) -> None:
+    path = write(tmp_path, "daily.yaml", GOOD + notify)
+    problems = problems_of(dag_modules["config"], tmp_path)
+    assert problems and all(p.startswith(f"{path}: ") for p in problems)
+    assert any(f"field '{field}'" in p and expected in p for p in problems), problems
+
+
+def test_a_blocked_gate_is_told_apart_from_a_failure(dag_modules: dict[str, ModuleType]) -> None:
+    from types import SimpleNamespace
+
+    from scoring.errors import DriftDetected, InputError, ValidationFailed
+
+    notify = dag_modules["notify"]
+
+    ti = SimpleNamespace(dag_id="score_daily", task_id="validate", run_id="manual__1", try_number=1)
+    gated = notify.compose({"task_instance": ti, "exception": DriftDetected("drifted", drift=[])})
+    assert gated.event == "gate"
+    assert gated.subject.startswith("[batchscore] drift gate blocked DAG score_daily, run manual")
+    failed = ValidationFailed("2 checks failed", failures=[])
+    assert notify.compose({"task_instance": ti, "exception": failed}).subject.startswith(
+        "[batchscore] validation gate blocked"
+    )
+    bad = InputError("Input column 'age' <is> missing {{ conn.x.password }}")
+    message = notify.compose({"task_instance": ti, "exception": bad})
+    assert message.event == "failure"
+    assert message.subject == "[batchscore] step 'validate' failed: DAG score_daily, run manual__1"
+    # The error is escaped HTML, and its braces stay text (no template is rendered).
+    assert "&lt;is&gt; missing {{ conn.x.password }}" in message.html
