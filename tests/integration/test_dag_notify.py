@@ -8,7 +8,10 @@ Three job DAGs, each run once for 2026-11-20:
 - ``score_gated``: the ``broken`` model's outputs are NaN, so the validation gate blocks
   the run; it notifies on gates only;
 - ``score_quiet``: the same missing columns as the first, but it notifies on gates only,
-  so its failure sends nothing.
+  so its failure sends nothing;
+- ``score_slow``: a model that sleeps in every forward pass, and ``timeouts: {score: 3s}``:
+  Airflow stops the score step when its ``execution_timeout`` passes, and the failure
+  is mailed.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import pytest
 import yaml
 
 from batchscore.testing import free_port
-from tests.conftest import BIN, KEY, REPO, Registry
+from tests.conftest import BIN, KEY, N_FEATURES, REPO, Registry
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow, pytest.mark.e2e]
 DAGS = REPO / "dags"
@@ -124,7 +127,10 @@ def runs(
         job("no_column", "models:/churn@champion", missing, "ops@example.com", ["failure", "gate"]),
         job("gated", "models:/broken@champion", dataset, "quality@example.com", ["gate"]),
         job("quiet", "models:/churn@champion", missing, "quiet@example.com", ["gate"]),
+        job("slow", "models:/slow@champion", dataset, "slow@example.com", ["failure"])
+        | {"timeouts": {"score": "3s"}},
     ]
+    register_slow_model(registry)
     for config in configs:
         (jobs / f"{config['name']}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -147,6 +153,7 @@ def runs(
         "BATCHSCORE_DAG_JOBS_DIR": str(jobs),
         "MLFLOW_TRACKING_URI": registry.tracking_uri,
         "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true",
+        "PYTHONPATH": str(REPO),  # the Dask workers unpickle tests.slow_model.SlowMLP
     }
     migrated = airflow(env, "db", "migrate")
     assert migrated.returncode == 0, (migrated.stdout + migrated.stderr)[-5000:]
@@ -154,6 +161,20 @@ def runs(
     assert pool.returncode == 0, pool.stderr[-3000:]
     done = {c["name"]: airflow(env, "dags", "test", f"score_{c['name']}", DAY) for c in configs}
     return Runs(env, done)
+
+
+def register_slow_model(registry: Registry) -> None:
+    """``models:/slow@champion``: one forward pass takes 30 s, ten times the limit."""
+    from batchscore.samples import log_and_register
+    from tests.slow_model import SlowMLP
+
+    log_and_register(
+        SlowMLP(N_FEATURES, seconds_per_call=30.0).eval(),
+        tracking_uri=registry.tracking_uri,
+        artifact_root=registry.artifact_root,
+        name="slow",
+        n_features=N_FEATURES,
+    )
 
 
 def html_of(message: Message) -> str:
@@ -227,3 +248,15 @@ def test_a_job_that_wants_gates_only_hears_nothing_of_a_failure(
     assert runs.done["quiet"].returncode != 0
     assert "batchscore: step 'plan' of DAG score_quiet" in runs.output("quiet")
     assert mailbox.to("quiet@example.com") == []
+
+
+def test_a_step_past_its_execution_timeout_is_stopped_and_mailed(
+    runs: Runs, smtp: tuple[Mailbox, int]
+) -> None:
+    mailbox, _ = smtp
+    output = runs.output("slow")
+    assert runs.done["slow"].returncode != 0, output[-5000:]
+    assert "batchscore: step 'score' of DAG score_slow" in output, output[-5000:]
+    [message] = mailbox.to("slow@example.com")
+    assert message["Subject"].startswith("[batchscore] step 'score' failed: DAG score_slow")
+    assert "<pre>AirflowTaskTimeout: " in html_of(message), html_of(message)
