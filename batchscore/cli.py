@@ -249,15 +249,12 @@ NamespaceArg = Annotated[
 ]
 
 
-PROJECT_LOGGERS = ("batchscore", "scoring", "kv_export", "registry", "jobs", "lookup")
-NOISY_LOGGERS = ("distributed", "great_expectations", "mlflow", "alembic")
-
-
 def _setup_logging(log_format: str = "text", verbose: bool = False) -> None:
     """Text through rich, or JSON lines (``batchscore.core.logs``), on stderr.
 
-    For JSON, MLflow is told not to install a handler of its own and Dask's logging is
-    set up first, so that their lines come out as JSON too.
+    For JSON, MLflow is told not to install a handler of its own nor to draw its
+    download progress bar, Dask's logging is set up first, and the workers of a cluster
+    started for the run preload the same setup, so that their lines come out as JSON too.
     """
     import os
 
@@ -273,11 +270,15 @@ def _setup_logging(log_format: str = "text", verbose: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # tqdm's
+        # The workers of a cluster started here inherit the environment: they preload
+        # the same setup (a running tcp:// cluster's workers log as they were started).
+        os.environ.setdefault("DASK_DISTRIBUTED__WORKER__PRELOAD", '["batchscore.core.logs"]')
         import distributed  # noqa: F401  (installs its handlers, which configure() removes)
 
         handler = logs.json_handler()
         _logs["json"] = True
-    logs.configure(handler, level=level, loggers=PROJECT_LOGGERS, quiet=NOISY_LOGGERS)
+    logs.configure(handler, level=level, loggers=logs.PROJECT_LOGGERS, quiet=logs.NOISY_LOGGERS)
 
 
 def _report(exc: BaseException, code: int) -> None:

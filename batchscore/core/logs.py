@@ -88,3 +88,16 @@ def adopt(logger: logging.Logger) -> None:
     for old in list(logger.handlers):
         logger.removeHandler(old)
     logger.propagate = True
+
+
+#: The loggers of batchscore's own packages, at INFO (DEBUG with --verbose).
+PROJECT_LOGGERS = ("batchscore", "scoring", "kv_export", "registry", "jobs", "lookup")
+#: Libraries whose INFO lines are noise in a run's log: WARNING and above only.
+NOISY_LOGGERS = ("distributed", "great_expectations", "mlflow", "alembic")
+
+
+def dask_setup(worker: object) -> None:
+    """Dask preload hook (``--preload batchscore.core.logs``, or the setting
+    ``distributed.worker.preload``): the worker process logs JSON lines to its stderr,
+    as the process that started it does."""
+    configure(json_handler(), level=logging.INFO, loggers=PROJECT_LOGGERS, quiet=NOISY_LOGGERS)
