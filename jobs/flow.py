@@ -16,6 +16,10 @@ The rules that live here, and nowhere else:
   with the live version after its export and is never published (``jobs.shadow``);
 - **drift gate**: every other run is gated on drift after validation, before export.
 
+- **MLflow run**: every run is recorded as an MLflow run (``jobs.tracking``): created
+  when the run starts, each step's metrics logged when it ends, FAILED with its error
+  when a step raises, FINISHED at publish (or a publish that skips).
+
 Each function is idempotent, as the steps are: a retried task or a re-run command
 does no work twice and publishes nothing twice.
 """
@@ -23,19 +27,43 @@ does no work twice and publishes nothing twice.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from batchscore.core.settings import RunSettings
-from jobs import steps
+from jobs import steps, tracking
 from jobs.context import is_shadow
 from jobs.drift_gate import check_drift, run_reports
 from jobs.errors import RunError
 from jobs.manifest import Manifest, RunParams, load_manifest
 from jobs.publishing import export, publish
-from jobs.results import ExportResult, GateResult, PublishResult, Skipped, StartedRun
+from jobs.results import (
+    ExportResult,
+    GateResult,
+    PlanResult,
+    PublishResult,
+    ScoreResult,
+    Skipped,
+    StartedRun,
+)
 from jobs.shadow import candidate_uri, compare, mark
 
 log = logging.getLogger("batchscore.jobs")
+T = TypeVar("T")
+
+
+def _tracked(
+    run_dir: str | Path, step: str, settings: RunSettings | None, call: Callable[[], T]
+) -> T:
+    """Run one composed step; its metrics go to the run's MLflow run, or its error does."""
+    try:
+        result = call()
+    except BaseException as exc:
+        tracking.fail(run_dir, step, exc, settings)
+        raise
+    tracking.log_step(run_dir, step, settings)
+    return result
 
 
 def start_run(
@@ -53,7 +81,19 @@ def start_run(
     """
     candidate = candidate_uri(params.model_uri, shadow)
     if candidate is None:
-        return {**steps.resolve(settings, params, run_id), "shadow": None}
+        started: StartedRun = {**steps.resolve(settings, params, run_id), "shadow": None}
+    else:
+        started = _start_shadow(settings, params, candidate, run_id)
+    # A run that failed its resolve has no folder, or one with its earlier record.
+    run_dir = started["run_dir"]
+    tracking.start(run_dir, settings)
+    tracking.log_step(run_dir, "resolve", settings)
+    return started
+
+
+def _start_shadow(
+    settings: RunSettings, params: RunParams, candidate: str, run_id: str | None
+) -> StartedRun:
     if candidate == params.model_uri:
         raise RunError(
             f"The shadow candidate {candidate} is the live model itself",
@@ -66,11 +106,34 @@ def start_run(
     return {**ref, "shadow": candidate}
 
 
+def plan(run_dir: str | Path, settings: RunSettings | None = None) -> PlanResult:
+    """``steps.plan``, recorded in the run's MLflow run."""
+    return _tracked(run_dir, "plan", settings, lambda: steps.plan(run_dir))
+
+
+def score(
+    run_dir: str | Path,
+    settings: RunSettings | None = None,
+    *,
+    on_progress: steps.Progress | None = None,
+) -> ScoreResult:
+    """``steps.score``, recorded in the run's MLflow run."""
+    return _tracked(
+        run_dir, "score", settings, lambda: steps.score(run_dir, on_progress=on_progress)
+    )
+
+
 def validate_and_gate(run_dir: str | Path, settings: RunSettings | None = None) -> GateResult:
     """The GX suite, then the drift gate; a shadow run is compared after its export instead.
 
     A run published earlier is not checked again: it passed both gates to go live.
     """
+    return _tracked(
+        run_dir, "validate_and_gate", settings, lambda: _validate_and_gate(run_dir, settings)
+    )
+
+
+def _validate_and_gate(run_dir: str | Path, settings: RunSettings | None) -> GateResult:
     manifest = load_manifest(run_dir)
     if manifest.published:
         log.info(
@@ -114,6 +177,14 @@ def export_and_compare(
 ) -> ExportResult | Skipped:
     """Load the version (not live yet); for a shadow run, then write its comparison
     with the live version (also for a dry run, whose export is skipped)."""
+    return _tracked(
+        run_dir, "export_and_compare", settings, lambda: _export_and_compare(run_dir, settings)
+    )
+
+
+def _export_and_compare(
+    run_dir: str | Path, settings: RunSettings | None
+) -> ExportResult | Skipped:
     result = export(run_dir, settings)
     if not is_shadow(load_manifest(run_dir)):
         return result
@@ -138,8 +209,8 @@ def run_flow(
     not the environment's (a password given in ``--store``'s URL is only there).
     """
     run_dir = start_run(settings, params, run_id=run_id, shadow=shadow)["run_dir"]
-    steps.plan(run_dir)
-    steps.score(run_dir, on_progress=on_progress)
+    plan(run_dir, settings)
+    score(run_dir, settings, on_progress=on_progress)
     validate_and_gate(run_dir, settings)
     export_and_compare(run_dir, settings)
     publish_run(run_dir, settings)
@@ -149,5 +220,10 @@ def run_flow(
 def publish_run(
     run_dir: str | Path, settings: RunSettings | None = None, *, force: bool | None = None
 ) -> PublishResult | Skipped:
-    """Flip the live pointer once (``publishing.publish``: a shadow run or a dry run skip)."""
-    return publish(run_dir, settings, force=force)
+    """Flip the live pointer once (``publishing.publish``: a shadow run or a dry run skip);
+    the run's MLflow run ends here, FINISHED, naming the version it published."""
+    result = _tracked(run_dir, "publish", settings, lambda: publish(run_dir, settings, force=force))
+    tracking.finish(run_dir, settings)
+    if "skipped" in result:
+        return result
+    return {**result, "mlflow_run_id": load_manifest(run_dir).mlflow_run_id}

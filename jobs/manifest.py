@@ -158,6 +158,8 @@ class Manifest(BaseModel):
     drift: dict[str, Any] | None = None
     reports: dict[str, str] = Field(default_factory=dict)  # name → path (Data Docs, plots)
     stores: dict[str, StoreRecord] = Field(default_factory=dict)  # by store label
+    # The MLflow run that records this scoring run (jobs.tracking); None when not recorded.
+    mlflow_run_id: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -242,6 +244,7 @@ class Manifest(BaseModel):
             # A shadow run's candidate (jobs.shadow): never published, compared instead.
             "shadow": self.steps.get("shadow", {}).get("candidate"),
             "run_dir": self.run_dir,
+            "mlflow_run_id": self.mlflow_run_id,
             "validation": _validation_summary(self.validation),
             "drift": self.drift,
             "reports": self.reports,

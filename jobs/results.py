@@ -94,6 +94,7 @@ class PublishResult(TypedDict):
     previous: int | None  # the live version before
     note: str
     newly_published: bool  # live now, and not through an earlier publish of this run
+    mlflow_run_id: NotRequired[str | None]  # the MLflow run that records it (jobs.flow)
 
 
 @final

@@ -41,6 +41,7 @@ __all__ = [
     "ModelPin",
     "ModelUri",
     "RegisteredVersion",
+    "default_artifact_root",
     "parse_model_uri",
 ]
 
@@ -105,7 +106,7 @@ class MlflowRegistry:
 
         self.tracking_uri = tracking_uri
         self.registry_uri = registry_uri or tracking_uri
-        self.artifact_root = artifact_root or _default_artifact_root(tracking_uri)
+        self.artifact_root = artifact_root or default_artifact_root(tracking_uri)
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(self.registry_uri)
         self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=self.registry_uri)
@@ -375,7 +376,7 @@ def _logged_model_id(version: ModelVersion) -> str | None:
     return None
 
 
-def _default_artifact_root(tracking_uri: str) -> Path | None:
+def default_artifact_root(tracking_uri: str) -> Path | None:
     """Beside a SQLite database; none for a server, which has its own artifact store."""
     if not tracking_uri.startswith("sqlite:///"):
         return None

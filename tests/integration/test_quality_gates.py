@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from mlflow import MlflowClient
 
 from batchscore.core.settings import RunSettings, load_settings
 from jobs import steps
@@ -173,7 +174,11 @@ def test_a_small_weight_change_publishes_under_tight_thresholds(
 
 
 def test_a_hard_shift_is_blocked_and_force_publishes_it(
-    env: dict[str, str], dataset: Path, variants: dict[str, str], tmp_path: Path
+    env: dict[str, str],
+    dataset: Path,
+    variants: dict[str, str],
+    tmp_path: Path,
+    registry: Registry,
 ) -> None:
     live = run(dataset, "models:/churn/1")
     settings = load_settings(RunSettings)
@@ -197,6 +202,14 @@ def test_a_hard_shift_is_blocked_and_force_publishes_it(
     assert blocked.drift is not None and not blocked.drift["passed"]
     assert blocked.drift["outputs"][0]["moved_share"] > 0.25 and not blocked.published
     assert all(Path(s.part).exists() for s in blocked.shards), "output stays for inspection"
+    # Its MLflow run is FAILED with the gate's error and the distance that blocked it.
+    recorded = MlflowClient(registry.tracking_uri).get_run(str(blocked.mlflow_run_id))
+    assert recorded.info.status == "FAILED"
+    assert recorded.data.tags["batchscore.error"].startswith("DriftDetected: ")
+    assert recorded.data.metrics[f"drift.{OUTPUT}.distance"] == pytest.approx(
+        blocked.drift["outputs"][0]["distance"]
+    )
+    assert recorded.data.metrics["drift.passed"] == 0.0
     # The live version keeps serving the old model's values for every key looked up.
     info, values = lookup(settings.resolved_store_url, "drift", SAMPLE)
     assert info.model_name == "churn" and info.run_id == live.run_id

@@ -1,0 +1,148 @@
+"""Every scoring run is an MLflow run, read back through MlflowClient: on the SQLite
+tracking store, and on `mlflow server` on PostgreSQL as docker-compose.yaml runs it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from batchscore.core.settings import RunSettings, load_settings
+from jobs.manifest import Manifest, load_manifest
+from registry.mlflow_registry import MlflowRegistry
+from scoring.errors import ValidationFailed
+from tests.conftest import KEY, N_FEATURES, Registry, run_job
+from tests.stack import Deployment, deploy, save_model_folder
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def mlflow_run(tracking_uri: str, manifest: Manifest) -> Run:
+    assert manifest.mlflow_run_id, "the run recorded no MLflow run"
+    return MlflowClient(tracking_uri).get_run(manifest.mlflow_run_id)
+
+
+def artifacts(tracking_uri: str, run_id: str, path: str | None = None) -> set[str]:
+    return {a.path for a in MlflowClient(tracking_uri).list_artifacts(run_id, path)}
+
+
+def check_published_run(tracking_uri: str, manifest: Manifest, experiment: str) -> Run:
+    """What a user reads of a published run in MLflow: status, link, params, metrics."""
+    found = mlflow_run(tracking_uri, manifest)
+    assert found.info.status == "FINISHED"
+    assert MlflowClient(tracking_uri).get_experiment(found.info.experiment_id).name == experiment
+    tags, params, metrics = found.data.tags, found.data.params, found.data.metrics
+    assert tags["batchscore.run_id"] == manifest.run_id
+    assert tags["batchscore.namespace"] == manifest.namespace
+    assert tags["batchscore.model_name"] == manifest.model.name
+    assert tags["batchscore.model_version"] == manifest.model.version
+    assert tags["batchscore.store"] == manifest.store and "@" not in manifest.store
+    assert tags["batchscore.published"] == "true"
+    assert tags["batchscore.published_version"] == str(manifest.version)
+    assert params["input"] == manifest.params.input_path and params["key_column"] == KEY
+    assert params["store"] == manifest.store and params["cluster"] == manifest.params.cluster
+    assert params["batch_size"] == str(manifest.params.batch_size or "auto")
+    assert params["model_uri"] == manifest.model.uri
+    assert manifest.input is not None and metrics["rows"] == manifest.input.rows
+    assert metrics["rows_per_second"] > 0
+    for step in ("resolve", "plan", "score", "validate", "drift", "export", "publish"):
+        assert f"{step}.seconds" in metrics, f"no seconds for the {step} step"
+    assert metrics["validation.success"] == 1.0 and metrics["drift.passed"] == 1.0
+    assert metrics["export.rows"] == manifest.input.rows
+    return found
+
+
+def test_a_published_run_is_a_finished_mlflow_run(
+    env: dict[str, str], registry: Registry, dataset: Path
+) -> None:
+    first = run_job(dataset, "models:/churn@champion", "tracked")
+    found = check_published_run(registry.tracking_uri, first, "batchscore/tracked")
+    run_id = found.info.run_id
+    assert first.summary()["mlflow_run_id"] == run_id
+    # The artifacts: the manifest, Data Docs, the distribution plot.
+    assert {"manifest.json", "data_docs", "reports"} <= artifacts(registry.tracking_uri, run_id)
+    assert "data_docs/index.html" in artifacts(registry.tracking_uri, run_id, "data_docs")
+    assert "reports/distributions.png" in artifacts(registry.tracking_uri, run_id, "reports")
+    recorded = MlflowClient(registry.tracking_uri).download_artifacts(run_id, "manifest.json")
+    assert load_manifest(Path(recorded).parent).mlflow_run_id == run_id
+    # The model version it scored: its logged model is the run's model input.
+    assert found.inputs is not None and [m.model_id for m in found.inputs.model_inputs] == [
+        first.model.model_id
+    ]
+
+    # Run again with churn v2 past the drift gate: the distances are metrics.
+    second = run_job(dataset, "models:/churn/2", "tracked", force=True)
+    again = mlflow_run(registry.tracking_uri, second)
+    assert again.info.run_id != run_id and again.info.status == "FINISHED"
+    assert second.drift is not None and second.drift["compared"]
+    (row,) = second.drift["outputs"]
+    assert again.data.metrics[f"drift.{row['output']}.distance"] == pytest.approx(row["distance"])
+    assert again.data.metrics[f"drift.{row['output']}.moved_share"] == pytest.approx(
+        row["moved_share"]
+    )
+
+
+def test_a_failed_run_is_a_failed_mlflow_run_with_its_error(
+    env: dict[str, str], registry: Registry, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BATCHSCORE_MLFLOW_EXPERIMENT", "scoring-failures")
+    with pytest.raises(ValidationFailed):
+        run_job(dataset, "models:/broken@champion", "brokenrun")
+    settings = load_settings(RunSettings)
+    (folder,) = (settings.runs_dir / "brokenrun").iterdir()
+    manifest = load_manifest(folder)
+    found = mlflow_run(registry.tracking_uri, manifest)
+    assert found.info.status == "FAILED"
+    client = MlflowClient(registry.tracking_uri)
+    assert client.get_experiment(found.info.experiment_id).name == "scoring-failures"
+    assert found.data.tags["batchscore.failed_step"] == "validate_and_gate"
+    assert found.data.tags["batchscore.error"].startswith("ValidationFailed: ")
+    assert found.data.metrics["validation.success"] == 0.0
+    assert "score.seconds" in found.data.metrics and "publish.seconds" not in found.data.metrics
+    assert "manifest.json" in artifacts(registry.tracking_uri, found.info.run_id)
+
+
+def test_no_mlflow_run_when_turned_off(
+    env: dict[str, str], registry: Registry, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BATCHSCORE_MLFLOW_RUNS", "false")
+    manifest = run_job(dataset, "models:/churn/1", "untracked")
+    assert manifest.published and manifest.mlflow_run_id is None
+    assert (
+        MlflowClient(registry.tracking_uri).get_experiment_by_name("batchscore/untracked") is None
+    )
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[Deployment]:
+    """docker-compose.yaml's mlflow service on the machine's Postgres (see tests/stack.py)."""
+    deployment = deploy(tmp_path / "stack", tmp_path / "data", services=("postgres", "mlflow"))
+    yield deployment
+    deployment.stop()
+
+
+def test_a_run_is_recorded_by_a_tracking_server_on_postgres(
+    env: dict[str, str],
+    dataset: Path,
+    tmp_path: Path,
+    mlflow_server: Deployment,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from batchscore.samples import feature_names, train_model
+
+    with mlflow_server.stack.report_failure():
+        server = mlflow_server.tracking_uri
+        folder = save_model_folder(tmp_path / "model", train_model(N_FEATURES, 0.2), N_FEATURES)
+        MlflowRegistry(server).register(str(folder), "served", alias="champion")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+        # A pt2 model's tensor signature names no columns: the features are given.
+        features = feature_names(N_FEATURES)
+        manifest = run_job(dataset, "models:/served@champion", "onserver", features=features)
+        found = check_published_run(server, manifest, "batchscore/onserver")
+        # The server keeps the artifacts in its own store (--artifacts-destination).
+        assert "manifest.json" in artifacts(server, found.info.run_id)
+        stored = list((tmp_path / "stack" / "mlartifacts").rglob("manifest.json"))
+        assert stored, "the manifest is not in the server's artifact store"
