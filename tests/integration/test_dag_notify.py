@@ -159,6 +159,9 @@ def runs(
     assert migrated.returncode == 0, (migrated.stdout + migrated.stderr)[-5000:]
     pool = airflow(env, "pools", "set", "batchscore_scoring", "1", "batchscore scoring")
     assert pool.returncode == 0, pool.stderr[-3000:]
+    # As the DAG processor stores them for the scheduler: the notifier serializes too.
+    stored = airflow(env, "dags", "reserialize")
+    assert stored.returncode == 0, (stored.stdout + stored.stderr)[-5000:]
     done = {c["name"]: airflow(env, "dags", "test", f"score_{c['name']}", DAY) for c in configs}
     return Runs(env, done)
 
@@ -260,3 +263,26 @@ def test_a_step_past_its_execution_timeout_is_stopped_and_mailed(
     [message] = mailbox.to("slow@example.com")
     assert message["Subject"].startswith("[batchscore] step 'score' failed: DAG score_slow")
     assert "<pre>AirflowTaskTimeout: " in html_of(message), html_of(message)
+
+
+def test_the_stored_dag_keeps_each_steps_timeout_and_its_failure_callbacks(runs: Runs) -> None:
+    """What the scheduler and the workers get: the serialized DAG in Airflow's database."""
+    code = (
+        "import json, sys; from airflow.models.serialized_dag import SerializedDagModel; "
+        "from airflow.utils.session import create_session\n"
+        "with create_session() as s:\n"
+        "    dag = SerializedDagModel.get_dag(sys.argv[1], session=s)\n"
+        "print(json.dumps({t.task_id: [t.execution_timeout and t.execution_timeout.seconds, "
+        "t.has_on_failure_callback] for t in dag.tasks}))"
+    )
+    done = subprocess.run(
+        [str(BIN / "python"), "-c", code, "score_slow"],
+        env=runs.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    tasks = json.loads(done.stdout.strip().splitlines()[-1])
+    steps = ("resolve", "plan", "score", "validate", "export", "publish")
+    assert tasks == {step: [3 if step == "score" else None, True] for step in steps}
