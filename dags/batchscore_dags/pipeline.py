@@ -160,7 +160,7 @@ class DagSpec:
     # None: Airflow's [core] dags_are_paused_at_creation (the compose stack: paused).
     paused_upon_creation: bool | None = None
     workers: int | None = None
-    # Per task id: how long one try may run (execution_timeout); absent: no limit.
+    # Per task id: how long one try may run (execution_timeout); absent: Airflow's default.
     timeouts: dict[str, timedelta] = field(default_factory=dict)
     notify: NotifyConfig | None = None
 
