@@ -29,7 +29,6 @@ from pydantic_core import ErrorDetails
 
 from batchscore.core.names import NAMESPACE_RULE, is_namespace
 from batchscore_dags.errors import JobConfigError
-from jobs.shadow import candidate_uri
 
 JOBS_DIR_VARIABLE = "BATCHSCORE_DAG_JOBS_DIR"
 DAG_ID_PREFIX = "score_"
@@ -45,15 +44,6 @@ MODEL_URI_PATTERN = (
 )
 MODEL_URI = re.compile(MODEL_URI_PATTERN)
 REGISTERED_MODEL_URI = re.compile(f"^{REGISTERED_MODEL_URI_PATTERN}$")
-# A shadow candidate is a models:/ URI (jobs.shadow takes anything else as an alias).
-SHADOW_URI_PATTERN = (
-    f"^({REGISTERED_MODEL_URI_PATTERN.replace('?P<name>', '')}|{LOGGED_MODEL_URI_PATTERN})$"
-)
-SHADOW_URI = re.compile(SHADOW_URI_PATTERN)
-SHADOW_EXPECTED = (
-    "models:/<name>@<alias>, models:/<name>/<version>, models:/<name>/latest or "
-    "models:/m-<model id>"
-)
 MODEL_URI_EXPECTED = (
     "models:/<name>@<alias>, models:/<name>/<version>, models:/<name>/latest, "
     "models:/m-<model id> or runs:/<run id>/<artifact path>"
@@ -228,7 +218,12 @@ class JobConfig(BaseModel):
 
     @property
     def candidate(self) -> str | None:
-        return candidate_uri(self.model_uri, self.shadow)
+        """``jobs.shadow.candidate_uri``'s answer, from the shapes validated here: that
+        function parses with MLflow, which parsing a DAG file must not import."""
+        if not self.shadow or MODEL_URI.match(self.shadow):
+            return self.shadow or None
+        registered = REGISTERED_MODEL_URI.match(self.model_uri)
+        return f"models:/{registered['name']}@{self.shadow}" if registered else None
 
     @field_validator("model_uri")
     @classmethod
@@ -247,9 +242,9 @@ class JobConfig(BaseModel):
     @field_validator("shadow")
     @classmethod
     def _shadow(cls, value: str | None) -> str | None:
-        if value is not None and not (SHADOW_URI.match(value) or ALIAS.match(value)):
+        if value is not None and not (MODEL_URI.match(value) or ALIAS.match(value)):
             raise ValueError(
-                f"expected an alias of the job's model (e.g. challenger) or {SHADOW_EXPECTED}"
+                f"expected an alias of the job's model (e.g. challenger) or {MODEL_URI_EXPECTED}"
             )
         return value
 
@@ -336,7 +331,7 @@ class JobConfig(BaseModel):
             )
         if self.shadow and ALIAS.match(self.shadow) and registered is None:
             raise ValueError(
-                f"field 'shadow': expected a model URI ({SHADOW_EXPECTED}), since model_uri "
+                f"field 'shadow': expected a model URI ({MODEL_URI_EXPECTED}), since model_uri "
                 f"{self.model_uri!r} names no registered model to take the alias of; found "
                 f"{self.shadow!r}"
             )

@@ -65,8 +65,6 @@ from batchscore_dags.config import (
     DEFAULT_START,
     MODEL_URI_EXPECTED,
     MODEL_URI_PATTERN,
-    SHADOW_EXPECTED,
-    SHADOW_URI_PATTERN,
     AssetSchedule,
     LoadedJob,
     NotifyConfig,
@@ -93,8 +91,8 @@ PUBLISHED = AssetAlias("batchscore_published")
 # batchscore.core.names' rule, or empty (the model's name): "^(<rule>)?$".
 OPTIONAL_NAMESPACE_PATTERN = f"^({NAMESPACE_PATTERN.removeprefix('^').removesuffix('$')})?$"
 OPTIONAL_STORE_PATTERN = r"^((lmdb|redis|rediss|unix)://.*)?$"
-# A models:/ URI or an alias of the form's model, or empty (no shadow run).
-OPTIONAL_SHADOW_PATTERN = f"^({SHADOW_URI_PATTERN.removeprefix('^').removesuffix('$')}|[\\w-]+)?$"
+# A model URI or an alias of the form's model, or empty (no shadow run).
+OPTIONAL_SHADOW_PATTERN = f"^({MODEL_URI_PATTERN.removeprefix('^').removesuffix('$')}|[\\w-]+)?$"
 
 # Retrying cannot fix these; a missing input (InputNotFound) is retried: it may land late.
 RETRY_POLICY = ExceptionRetryPolicy(
@@ -225,8 +223,8 @@ def form_params(d: FormDefaults) -> dict[str, Param]:
             pattern=OPTIONAL_SHADOW_PATTERN,
             title="Shadow candidate",
             description="A candidate model (an alias of the model above, e.g. challenger, or "
-            f"{SHADOW_EXPECTED}) scored instead of it: the run writes an unpublished version and a "
-            "comparison with the live version, and publishes nothing.",
+            f"{MODEL_URI_EXPECTED}) scored instead of it: the run writes an unpublished "
+            "version and a comparison with the live version, and publishes nothing.",
         ),
         "dry_run": Param(
             False,

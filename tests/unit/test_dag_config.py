@@ -309,9 +309,9 @@ def test_a_job_without_a_registered_model_names_its_namespace_and_shadow_uri(
     assert problems_of(config, tmp_path) == []
     form = dag_modules["pipeline"].form_params(dag_modules["pipeline"].FormDefaults())
     assert form["shadow"].resolve("models:/churn/latest") == "models:/churn/latest"
-    for bad in (run_uri, "models:/churn"):
-        with pytest.raises(ParamValidationError):
-            form["shadow"].resolve(bad)
+    assert form["shadow"].resolve(run_uri) == run_uri
+    with pytest.raises(ParamValidationError):
+        form["shadow"].resolve("models:/churn")
 
 
 def test_run_ids_follow_the_logical_date(dag_modules: dict[str, ModuleType]) -> None:
@@ -344,6 +344,16 @@ def test_run_ids_follow_the_logical_date(dag_modules: dict[str, ModuleType]) -> 
     assert runs.run_key("score_daily", "m", day, candidate).endswith(
         "__shadow_models:/churn@challenger"
     )
+    # The config derives it without MLflow (DAG parsing must not import it): the same.
+    for model, shadow in [
+        ("models:/churn/latest", "challenger"),
+        ("models:/churn/3", "models:/m-0123abcd"),
+        ("models:/m-0123abcd", "runs:/0123abcd/model"),
+        ("runs:/0123abcd/model", "models:/churn/latest"),
+    ]:
+        fields = {"model_uri": model, "shadow": shadow, "namespace": "ns"}
+        derived = job.model_copy(update=fields).candidate
+        assert derived == candidate_uri(model, shadow), (model, shadow)
 
 
 def test_the_deadline_callback_says_which_step_the_run_is_in(
@@ -477,7 +487,8 @@ def test_parsing_the_dags_folder_imports_nothing_heavy(
         jobs,
         "chained.yaml",
         "name: chained\nmodel_uri: models:/churn@champion\ninput_path: /data/latest\n"
-        "key_column: customer_id\nschedule: {asset: 'batchscore://daily'}\n",
+        "key_column: customer_id\nschedule: {asset: 'batchscore://daily'}\n"
+        "shadow: challenger\n",  # the candidate's URI is derived without MLflow
     )
     write(jobs, "bad.yaml", GOOD.replace("name: daily", "name: bad").replace("512", "lots"))
 
