@@ -66,7 +66,7 @@ def test_a_shadow_run_on_the_command_line_reports_and_publishes_nothing(
 def test_the_live_model_is_refused_as_its_own_shadow(env: dict[str, str], dataset: Path) -> None:
     args = cli_run(dataset, "models:/churn@champion", "selfish", "--shadow", "champion")
     done = run_cli(*args, env=env)
-    assert done.returncode == 1
+    assert done.returncode == 3  # bad input: the command named the wrong candidate
     assert "is the live model itself" in " ".join(done.stderr.split())
     assert not (load_settings(RunSettings).runs_dir / "selfish").exists()
 
