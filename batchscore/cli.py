@@ -1052,7 +1052,7 @@ def model_register(
 
     settings = _run_settings()
     try:
-        found = MlflowRegistry(settings.tracking_uri).register(source, name, alias)
+        found = MlflowRegistry.from_settings(settings).register(source, name, alias)
     except BatchscoreError as exc:
         _fail(exc)
     out.print(f"registered {found.name} version {found.version} aliases {list(found.aliases)}")
@@ -1069,7 +1069,7 @@ def model_promote(
 
     settings = _run_settings()
     try:
-        found = MlflowRegistry(settings.tracking_uri).promote(name, version, alias)
+        found = MlflowRegistry.from_settings(settings).promote(name, version, alias)
     except BatchscoreError as exc:
         _fail(exc)
     out.print(f"{name}@{alias} → version {found.version}")
@@ -1089,7 +1089,7 @@ def model_list(
 
     settings = _run_settings()
     try:
-        registry = MlflowRegistry(settings.tracking_uri)
+        registry = MlflowRegistry.from_settings(settings)
         names = registry.models()
         if name is not None and name not in names:
             raise ModelNotFound(
@@ -1242,12 +1242,12 @@ def _one_step(name: str, run_dir: Path, verbose: bool, **options: Any) -> None:
     """One task of the DAG on an existing run folder: the same ``jobs.flow`` call."""
     settings = _run_settings()
     _setup_logging(settings.log_format, verbose)
-    from jobs import flow, steps
+    from jobs import flow
     from jobs.drift_gate import check_drift
 
     tasks: dict[str, Callable[..., Mapping[str, object]]] = {
-        "plan": steps.plan,
-        "score": steps.score,
+        "plan": flow.plan,
+        "score": flow.score,
         "validate": flow.validate_and_gate,  # the drift gate too, as the DAG's task
         "drift": lambda run_dir: check_drift(run_dir, settings),
         "export": flow.export_and_compare,  # a shadow run's comparison too

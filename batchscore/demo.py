@@ -82,7 +82,7 @@ def _ensure_model(settings: RunSettings, console: Console) -> str:
     from registry.errors import ModelNotFound
     from registry.mlflow_registry import MlflowRegistry
 
-    registry = MlflowRegistry(settings.tracking_uri)
+    registry = MlflowRegistry.from_settings(settings)
     try:
         pin = registry.resolve(f"models:/{MODEL_NAME}@{ALIAS}")
         console.print(f"[green]✓[/] model {MODEL_NAME}@{ALIAS} is version {pin.version} (reused)")

@@ -1,7 +1,7 @@
 """The pipeline's one composition: the order of the steps and the rules between them.
 
-``run_flow`` is ``batchscore run``; the DAG's tasks call ``start_run``, ``steps.plan``,
-``steps.score``, ``validate_and_gate``, ``export_and_compare`` and ``publish`` one per
+``run_flow`` is ``batchscore run``; the DAG's tasks call ``start_run``, ``plan``,
+``score``, ``validate_and_gate``, ``export_and_compare`` and ``publish_run`` one per
 task, so a run from the command line and a run of the DAG take the same path:
 
     resolve (+ mark a shadow run) → plan → score → validate → drift gate → export

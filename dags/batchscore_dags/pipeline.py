@@ -359,18 +359,18 @@ def _wire_tasks(workers: int | None, timeouts: dict[str, timedelta]) -> None:
 
     @task(multiple_outputs=True, **limits("plan"))
     def plan(ref: StartedRun) -> PlanResult:
-        from jobs import steps
+        from jobs import flow
 
-        return steps.plan(ref["run_dir"])
+        return flow.plan(ref["run_dir"])
 
     @task(pool=SCORING_POOL, multiple_outputs=True, **limits("score"))
     def score(planned: PlanResult) -> ScoreResult:
-        from jobs import steps
+        from jobs import flow
 
         def progress(done: int, total: int, rows: int) -> None:
             log.info("scored %d/%d shards, %d rows", done, total, rows)
 
-        return steps.score(planned["run_dir"], on_progress=progress)
+        return flow.score(planned["run_dir"], on_progress=progress)
 
     @task(multiple_outputs=True, **limits("validate"))
     def validate(scored: ScoreResult) -> GateResult:
