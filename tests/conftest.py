@@ -106,6 +106,10 @@ def env(registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
+    # mlflow.set_registry_uri (called in-process by earlier tests' MlflowRegistry) writes
+    # MLFLOW_REGISTRY_URI into os.environ; left there it would point a test's subprocesses
+    # at another registry than the MLFLOW_TRACKING_URI it sets. Unset: it follows tracking.
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     return dict(os.environ)
 
 
