@@ -112,6 +112,7 @@ def _new_version(manifest: Manifest) -> NewVersion:
         key_type=manifest.input.key_type,
         output_dir=str(manifest.parts_dir),
         data_as_of=manifest.data_as_of,
+        mlflow_run_id=manifest.mlflow_run_id,
         parts=[
             PartInfo(path=s.part, rows=s.rows, min_key=s.min_key, max_key=s.max_key) for s in done
         ],

@@ -78,6 +78,8 @@ class VersionInfo(BaseModel):
     # What the data is as of: the logical date of a DAG run, the creation of a CLI run.
     # Versions go live in this order (``order``); older records fall back to created_at.
     data_as_of: str | None = None
+    # The MLflow run that recorded the scoring run (``jobs.tracking``), when there is one.
+    mlflow_run_id: str | None = None
 
     @property
     def order(self) -> VersionOrder:
@@ -106,6 +108,7 @@ class NewVersion(BaseModel):
     output_dir: str | None = None
     parts: list[PartInfo] = Field(default_factory=list)
     data_as_of: str | None = None
+    mlflow_run_id: str | None = None
 
 
 class VersionOrder(BaseModel):

@@ -25,6 +25,9 @@ class PredictionOut(BaseModel):
     prediction: dict[str, float]
     model: ModelRef
     run_id: str
+    mlflow_run_id: str | None = Field(
+        None, description="The MLflow run that recorded the scoring run, when one did."
+    )
     scored_at: str
     source: Source
     stale: bool = False
@@ -50,6 +53,9 @@ class BatchItem(BaseModel):
     prediction: dict[str, float] | None = None
     model: ModelRef
     run_id: str
+    mlflow_run_id: str | None = Field(
+        None, description="The MLflow run that recorded the scoring run, when one did."
+    )
     scored_at: str
     source: Source
     stale: bool = False
@@ -64,6 +70,9 @@ class NamespaceOut(BaseModel):
     live_version: int
     model: ModelRef
     run_id: str
+    mlflow_run_id: str | None = Field(
+        None, description="The MLflow run that recorded the scoring run, when one did."
+    )
     scored_at: str
     published_at: str | None
     age_seconds: float | None = Field(description="Seconds since the live version was published.")
@@ -98,6 +107,7 @@ class AnswerBody(TypedDict):  # PredictionOut
     prediction: dict[str, float]
     model: ModelBody
     run_id: str
+    mlflow_run_id: str | None
     scored_at: str
     source: Source
     stale: bool
@@ -112,6 +122,7 @@ class MissingBody(TypedDict):  # BatchItem for a key not found, less its key
     prediction: None
     model: ModelBody
     run_id: str
+    mlflow_run_id: str | None
     scored_at: str
     source: Source
     stale: bool
@@ -122,6 +133,7 @@ class NamespaceBody(TypedDict):  # NamespaceOut
     live_version: int
     model: ModelBody
     run_id: str
+    mlflow_run_id: str | None
     scored_at: str
     published_at: str | None
     age_seconds: float | None

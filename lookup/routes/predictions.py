@@ -127,6 +127,7 @@ def not_found(info: VersionInfo, source: Source) -> MissingBody:
         "prediction": None,
         "model": {"name": info.model_name, "version": info.model_version},
         "run_id": info.run_id,
+        "mlflow_run_id": info.mlflow_run_id,
         "scored_at": info.scored_at,
         "source": source,
         "stale": False,

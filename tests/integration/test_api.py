@@ -35,6 +35,7 @@ def check_answer(
     assert body["prediction"]["churn_probability"] == pytest.approx(value, rel=1e-5, abs=1e-6)
     assert body["model"] == {"name": "churn", "version": manifest.model.version}
     assert body["run_id"] == manifest.run_id
+    assert body["mlflow_run_id"] == manifest.mlflow_run_id  # the MLflow run that recorded it
     assert body["scored_at"] and body["source"] == source and body["stale"] is False
 
 
@@ -43,8 +44,11 @@ def test_lookup_api_on_the_embedded_store(
 ) -> None:
     store_url = load_settings(RunSettings).resolved_store_url
     manifest = publish_run(dataset, store_url, "models:/churn/1")
+    assert manifest.mlflow_run_id, "the run recorded no MLflow run"
     api = start_api(env, store_url)
     values = expected(registry, dataset, "models:/churn/1", KEYS)
+    described = api.get("/v1/namespaces/api").json()
+    assert described["mlflow_run_id"] == manifest.mlflow_run_id
 
     for key, value in zip(KEYS, values, strict=True):
         answer = api.get(f"/v1/predictions/api/{key}")

@@ -12,6 +12,7 @@ from mlflow.entities import Run
 
 from batchscore.core.settings import RunSettings, load_settings
 from jobs.manifest import Manifest, load_manifest
+from kv_export.store import open_store
 from registry.mlflow_registry import MlflowRegistry
 from scoring.errors import ValidationFailed
 from tests.conftest import KEY, N_FEATURES, Registry, run_job
@@ -68,6 +69,9 @@ def test_a_published_run_is_a_finished_mlflow_run(
     assert "reports/distributions.png" in artifacts(registry.tracking_uri, run_id, "reports")
     recorded = MlflowClient(registry.tracking_uri).download_artifacts(run_id, "manifest.json")
     assert load_manifest(Path(recorded).parent).mlflow_run_id == run_id
+    # The published version records the MLflow run (the lookup answer names it from there).
+    live = open_store(first.params.store_url).state("tracked").live_info()
+    assert live is not None and live.mlflow_run_id == run_id
     # The model version it scored: its logged model is the run's model input.
     assert found.inputs is not None and [m.model_id for m in found.inputs.model_inputs] == [
         first.model.model_id
