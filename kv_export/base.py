@@ -142,6 +142,42 @@ class StateBackedStore(ABC):
 
         return self._update(namespace, change)
 
+    def start_canary(
+        self, namespace: str, version: int, percent: float, *, force: bool = False
+    ) -> NamespaceState:
+        """Serve ``version`` to ``percent`` % of the keys beside the live version: one
+        atomic change of the namespace state (``NamespaceState.start_canary``)."""
+        check_namespace(namespace)
+        return self._update(
+            namespace,
+            lambda s: (new := s.start_canary(namespace, version, percent, force=force), new),
+        )
+
+    def set_canary_percent(self, namespace: str, percent: float) -> NamespaceState:
+        check_namespace(namespace)
+        return self._update(
+            namespace, lambda s: (new := s.set_canary_percent(namespace, percent), new)
+        )
+
+    def promote_canary(self, namespace: str, keep: int) -> VersionInfo:
+        """Make the canary live in one atomic change; old versions are deleted after it,
+        as after a publish."""
+        check_namespace(namespace)
+
+        def change(s: NamespaceState) -> tuple[NamespaceState, tuple[VersionInfo, list]]:
+            new, doomed = s.promote(namespace, keep)
+            live = new.live_info()
+            assert live is not None
+            return new, (live, doomed)
+
+        info, doomed = self._update(namespace, change)
+        self._delete(namespace, doomed)
+        return info
+
+    def abort_canary(self, namespace: str) -> NamespaceState:
+        check_namespace(namespace)
+        return self._update(namespace, lambda s: (new := s.abort(namespace), new))
+
     def drop_version(self, namespace: str, version: int) -> None:
         def change(s: NamespaceState) -> tuple[NamespaceState, VersionInfo | None]:
             return s.drop(version), s.versions.get(version)

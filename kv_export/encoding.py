@@ -60,6 +60,19 @@ def unpack_value(value: bytes, outputs: Sequence[str]) -> dict[str, float]:
     return {name: float(x) for name, x in zip(outputs, numbers, strict=True)}
 
 
+CANARY_SLOTS = 10_000  # a canary's share is a number of these slots (0.01 % each)
+
+
+def canary_slot(key: bytes) -> int:
+    """The key's slot in [0, ``CANARY_SLOTS``): a canary at P % answers the keys whose slot
+    is below P × 100. The same in every process and release (zlib's CRC-32 of the stored
+    key bytes, never Python's salted ``hash``), so a key keeps its version across API
+    workers, the batch fallback and the drift check; the slot is the CRC's high bits
+    scaled to the range (a multiply and a shift), so it is independent of the Redis
+    bucket (the CRC modulo the bucket count), and raising the share only adds keys."""
+    return (zlib.crc32(key) * CANARY_SLOTS) >> 32
+
+
 def bucket_count(expected_keys: int) -> int:
     return max(1, -(-expected_keys // KEYS_PER_BUCKET))
 

@@ -11,7 +11,9 @@
     ├── VersionIncomplete    the version is still loading (or was never finished)
     ├── VersionOutOfOrder    its data is older than the newest published (--force overrides)
     ├── VersionExpired       its TTL has passed
-    └── AlreadyPublished     published once and no longer live: back only by rollback
+    ├── AlreadyPublished     published once and no longer live: back only by rollback
+    ├── CanaryRefused        the namespace's state does not allow that canary change
+    └── BadCanaryPercent     a canary share outside (0, 100)
 """
 
 from __future__ import annotations
@@ -58,3 +60,13 @@ class VersionOutOfOrder(StoreError):
 
 class VersionExpired(StoreError):
     """The version's TTL has passed: its data is gone (Redis) or answers nothing (LMDB)."""
+
+
+class CanaryRefused(StoreError):
+    """A canary change the namespace's state does not allow (no live version to canary
+    against, no canary to promote or abort, a second canary while one runs, a publish or
+    rollback while one runs); the state is left as it was."""
+
+
+class BadCanaryPercent(StoreError):
+    """A canary's share of keys outside (0, 100), or finer than the 0.01 % slots."""

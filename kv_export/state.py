@@ -18,9 +18,11 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from kv_export.encoding import ENCODING
+from kv_export.encoding import CANARY_SLOTS, ENCODING, canary_slot
 from kv_export.errors import (
     AlreadyPublished,
+    BadCanaryPercent,
+    CanaryRefused,
     VersionExpired,
     VersionIncomplete,
     VersionNotFound,
@@ -124,6 +126,40 @@ class VersionOrder(BaseModel):
         return self.key() < other.key()
 
 
+class Canary(BaseModel):
+    """A version answering a share of the keys beside the live one: the keys whose
+    ``canary_slot`` is below ``slots`` (``percent`` × 100) go to it, every other key to
+    the live version. Deterministic per key, so a caller sees one version per key."""
+
+    version: int
+    percent: float
+    started_at: str = Field(default_factory=utcnow)
+    force: bool = False  # started out of order by an operator: promoted the same way
+
+    @property
+    def slots(self) -> int:
+        return round(self.percent * 100)
+
+    def takes(self, key: bytes) -> bool:
+        """The rule: does this key (the bytes the store holds it as) go to the canary?"""
+        return canary_slot(key) < round(self.percent * 100)
+
+
+def canary_percent(percent: float) -> float:
+    """``percent`` checked: strictly between 0 and 100, a whole number of 0.01 % slots."""
+    slots = percent * 100
+    if not (0 < percent < 100) or abs(slots - round(slots)) > 1e-6:
+        raise BadCanaryPercent(
+            f"A canary's share of keys cannot be {percent:g} %",
+            expected=f"a percentage strictly between 0 and 100, in steps of "
+            f"{100 / CANARY_SLOTS:g} (such as 10 or 2.5)",
+            found=f"{percent:g}",
+            fix="Give the share as e.g. --canary 10%; to serve every key from the canary "
+            "promote it, to serve none abort it",
+        )
+    return round(slots) / 100
+
+
 class NamespaceState(BaseModel):
     """One namespace's bookkeeping; every change is a pure method returning a new state.
 
@@ -143,9 +179,114 @@ class NamespaceState(BaseModel):
     # The newest version ever published (not rolled back to): a publish must be newer.
     # A rollback leaves it where it is, so it pins the namespace against older runs.
     newest: VersionOrder | None = None
+    # A version answering a share of the keys beside the live one (``Canary``); its
+    # version is complete, in ``versions``, never published, and never collected.
+    canary: Canary | None = None
 
     def live_info(self) -> VersionInfo | None:
         return self.versions.get(self.live) if self.live is not None else None
+
+    def canary_info(self) -> VersionInfo | None:
+        return self.versions.get(self.canary.version) if self.canary is not None else None
+
+    def version_for(self, key: bytes) -> tuple[VersionInfo | None, bool]:
+        """The version that answers ``key`` and whether it is the canary: the rule every
+        reader (lookup, batch fallback, drift check) follows."""
+        canary = self.canary
+        if canary is not None and canary.takes(key):
+            return self.versions.get(canary.version), True
+        return self.live_info(), False
+
+    def start_canary(
+        self,
+        namespace: str,
+        version: int,
+        percent: float,
+        *,
+        force: bool = False,
+        now: datetime | None = None,
+    ) -> NamespaceState:
+        """Serve ``version`` to ``percent`` % of the keys beside the live version, which
+        stays live. Starting the running canary again changes nothing (a retried run).
+        Refused as a publish is (incomplete, published before, expired, out of order
+        unless ``force``), and with ``CanaryRefused`` when there is no live version to
+        compare with or another canary runs."""
+        share = canary_percent(percent)
+        if self.canary is not None and self.canary.version == version:
+            return self
+        info = self._require(namespace, version)
+        if self.live is None:
+            raise CanaryRefused(
+                f"Namespace '{namespace}' has no live version to canary version {version} against",
+                expected="a live version that answers the keys outside the canary",
+                fix=f"Publish it without a canary: batchscore step publish RUN_DIR "
+                f"(version {version} of run {info.run_id})",
+            )
+        if self.canary is not None:
+            raise self._canary_runs(namespace, f"start a canary of version {version}")
+        if self.live == version:
+            raise CanaryRefused(
+                f"Version {version} of namespace '{namespace}' is live already",
+                expected="a version that is not live",
+            )
+        # The checks of a publish, on a state where the canary would be live.
+        trial, _ = self.publish(
+            namespace, version, keep=len(self.history) + 1, force=force, now=now
+        )
+        del trial
+        state = self.model_copy(deep=True)
+        state.canary = Canary(version=version, percent=share, force=force)
+        return state
+
+    def set_canary_percent(self, namespace: str, percent: float) -> NamespaceState:
+        """Move the running canary to ``percent`` %: keys below the old share stay in it
+        when the share grows (the slots are nested)."""
+        share = canary_percent(percent)
+        canary = self._require_canary(namespace, f"move a canary to {percent:g} %")
+        if canary.percent == share:
+            return self
+        state = self.model_copy(deep=True)
+        assert state.canary is not None
+        state.canary.percent = share
+        return state
+
+    def promote(
+        self, namespace: str, keep: int, *, now: datetime | None = None
+    ) -> tuple[NamespaceState, list[VersionInfo]]:
+        """Make the canary live in one step, as a publish of it would (history, retention,
+        the order's high mark), and end the canary."""
+        canary = self._require_canary(namespace, "promote a canary")
+        state = self.model_copy(deep=True)
+        state.canary = None
+        return state.publish(namespace, canary.version, keep, force=canary.force, now=now)
+
+    def abort(self, namespace: str) -> NamespaceState:
+        """End the canary: every key goes back to the live version. The canary's version
+        stays, never published, for retention to collect as any other."""
+        self._require_canary(namespace, "abort a canary")
+        state = self.model_copy(deep=True)
+        state.canary = None
+        return state
+
+    def _require_canary(self, namespace: str, doing: str) -> Canary:
+        if self.canary is None:
+            raise CanaryRefused(
+                f"Namespace '{namespace}' has no canary running: cannot {doing}",
+                expected="a canary started with batchscore step publish RUN_DIR --canary P% "
+                "(or batchscore run ... --canary P%)",
+                found=f"live version {self.live}" if self.live is not None else "no live version",
+            )
+        return self.canary
+
+    def _canary_runs(self, namespace: str, doing: str) -> CanaryRefused:
+        assert self.canary is not None
+        return CanaryRefused(
+            f"Namespace '{namespace}' has a canary running (version {self.canary.version} at "
+            f"{self.canary.percent:g} % beside live version {self.live}): cannot {doing}",
+            expected="no canary running",
+            fix=f"Promote it (batchscore canary {namespace} --promote) or abort it "
+            f"(batchscore canary {namespace} --abort) first",
+        )
 
     def begin(self, new: NewVersion) -> tuple[NamespaceState, VersionInfo]:
         """Allocate a version for a run, or return the run's existing one (a retry)."""
@@ -193,6 +334,10 @@ class NamespaceState(BaseModel):
         whose data is older than the newest ever published (``VersionOutOfOrder``)
         unless ``force``; a forced publish leaves the order's high mark as it was.
         """
+        if self.canary is not None:
+            if self.canary.version == version:  # publishing the canary promotes it
+                return self.promote(namespace, keep, now=now)
+            raise self._canary_runs(namespace, f"publish version {version}")
         info = self._require(namespace, version)
         if info.state != "complete":
             raise VersionIncomplete(
@@ -257,6 +402,8 @@ class NamespaceState(BaseModel):
                 f"Namespace '{namespace}' has no live version to roll back from",
                 fix="Publish a version first",
             )
+        if self.canary is not None:
+            raise self._canary_runs(namespace, "roll back")
         state = self.model_copy(deep=True)
         if to is None:
             if len(state.history) < 2:
@@ -292,6 +439,8 @@ class NamespaceState(BaseModel):
             state.deleting[version] = info
         state.history = [v for v in state.history if v != version]
         state.runs = {r: v for r, v in state.runs.items() if v != version}
+        if state.canary is not None and state.canary.version == version:
+            state.canary = None  # its keys go back to the live version
         return state
 
     def forget(self, versions: Sequence[int]) -> NamespaceState:
@@ -317,15 +466,17 @@ class NamespaceState(BaseModel):
         after they began (an export that crashed; never with ``None``), except
         ``spare_run``'s; expired versions that are not live; and versions left in
         ``deleting`` by an interrupted delete. Stays: the live version, the last
-        ``keep`` published, any complete never-published version newer than the live
-        one (about to be published) and any export younger than the grace period.
+        ``keep`` published, the canary, any complete never-published version newer than
+        the live one (about to be published) and any export younger than the grace period.
         """
         moment = now or datetime.now(UTC)
         state, doomed = self._drop_beyond(keep)
         newest = self._newest()
 
+        canary = state.canary.version if state.canary is not None else None
+
         def is_stale(info: VersionInfo) -> bool:
-            if info.version == state.live:
+            if info.version in (state.live, canary):
                 return False
             if info.expired(moment):
                 return True
@@ -382,10 +533,12 @@ def _refuse_expired(namespace: str, info: VersionInfo, now: datetime | None, doi
 
 
 __all__ = [
+    "Canary",
     "NamespaceState",
     "NewVersion",
     "PartInfo",
     "VersionInfo",
     "VersionOrder",
+    "canary_percent",
     "utcnow",
 ]

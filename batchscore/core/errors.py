@@ -34,7 +34,9 @@ drawn under the wrong parent)::
     │   ├── VersionIncomplete               still loading, or never finished
     │   ├── VersionOutOfOrder               older data than the newest published
     │   ├── VersionExpired                  its TTL has passed
-    │   └── AlreadyPublished                published once, no longer live
+    │   ├── AlreadyPublished                published once, no longer live
+    │   ├── CanaryRefused                   a canary change the namespace state refuses
+    │   └── BadCanaryPercent                a canary share outside (0, 100)
     └── RunError                            (jobs.errors) a run that cannot go on as asked
 
 The lookup API's answers to a client are a tree of their own, outside this one: they

@@ -12,7 +12,13 @@ import pyarrow as pa
 import pytest
 
 from kv_export.encoding import encode_keys, text_keys, unpack_value
-from kv_export.errors import BadStoreUrl, StoreUnavailable, VersionIncomplete
+from kv_export.errors import (
+    BadCanaryPercent,
+    BadStoreUrl,
+    CanaryRefused,
+    StoreUnavailable,
+    VersionIncomplete,
+)
 from kv_export.interface import PredictionStore
 from kv_export.store import open_store
 from tests.conftest import RedisServer, load_version, new_version
@@ -240,3 +246,135 @@ def test_readers_never_see_a_mix_or_an_error_during_garbage_collection(
     assert seen and all(len(values) <= 1 for values in seen)
     assert {value for values in seen for value in values} <= {1.0, 2.0, 3.0, 4.0}
     assert sorted(store.state("ns").versions) == versions[-2:]
+
+
+def routed_answer(store: PredictionStore, keys: list[bytes]) -> tuple[float | None, list[bool]]:
+    """What a reader gets during a canary: the state read once, each key read from the
+    version the rule gives it; returns the canary's share in that state (None: no canary)
+    and, per key, whether the value came from the version the rule picked (the values
+    are the version numbers, so a value from any other version, or a gap, is False)."""
+    state = store.state("ns")
+    by_version: dict[int, list[int]] = {}
+    for i, key in enumerate(keys):
+        info, _ = state.version_for(key)
+        assert info is not None
+        by_version.setdefault(info.version, []).append(i)
+    right = [False] * len(keys)
+    for version, where in by_version.items():
+        values = store.get_many("ns", state.versions[version], [keys[i] for i in where])
+        for i, value in zip(where, values, strict=True):
+            right[i] = value is not None and unpack_value(value, ["p"])["p"] == float(version)
+    return (state.canary.percent if state.canary else None), right
+
+
+def canary_load(store: PredictionStore, run: str) -> int:
+    """A version whose every value is its own number, so an answer names its version."""
+    version = store.state("ns").seq + 1
+    assert load(store, run, float(version)) == version
+    return version
+
+
+def test_a_canary_answers_its_share_of_keys_until_promoted_or_aborted(
+    store: PredictionStore,
+) -> None:
+    keys = encode_keys(range(0, KEYS, 7))
+    a = canary_load(store, "a")
+    store.publish("ns", a, keep=3)
+    b = canary_load(store, "b")
+    state = store.start_canary("ns", b, 10)
+    assert state.live == a and state.canary is not None and store.state("ns") == state
+    share, right = routed_answer(store, keys)
+    assert share == 10 and all(right)
+    canary_keys = [k for k in keys if state.version_for(k)[1]]
+    assert 0.05 < len(canary_keys) / len(keys) < 0.15
+    assert store.set_canary_percent("ns", 50).canary.percent == 50  # type: ignore[union-attr]
+    assert store.abort_canary("ns").canary is None
+    assert live_values(store, keys) == {float(a)} and b in store.state("ns").versions
+    store.start_canary("ns", b, 20)
+    assert store.promote_canary("ns", keep=3).version == b
+    state = store.state("ns")
+    assert state.canary is None and state.live == b and state.history == [a, b]
+    assert live_values(store, keys) == {float(b)}
+
+
+def test_bad_canary_changes_leave_the_state_as_it_was(store: PredictionStore) -> None:
+    first = canary_load(store, "a")
+    with pytest.raises(CanaryRefused, match="no live version"):
+        store.start_canary("ns", first, 10)
+    store.publish("ns", first, keep=3)
+    b, c = canary_load(store, "b"), canary_load(store, "c")
+    before = store.state("ns")
+    for change in (
+        lambda: store.promote_canary("ns", keep=3),
+        lambda: store.abort_canary("ns"),
+        lambda: store.set_canary_percent("ns", 20),
+    ):
+        with pytest.raises(CanaryRefused, match="no canary running"):
+            change()
+    for percent in (0, 100, 250):
+        with pytest.raises(BadCanaryPercent):
+            store.start_canary("ns", b, percent)
+    assert store.state("ns") == before
+    running = store.start_canary("ns", b, 10)
+    with pytest.raises(CanaryRefused, match="canary running"):
+        store.start_canary("ns", c, 10)
+    with pytest.raises(CanaryRefused, match="canary running"):
+        store.publish("ns", c, keep=3)
+    with pytest.raises(BadCanaryPercent):
+        store.set_canary_percent("ns", 0)
+    assert store.state("ns") == running
+    assert store.gc("ns", keep=1) == [] and store.state("ns").canary == running.canary
+
+
+def test_readers_during_canary_changes_get_every_key_from_the_version_the_rule_gives(
+    store: PredictionStore,
+) -> None:
+    """Readers reading while a canary starts, ramps, is aborted, starts again and is
+    promoted: every key of every answer comes from the version the rule picks in the state
+    that reader read (never a gap, never a third version), and every state seen is one the
+    changes wrote."""
+    keys = encode_keys(range(0, KEYS, 13))
+    a = canary_load(store, "a")
+    store.publish("ns", a, keep=3)
+    b = canary_load(store, "b")
+    shares: list[float | None] = []
+    wrong: list[int] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                share, right = routed_answer(store, keys)
+            except BaseException as exc:  # noqa: BLE001 - any error is a failure
+                errors.append(exc)
+                return
+            shares.append(share)
+            wrong.append(right.count(False))
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+
+    def settle() -> None:
+        count = len(shares)
+        wait_until(lambda: len(shares) > count + 2 or bool(errors), "reads after a change")
+
+    try:
+        for change in (
+            lambda: store.start_canary("ns", b, 10),
+            lambda: store.set_canary_percent("ns", 50),
+            lambda: store.abort_canary("ns"),
+            lambda: store.start_canary("ns", b, 5),
+            lambda: store.promote_canary("ns", keep=3),
+        ):
+            change()
+            settle()
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+    assert errors == []
+    assert set(wrong) == {0}
+    assert set(shares) == {None, 10, 50, 5}
+    assert store.state("ns").live == b
