@@ -59,6 +59,8 @@ def answer_body(key: str, answer: Answer) -> ItemBody:
         "scored_at": info.scored_at,
         "source": answer.source,
         "stale": answer.stale,
+        "version": info.version,
+        "canary": answer.canary,
     }
 
 
@@ -88,4 +90,9 @@ def describe(namespace: str, state: NamespaceState) -> NamespaceBody | None:
         "age_seconds": age,
         "key_count": info.key_count,
         "kept_versions": state.history,
+        "canary": (
+            {"version": canary.version, "percent": canary.percent, "started_at": canary.started_at}
+            if (canary := state.canary) is not None
+            else None
+        ),
     }

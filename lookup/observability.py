@@ -133,7 +133,15 @@ class Metrics:
         self.errors = Counter(
             "batchscore_lookup_errors", "Error answers by code.", ["code"], registry=own
         )
+        self.answers = Counter(
+            "batchscore_lookup_answers",
+            "Keys answered, by namespace, the version looked up in, its role (live, or the "
+            "canary for keys in a canary's share) and outcome (found, not_found, error).",
+            ["namespace", "version", "role", "outcome"],
+            registry=own,
+        )
         self._fallback_counts: dict[tuple[str, str], Callable[[], None]] = {}
+        self._answer_counts: dict[tuple[str, int, bool, str], Callable[[float], None]] = {}
         self._worker: WorkerState | None = None
 
     def watch(self, breaker_state: BreakerState, states: States) -> None:
@@ -169,6 +177,18 @@ class Metrics:
             count = self.fallbacks.labels(fallback, reason).inc
             self._fallback_counts[(fallback, reason)] = count
         count()
+
+    def answered(
+        self, namespace: str, version: int, canary: bool, outcome: str, keys: int = 1
+    ) -> None:
+        """Count ``keys`` keys looked up in ``version`` of ``namespace`` (the canary or the
+        live version) with this outcome; the labelled child is looked up once."""
+        count = self._answer_counts.get((namespace, version, canary, outcome))
+        if count is None:
+            role = "canary" if canary else "live"
+            count = self.answers.labels(namespace, str(version), role, outcome).inc
+            self._answer_counts[(namespace, version, canary, outcome)] = count
+        count(keys)
 
 
 class StateCollector(Collector):

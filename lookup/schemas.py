@@ -31,6 +31,12 @@ class PredictionOut(BaseModel):
     scored_at: str
     source: Source
     stale: bool = False
+    version: int = Field(description="The version of the namespace the answer comes from.")
+    canary: bool = Field(
+        False,
+        description="The key is in a canary's share: answered by the canary version "
+        "(or, stale, by the live version before it). False outside a canary.",
+    )
 
 
 MAX_KEY_LENGTH = 4096  # the largest BATCHSCORE_MAX_KEY_LENGTH
@@ -59,6 +65,8 @@ class BatchItem(BaseModel):
     scored_at: str
     source: Source
     stale: bool = False
+    version: int = Field(description="The version the key was looked up in.")
+    canary: bool = Field(False, description="The key is in a canary's share.")
 
 
 class BatchResponse(BaseModel):
@@ -78,6 +86,15 @@ class NamespaceOut(BaseModel):
     age_seconds: float | None = Field(description="Seconds since the live version was published.")
     key_count: int
     kept_versions: list[int]
+    canary: CanaryOut | None = Field(
+        None, description="A version answering a share of the keys beside the live one."
+    )
+
+
+class CanaryOut(BaseModel):
+    version: int
+    percent: float = Field(description="Share of the keys (by a stable hash) it answers.")
+    started_at: str
 
 
 class NamespaceList(BaseModel):
@@ -111,6 +128,8 @@ class AnswerBody(TypedDict):  # PredictionOut
     scored_at: str
     source: Source
     stale: bool
+    version: int
+    canary: bool
 
 
 class ItemBody(AnswerBody, total=False):  # BatchItem: an answer and its status
@@ -126,6 +145,8 @@ class MissingBody(TypedDict):  # BatchItem for a key not found, less its key
     scored_at: str
     source: Source
     stale: bool
+    version: int
+    canary: bool
 
 
 class NamespaceBody(TypedDict):  # NamespaceOut
@@ -139,6 +160,13 @@ class NamespaceBody(TypedDict):  # NamespaceOut
     age_seconds: float | None
     key_count: int
     kept_versions: list[int]
+    canary: CanaryBody | None
+
+
+class CanaryBody(TypedDict):  # CanaryOut
+    version: int
+    percent: float
+    started_at: str
 
 
 # The OpenAPI document's extras: the batch body (read by hand, so not in the signature),

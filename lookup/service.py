@@ -5,8 +5,13 @@ Invariants:
 
 - One store round trip per request for the live version (a multi-get for a
   batch); the namespace state comes from ``LiveCache``, never per request.
-- Every answer names the version it came from (model, run, scored_at) and its
-  ``source``; an answer from another version than the live one is ``stale``.
+- Every answer names the version it came from (number, model, run, scored_at), its
+  ``source`` and whether the key is in a canary's share; an answer from another version
+  than the one the key is routed to is ``stale``.
+- During a canary (``NamespaceState.canary``) each key is looked up in the version the
+  namespace's rule gives it (``Canary.takes``), and every fallback keeps to that
+  version: the batch fallback reads that version's parts, the stale fallback the version
+  before it (the live one for a canary key).
 - The store is only called through the circuit breaker (``breaker.call``, or for a
   single key its check and accounting unrolled in ``find_one``), so a dead store costs
   nothing per request while the breaker is open.
@@ -45,6 +50,16 @@ class Answer(NamedTuple):  # a tuple: built for every key looked up
     info: VersionInfo
     source: Source
     stale: bool
+    canary: bool  # the key is in a canary's share (``info`` is the canary, or before it)
+
+
+class Miss(NamedTuple):
+    """A key its version lacks: the version it was looked up in (one ``Miss`` per version
+    of a request, shared by its keys), where that was read, and whether it is the canary."""
+
+    info: VersionInfo
+    source: Source
+    canary: bool
 
 
 class Lookup:
@@ -123,60 +138,124 @@ class Lookup:
 
     async def find(
         self, namespace: str, keys: Sequence[str], *, retry: bool = True
-    ) -> tuple[VersionInfo, Source, list[Answer | None]]:
-        """The live version, where it was read from, and one answer (or None) per key."""
+    ) -> tuple[Source, list[Answer | Miss]]:
+        """Where the live version was read from, and one answer (or miss) per key, each from
+        the version the namespace's rule gives that key (the live one, or the canary's
+        share): during a canary the keys of the two versions are read concurrently, one
+        multi-get each, which the store's reader sends together."""
         state = self.cache.current(namespace) or await self.state(namespace)
-        info = _live_info(namespace, state)
-        values, source = await self._read(namespace, info, keys)
-        if retry and source == "kv" and None in values and await self._replaced(namespace, info):
-            return await self.find(namespace, keys, retry=False)
-        answers = [Answer(v, info, source, False) if v is not None else None for v in values]
-        if self.settings.stale_fallback and None in values:
+        live = _live_info(namespace, state)
+        canary = state.canary
+        if canary is None:
+            groups = [(live, False, list(range(len(keys))))]
+        else:
+            groups = self._split(state, live, keys)
+        try:
+            read = await asyncio.gather(
+                *(self._read(namespace, g[0], [keys[i] for i in g[2]]) for g in groups)
+            )
+        except ApiError:
+            for info, is_canary, where in groups:
+                self.metrics.answered(namespace, info.version, is_canary, "error", len(where))
+            raise
+        if retry and any(source == "kv" and None in values for values, source in read):
+            if await self._replaced(namespace, state):
+                return await self.find(namespace, keys, retry=False)
+        answers: list[Answer | Miss] = []
+        for (info, is_canary, where), (values, source) in zip(groups, read, strict=True):
+            miss = Miss(info, source, is_canary)
+            mine = [
+                Answer(v, info, source, False, is_canary) if v is not None else miss for v in values
+            ]
+            if len(groups) == 1:
+                answers = mine
+            else:
+                answers = answers or [miss] * len(keys)
+                for i, answer in zip(where, mine, strict=True):
+                    answers[i] = answer
+            missing = values.count(None)
+            self.metrics.answered(namespace, info.version, is_canary, "found", len(where) - missing)
+            if missing:
+                self.metrics.answered(namespace, info.version, is_canary, "not_found", missing)
+        if self.settings.stale_fallback and any(type(a) is Miss for a in answers):
             await self._fill_stale(namespace, state, keys, answers)
-        return info, source, answers
+        return read[0][1], answers
+
+    @staticmethod
+    def _split(
+        state: NamespaceState, live: VersionInfo, keys: Sequence[str]
+    ) -> list[tuple[VersionInfo, bool, list[int]]]:
+        """The keys' positions by the version the rule gives them: the live version's, and
+        the canary's when it takes any."""
+        canary = state.canary_info()
+        assert state.canary is not None and canary is not None
+        takes = state.canary.takes
+        mine: list[int] = []
+        theirs: list[int] = []
+        for i, key in enumerate(keys):
+            (theirs if takes(key.encode()) else mine).append(i)
+        groups = [(live, False, mine)]
+        if theirs:
+            groups.append((canary, True, theirs))
+        return groups
 
     async def find_one(
         self, namespace: str, key: str, *, retry: bool = True
     ) -> tuple[VersionInfo, Source, Answer | None]:
         """``find`` for one key, the hot route: the same answer through the same chain, with
         no lists and the store's reply awaited through the reader's ``get_one`` (see
-        ``SingleKeyReader``), not ``get_many``'s coroutine."""
+        ``SingleKeyReader``), not ``get_many``'s coroutine. ``VersionInfo`` is the version
+        the key was looked up in: the live one, or the canary for a key in its share."""
         state = self.cache.current(namespace) or await self.state(namespace)
         info = _live_info(namespace, state)
+        raw = key.encode()
+        is_canary = False
+        if state.canary is not None and state.canary.takes(raw):
+            info, is_canary = state.versions[state.canary.version], True
         value: bytes | None
         source: Source = "kv"
-        if self.breaker.refuses():  # as in ``_read``
-            value, source = await self._one_from_batch(namespace, info, key, "circuit_open")
-        else:
-            # ``breaker.call`` unrolled: the circuit is closed (just checked, nothing awaited
-            # since), so the read goes straight out and only its outcome is counted; one
-            # coroutine layer fewer to create and to resume through when the reply comes.
-            try:
-                value = await self._get_one(namespace, info, key.encode())
-            except StoreUnavailable:
-                self.breaker.failed()
-                value, source = await self._one_from_batch(namespace, info, key, "store_error")
+        try:
+            if self.breaker.refuses():  # as in ``_read``
+                value, source = await self._one_from_batch(namespace, info, key, "circuit_open")
             else:
-                self.breaker.succeeded()
+                # ``breaker.call`` unrolled: the circuit is closed (just checked, nothing
+                # awaited since), so the read goes straight out and only its outcome is
+                # counted; one coroutine layer fewer to create and to resume through when
+                # the reply comes.
+                try:
+                    value = await self._get_one(namespace, info, raw)
+                except StoreUnavailable:
+                    self.breaker.failed()
+                    value, source = await self._one_from_batch(namespace, info, key, "store_error")
+                else:
+                    self.breaker.succeeded()
+        except ApiError:
+            self.metrics.answered(namespace, info.version, is_canary, "error")
+            raise
         if value is not None:
-            return info, source, Answer(value, info, source, False)
-        if retry and source == "kv" and await self._replaced(namespace, info):
+            self.metrics.answered(namespace, info.version, is_canary, "found")
+            return info, source, Answer(value, info, source, False, is_canary)
+        if retry and source == "kv" and await self._replaced(namespace, state):
             return await self.find_one(namespace, key, retry=False)
+        self.metrics.answered(namespace, info.version, is_canary, "not_found")
         if self.settings.stale_fallback:
-            answers: list[Answer | None] = [None]
+            answers: list[Answer | Miss] = [Miss(info, source, is_canary)]
             await self._fill_stale(namespace, state, (key,), answers)
-            return info, source, answers[0]
+            found = answers[0]
+            return info, source, found if type(found) is Answer else None
         return info, source, None
 
-    async def _replaced(self, namespace: str, info: VersionInfo) -> bool:
-        """After a miss in ``info``: the namespace state read now has another live version,
-        or no longer has ``info`` (the cache then holds the new state)."""
+    async def _replaced(self, namespace: str, before: NamespaceState) -> bool:
+        """After a miss: the namespace state read now routes keys otherwise than ``before``
+        (another live version, another canary or share) or no longer has a version that
+        was read (the cache then holds the new state)."""
         since = time.monotonic()
         try:
             state = await self.cache.fresh(namespace, since)
         except (StoreUnavailable, NamespaceStateInvalid):
             return False
-        return state.live != info.version or info.version not in state.versions
+        read = [before.live] + ([before.canary.version] if before.canary else [])
+        return _routing(state) != _routing(before) or any(v not in state.versions for v in read)
 
     async def _read(
         self, namespace: str, info: VersionInfo, keys: Sequence[str]
@@ -221,21 +300,24 @@ class Lookup:
         namespace: str,
         state: NamespaceState,
         keys: Sequence[str],
-        answers: list[Answer | None],
+        answers: list[Answer | Miss],
     ) -> None:
-        """Answer keys the live version lacks from the previous published version."""
+        """Answer keys their version lacks from the version before it: the previous
+        published version for the live version's keys, the live version for the canary's."""
         previous = state.versions.get(state.history[-2]) if len(state.history) >= 2 else None
-        if previous is None or previous.state != "complete":
-            return
-        todo = [i for i, a in enumerate(answers) if a is None]
-        try:
-            values, source = await self._read(namespace, previous, [keys[i] for i in todo])
-        except ApiError:
-            return
-        for i, value in zip(todo, values, strict=True):
-            if value is not None:
-                answers[i] = Answer(value, previous, source, True)
-                self.metrics.fallback("stale", source)
+        for is_canary in (False, True):
+            before = state.live_info() if is_canary else previous
+            todo = [i for i, a in enumerate(answers) if type(a) is Miss and a.canary is is_canary]
+            if before is None or before.state != "complete" or not todo:
+                continue
+            try:
+                values, source = await self._read(namespace, before, [keys[i] for i in todo])
+            except ApiError:
+                continue
+            for i, value in zip(todo, values, strict=True):
+                if value is not None:
+                    answers[i] = Answer(value, before, source, True, is_canary)
+                    self.metrics.fallback("stale", source)
 
     async def ready(self) -> dict[str, str]:
         """Ready when the store answers, or when a batch fallback can answer instead."""
@@ -257,6 +339,12 @@ def _live_info(namespace: str, state: NamespaceState) -> VersionInfo:
     if info is None:
         raise ApiError(404, "namespace_not_found", f"Namespace '{namespace}' has no live version")
     return info
+
+
+def _routing(state: NamespaceState) -> tuple[int | None, int | None, float | None]:
+    """What decides which version answers a key: the live version and the canary."""
+    canary = state.canary
+    return state.live, canary.version if canary else None, canary.percent if canary else None
 
 
 def _reason(exc: StoreUnavailable) -> str:

@@ -8,7 +8,6 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from batchscore.core.settings import ApiSettings
-from kv_export.store import VersionInfo
 from lookup.bodies import answer_body, found_item, json_response
 from lookup.errors import ApiError
 from lookup.guard import Guard
@@ -20,11 +19,11 @@ from lookup.schemas import (
     BatchRequest,
     BatchResponse,
     ErrorBody,
+    ItemBody,
     MissingBody,
     PredictionOut,
-    Source,
 )
-from lookup.service import Lookup
+from lookup.service import Answer, Lookup, Miss
 
 
 def prediction_routes(settings: ApiSettings, guard: Guard, lookup: Lookup) -> APIRouter:
@@ -44,10 +43,12 @@ def prediction_routes(settings: ApiSettings, guard: Guard, lookup: Lookup) -> AP
             source if answer is None else ("stale" if answer.stale else answer.source)
         )
         if answer is None:
+            role = "canary" if info.version != _live(lookup, namespace) else "live"
             raise ApiError(
                 404,
                 "key_not_found",
-                f"Key '{key}' is not in the live version {info.version} of namespace '{namespace}'",
+                f"Key '{key}' is not in the {role} version {info.version} of namespace "
+                f"'{namespace}'",
             )
         return json_response(answer_body(key, answer))
 
@@ -64,13 +65,18 @@ def prediction_routes(settings: ApiSettings, guard: Guard, lookup: Lookup) -> AP
         keys = batch_keys(await read_body(request, settings.body_limit), settings)
         for key in keys:
             guard.key(key)
-        info, source, answers = await lookup.find(namespace, keys)
+        source, answers = await lookup.find(namespace, keys)
         request.state.source = source
-        missing = not_found(info, source)
-        results = [
-            found_item(key, a) if a is not None else {"key": key, **missing}
-            for key, a in zip(keys, answers, strict=True)
-        ]
+        missing: dict[int, MissingBody] = {}  # one body per version missed in (two at most)
+        results: list[ItemBody | dict[str, object]] = []
+        for key, a in zip(keys, answers, strict=True):
+            if isinstance(a, Answer):
+                results.append(found_item(key, a))
+                continue
+            body = missing.get(id(a))
+            if body is None:
+                body = missing[id(a)] = not_found(a)
+            results.append({"key": key, **body})
         return json_response({"results": results})
 
     return router
@@ -120,8 +126,14 @@ def batch_keys(body: bytes, settings: ApiSettings) -> list[str]:
     return keys
 
 
-def not_found(info: VersionInfo, source: Source) -> MissingBody:
-    """A batch's item for a key the live version lacks, less the key: one per batch."""
+def _live(lookup: Lookup, namespace: str) -> int | None:
+    state = lookup.cache.current(namespace)
+    return state.live if state is not None else None
+
+
+def not_found(miss: Miss) -> MissingBody:
+    """A batch's item for a key its version lacks, less the key: one per version missed."""
+    info = miss.info
     return {
         "status": "not_found",
         "prediction": None,
@@ -129,6 +141,8 @@ def not_found(info: VersionInfo, source: Source) -> MissingBody:
         "run_id": info.run_id,
         "mlflow_run_id": info.mlflow_run_id,
         "scored_at": info.scored_at,
-        "source": source,
+        "source": miss.source,
         "stale": False,
+        "version": info.version,
+        "canary": miss.canary,
     }
