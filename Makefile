@@ -18,13 +18,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The integration tests start their own redis-server, and the TLS test makes its
-# certificates with openssl; installed when missing (a failed install stops make here).
+# The integration tests start their own redis-server, Pushgateway and node-exporter (the
+# pipeline's Prometheus figures), and the TLS test makes its certificates with openssl;
+# installed when missing (a failed install stops make here).
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 || { \
-		echo "installing redis-server and openssl (Debian packages)"; \
+	@command -v redis-server >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 && \
+		command -v prometheus-pushgateway >/dev/null 2>&1 && \
+		command -v prometheus-node-exporter >/dev/null 2>&1 || { \
+		echo "installing redis-server, openssl, prometheus-pushgateway and" \
+			"prometheus-node-exporter (Debian packages)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq redis-server openssl; }
+			apt-get install -y -qq --no-install-recommends redis-server openssl \
+			prometheus-pushgateway prometheus-node-exporter; }
 
 # The Airflow UI test drives headless Chromium through chromedriver (Debian packages;
 # selenium cannot download a browser or driver here). Installed when missing; a failed

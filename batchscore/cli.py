@@ -649,6 +649,7 @@ def run(
                 run_id=request.run_id,
                 shadow=request.shadow,
                 on_progress=on_progress,
+                on_dashboard=_show_dashboard,
             )
     except BatchscoreError as exc:
         _write_summary_of_failure(summary_json, exc)
@@ -668,6 +669,13 @@ def run(
 def _write_summary_of_failure(path: Path | None, exc: BatchscoreError) -> None:
     if path:
         path.write_text(json.dumps({"published": False, "error": exc.to_dict()}, indent=2))
+
+
+def _show_dashboard(link: str) -> None:
+    """The Dask dashboard's link, on its own line as soon as the cluster is up (beside the
+    progress bar, on stderr); with JSON logs, the score step's log line carries it."""
+    if not _logs["json"]:
+        console.print(f"Dask dashboard: {link}", soft_wrap=True, highlight=False)
 
 
 class _score_progress:

@@ -18,7 +18,11 @@ The rules that live here, and nowhere else:
 
 - **MLflow run**: every run is recorded as an MLflow run (``jobs.tracking``): created
   when the run starts, each step's metrics logged when it ends, FAILED with its error
-  when a step raises, FINISHED at publish (or a publish that skips).
+  when a step raises, FINISHED at publish (or a publish that skips); a run whose
+  resolve fails is a FAILED MLflow run too, though it has no folder;
+- **Prometheus**: the run's figures are pushed to the Pushgateway and written for
+  node-exporter when the settings name them (``jobs.pipeline_metrics``), at the end of the
+  run and when a step raises.
 
 Each function is idempotent, as the steps are: a retried task or a re-run command
 does no work twice and publishes nothing twice.
@@ -32,8 +36,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from batchscore.core.settings import RunSettings
-from jobs import steps, tracking
-from jobs.context import is_shadow
+from jobs import pipeline_metrics, steps, tracking
+from jobs.context import is_shadow, load_run_settings
 from jobs.drift_gate import check_drift, run_reports
 from jobs.errors import RunError
 from jobs.manifest import Manifest, RunParams, load_manifest
@@ -61,9 +65,19 @@ def _tracked(
         result = call()
     except BaseException as exc:
         tracking.fail(run_dir, step, exc, settings)
+        _report(run_dir, settings, failed_step=step)
         raise
     tracking.log_step(run_dir, step, settings)
     return result
+
+
+def _report(run_dir: str | Path, settings: RunSettings | None, failed_step: str | None) -> None:
+    """The run's figures for Prometheus (``jobs.pipeline_metrics``), at its end or failure."""
+    settings = settings or load_run_settings()
+    if settings.pushgateway_url is None and settings.metrics_textfile_dir is None:
+        return
+    manifest = load_manifest(run_dir)
+    pipeline_metrics.report(settings, manifest.namespace, manifest, failed_step=failed_step)
 
 
 def start_run(
@@ -80,11 +94,18 @@ def start_run(
     run's differs from the regular run's, so the two never share a folder.
     """
     candidate = candidate_uri(params.model_uri, shadow)
-    if candidate is None:
-        started: StartedRun = {**steps.resolve(settings, params, run_id), "shadow": None}
-    else:
-        started = _start_shadow(settings, params, candidate, run_id)
-    # A run that failed its resolve has no folder, or one with its earlier record.
+    try:
+        if candidate is None:
+            started: StartedRun = {**steps.resolve(settings, params, run_id), "shadow": None}
+        else:
+            started = _start_shadow(settings, params, candidate, run_id)
+    except BaseException as exc:
+        # No run folder to record in: the MLflow run and the metrics say what failed.
+        tracking.fail_unresolved(settings, params, run_id, exc)
+        namespace = tracking.unresolved_namespace(params)
+        if namespace is not None:
+            pipeline_metrics.report(settings, namespace, None, failed_step="resolve")
+        raise
     run_dir = started["run_dir"]
     tracking.start(run_dir, settings)
     tracking.log_step(run_dir, "resolve", settings)
@@ -116,10 +137,14 @@ def score(
     settings: RunSettings | None = None,
     *,
     on_progress: steps.Progress | None = None,
+    on_dashboard: Callable[[str], None] | None = None,
 ) -> ScoreResult:
     """``steps.score``, recorded in the run's MLflow run."""
     return _tracked(
-        run_dir, "score", settings, lambda: steps.score(run_dir, on_progress=on_progress)
+        run_dir,
+        "score",
+        settings,
+        lambda: steps.score(run_dir, on_progress=on_progress, on_dashboard=on_dashboard),
     )
 
 
@@ -202,6 +227,7 @@ def run_flow(
     run_id: str | None = None,
     shadow: str | None = None,
     on_progress: steps.Progress | None = None,
+    on_dashboard: Callable[[str], None] | None = None,
 ) -> Manifest:
     """The whole pipeline in this process (``batchscore run``), in the DAG's order.
 
@@ -210,7 +236,7 @@ def run_flow(
     """
     run_dir = start_run(settings, params, run_id=run_id, shadow=shadow)["run_dir"]
     plan(run_dir, settings)
-    score(run_dir, settings, on_progress=on_progress)
+    score(run_dir, settings, on_progress=on_progress, on_dashboard=on_dashboard)
     validate_and_gate(run_dir, settings)
     export_and_compare(run_dir, settings)
     publish_run(run_dir, settings)
@@ -224,6 +250,7 @@ def publish_run(
     the run's MLflow run ends here, FINISHED, naming the version it published."""
     result = _tracked(run_dir, "publish", settings, lambda: publish(run_dir, settings, force=force))
     tracking.finish(run_dir, settings)
+    _report(run_dir, settings, failed_step=None)
     if "skipped" in result:
         return result
     return {**result, "mlflow_run_id": load_manifest(run_dir).mlflow_run_id}

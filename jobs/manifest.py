@@ -245,6 +245,7 @@ class Manifest(BaseModel):
             "shadow": self.steps.get("shadow", {}).get("candidate"),
             "run_dir": self.run_dir,
             "mlflow_run_id": self.mlflow_run_id,
+            "dashboard": self.steps.get("score", {}).get("dashboard"),  # the Dask dashboard
             "validation": _validation_summary(self.validation),
             "drift": self.drift,
             "reports": self.reports,

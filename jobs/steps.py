@@ -267,6 +267,7 @@ class _ScoreTally:
     peak_rss: dict[str, int] = field(default_factory=dict)
     paths: set[str] = field(default_factory=set)
     batch_sizes: set[int] = field(default_factory=set)
+    dashboard: str | None = None  # the Dask dashboard of the cluster that scored
 
     def add(self, scored: list[ShardResult], errors: dict[int, str]) -> None:
         self.errors.update(errors)
@@ -279,8 +280,16 @@ class _ScoreTally:
             self.batch_sizes.add(result.batch_size)
 
 
-def score(run_dir: str | Path, *, on_progress: Progress | None = None) -> ScoreResult:
+def score(
+    run_dir: str | Path,
+    *,
+    on_progress: Progress | None = None,
+    on_dashboard: Callable[[str], None] | None = None,
+) -> ScoreResult:
     """Score every shard without a complete part on Dask; parts that exist are kept.
+
+    ``on_dashboard`` is told the Dask dashboard's link once the cluster is up (when it
+    has one), so a user can watch the run while it goes on; the step's record keeps it.
 
     Shards that fail are recorded as failed; more than ``max_failed_shards`` of them
     fail the step (``ShardFailed``) after the others' parts are recorded, so a rerun
@@ -310,7 +319,7 @@ def score(run_dir: str | Path, *, on_progress: Progress | None = None) -> ScoreR
     if on_progress:
         on_progress(len(tally.results), len(shards), rows_done)
     if todo:
-        tally.add(*_score_on_dask(manifest, job, todo, len(shards), rows_done, on_progress))
+        _score_on_dask(manifest, job, todo, tally, len(shards), on_progress, on_dashboard)
     seconds = time.perf_counter() - started
     _record_score(manifest, tally, todo, len(shards), seconds, spec.flavor)
     _enforce_failed_shards(manifest, tally.errors, len(shards))
@@ -354,15 +363,18 @@ def _score_on_dask(
     manifest: Manifest,
     job: ScoreJob,
     todo: list[Shard],
+    tally: _ScoreTally,
     total: int,
-    rows_done: int,
     on_progress: Progress | None,
-) -> tuple[list[ShardResult], dict[int, str]]:
-    """Score ``todo`` on the run's cluster; the results and the errors of failed shards."""
+    on_dashboard: Callable[[str], None] | None,
+) -> None:
+    """Score ``todo`` on the run's cluster: the results and the errors of failed shards,
+    and the cluster's dashboard, go to ``tally``."""
     from scoring.engine import dask_client, run_shards
 
     params = manifest.params
     kept = total - len(todo)
+    rows_done = sum(r.rows for r in tally.results.values())
 
     def progress(result: ShardResult, done: int, _: int) -> None:
         nonlocal rows_done
@@ -379,8 +391,17 @@ def _score_on_dask(
             len(client.scheduler_info()["workers"]),
             client.dashboard_link or "off",
         )
-        return run_shards(
-            client, todo, job, threads_per_worker=params.threads_per_worker, on_progress=progress
+        tally.dashboard = client.dashboard_link or None
+        if tally.dashboard and on_dashboard:
+            on_dashboard(tally.dashboard)
+        tally.add(
+            *run_shards(
+                client,
+                todo,
+                job,
+                threads_per_worker=params.threads_per_worker,
+                on_progress=progress,
+            )
         )
 
 
@@ -420,6 +441,7 @@ def _record_score(
         path=", ".join(sorted(tally.paths)) or flavor,
         batch_size=sorted(tally.batch_sizes),
         failed_shards={str(k): v for k, v in errors.items()},
+        dashboard=tally.dashboard,
     )
     manifest.save()
 

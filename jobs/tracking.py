@@ -11,7 +11,9 @@ not a live object, because each step may be a process of its own (an Airflow tas
 - ``finish`` (at publish, or a publish that skips) logs the manifest and the reports as
   artifacts and ends the run FINISHED, tagging the version it published;
 - ``fail`` (when a step raises) logs the same artifacts and marks the run FAILED with
-  the error; a retried step that then succeeds sets it RUNNING again.
+  the error; a retried step that then succeeds sets it RUNNING again;
+- ``fail_unresolved`` (when resolve raises: no folder, no manifest) creates the run
+  FAILED with the error, so a model that is not found shows in MLflow too.
 
 ``jobs.flow`` makes these calls around each step, so ``batchscore run`` and the DAG's
 tasks record alike. With ``mlflow_runs`` off, ``start`` records nothing and the others
@@ -29,9 +31,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchscore.core.errors import BatchscoreError
+from batchscore.core.names import is_namespace
 from batchscore.core.settings import RunSettings
+from batchscore.core.urls import public_url
 from jobs.context import load_run_settings
-from jobs.manifest import Manifest, load_manifest
+from jobs.manifest import Manifest, RunParams, load_manifest
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -120,6 +125,53 @@ def fail(
         _log_metrics(client, run_id, step_metrics(manifest, step))
         _log_artifacts(client, run_id, manifest)
         client.set_terminated(run_id, status="FAILED")
+
+
+def fail_unresolved(
+    settings: RunSettings, params: RunParams, run_id: str | None, error: BaseException
+) -> str | None:
+    """A run whose resolve failed has no folder: its MLflow run is created FAILED, with the
+    error, beside the namespace's other runs; its id, or None when nothing was recorded.
+
+    Recorded only for a failure batchscore named (no such model, a bad store URL, ...): an
+    error of the registry's own connection would make the record wait on it again.
+    """
+    namespace = unresolved_namespace(params)
+    if not settings.mlflow_runs or namespace is None or not isinstance(error, BatchscoreError):
+        return None
+    tags = {
+        f"{TAG}namespace": namespace,
+        f"{TAG}model_requested": params.model_uri,
+        f"{TAG}store": public_url(params.store_url),
+        f"{TAG}failed_step": "resolve",
+        f"{TAG}error": f"{type(error).__name__}: {error}"[:ERROR_TAG_LIMIT],
+        "mlflow.note.content": f"Scoring run of {params.model_uri} failed to resolve.",
+    }
+    if run_id:
+        tags[f"{TAG}run_id"] = run_id
+    try:
+        client = _client(settings)
+        experiment = _experiment(client, settings, experiment_name(settings, namespace))
+        run = client.create_run(experiment, run_name=run_id, tags=tags)
+        client.set_terminated(run.info.run_id, status="FAILED")
+    except Exception as exc:  # noqa: BLE001 - best effort, see the module's docstring
+        log.warning("could not record the failed resolve in MLflow: %s", exc)
+        return None
+    return str(run.info.run_id)
+
+
+def unresolved_namespace(params: RunParams) -> str | None:
+    """The namespace of a run that failed to resolve: the one given, else the name in the
+    model URI (the default namespace); None when neither is a valid namespace."""
+    from registry.uris import parse_model_uri
+
+    if params.namespace:
+        return params.namespace if is_namespace(params.namespace) else None
+    try:
+        name = parse_model_uri(params.model_uri).name
+    except BatchscoreError:
+        return None
+    return name if name and is_namespace(name) else None
 
 
 # ----------------------------------------------------------------------- what is logged

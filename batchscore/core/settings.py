@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -200,6 +201,16 @@ class RunSettings(_Common):
         default=True,
         description="Record every scoring run as an MLflow run (params, metrics, artifacts).",
     )
+    pushgateway_url: str | None = Field(
+        default=None,
+        description="Prometheus Pushgateway to push each run's figures to, e.g. "
+        "http://pushgateway:9091 (a user and password in the URL go as basic auth).",
+    )
+    metrics_textfile_dir: Path | None = Field(
+        default=None,
+        description="Folder of node-exporter's textfile collector: each run writes "
+        "batchscore_<namespace>.prom there.",
+    )
 
     @field_validator("cluster")
     @classmethod
@@ -208,6 +219,13 @@ class RunSettings(_Common):
             raise ValueError(
                 "expected local, cuda, auto or a scheduler address like tcp://host:8786"
             )
+        return value
+
+    @field_validator("pushgateway_url")
+    @classmethod
+    def _pushgateway_value(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("expected an http:// or https:// URL like http://pushgateway:9091")
         return value
 
     @field_validator("batch_size", mode="before")

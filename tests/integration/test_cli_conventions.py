@@ -182,6 +182,10 @@ def test_run_replays_a_job_config_for_a_date(
     assert manifest.params.input_path == f"{dataset}/dt=2026-11-20"
     assert manifest.params.data_as_of == "2026-11-20T00:00:00+00:00"
     assert manifest.published and manifest.summary()["rows"] == 4_000
+    # The Dask dashboard, on a line of its own as soon as the cluster is up, and recorded.
+    dashboard = manifest.summary()["dashboard"]
+    assert dashboard and dashboard.startswith("http://")
+    assert f"Dask dashboard: {dashboard}" in done.stderr.splitlines()
 
     again = run_cli("run", "-f", str(job), "--date", "2026-11-20", env=env)
     assert again.returncode == 0 and [p.name for p in run_dir.iterdir()] == [folder.name]
