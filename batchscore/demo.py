@@ -96,6 +96,7 @@ def _ensure_model(settings: RunSettings, console: Console) -> str:
         registered = log_and_register(
             trained,
             tracking_uri=settings.tracking_uri,
+            registry_uri=settings.mlflow_registry_uri,
             artifact_root=settings.artifact_root,
             name=MODEL_NAME,
             n_features=N_FEATURES,

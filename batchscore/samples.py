@@ -99,12 +99,17 @@ def log_and_register(
     tracking_uri: str,
     artifact_root: Path,
     name: str,
+    registry_uri: str | None = None,
     n_features: int,
     serialization: Literal["pickle", "pt2"] = "pickle",
     alias: str | None = "champion",
     output_name: str = "churn_probability",
 ) -> RegisteredModel:
-    """Log with a signature (columns for pickle, tensor for pt2), register, set the alias."""
+    """Log with a signature (columns for pickle, tensor for pt2), register, set the alias.
+
+    Registered in ``registry_uri`` when the registry is not the tracking store
+    (``MLFLOW_REGISTRY_URI``), where runs will resolve it.
+    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
     import mlflow.pytorch
@@ -113,6 +118,8 @@ def log_and_register(
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     mlflow.set_tracking_uri(tracking_uri)
+    if registry_uri is not None:  # (MLflow writes it into os.environ: only when given)
+        mlflow.set_registry_uri(registry_uri)
     experiment = "batchscore"
     if mlflow.get_experiment_by_name(experiment) is None:
         artifact_root.mkdir(parents=True, exist_ok=True)
@@ -142,7 +149,9 @@ def log_and_register(
             # and the model, for a list that is known here already.
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = mlflow.MlflowClient(
+        tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri
+    )
     version = str(info.registered_model_version)
     if alias:
         client.set_registered_model_alias(name, alias, version)
