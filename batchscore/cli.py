@@ -249,6 +249,33 @@ NamespaceArg = Annotated[
 ]
 
 
+def _percent_value(value: str | None) -> float | None:
+    """A canary's share: ``10%``, ``10`` or ``2.5%``, strictly between 0 and 100."""
+    from kv_export.errors import BadCanaryPercent
+    from kv_export.state import canary_percent
+
+    if value is None:
+        return None
+    text = value.strip().removesuffix("%").strip()
+    try:
+        return canary_percent(float(text))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a percentage such as 10%") from None
+    except BadCanaryPercent as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+CanaryOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="P%",
+        help="Publish as a canary: the version answers P % of the keys (by a stable hash of "
+        "the key) beside the live version, which stays live; batchscore canary NAMESPACE "
+        "--promote or --abort ends it.",
+    ),
+]
+
+
 def _setup_logging(log_format: str = "text", verbose: bool = False) -> None:
     """Text through rich, or JSON lines (``batchscore.core.logs``), on stderr.
 
@@ -603,6 +630,7 @@ def run(
     shadow: ShadowOpt = None,
     job_file: JobFileOpt = None,
     date: DateOpt = None,
+    canary: CanaryOpt = None,
     summary_json: Annotated[
         Path | None, typer.Option(help="Write the run summary here (JSON).")
     ] = None,
@@ -639,6 +667,9 @@ def run(
         },
         log_verbose=verbose,
     )
+    share = _percent_value(canary)
+    if share is not None:
+        request.params = request.params.model_copy(update={"canary_percent": share})
     from jobs.flow import run_flow
 
     try:
@@ -662,7 +693,8 @@ def run(
         report = summary["reports"].get("shadow_comparison")
         out.print(f"shadow comparison report: file://{report}", soft_wrap=True, highlight=False)
         return
-    if not manifest.published and not request.params.dry_run:
+    canaried = manifest.steps.get("publish", {}).get("canary") is not None
+    if not manifest.published and not request.params.dry_run and not canaried:
         raise typer.Exit(ExitCode.FAILED)
 
 
@@ -749,6 +781,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     )
     if summary.get("shadow"):
         state = f"shadow run of {escape(summary['shadow'])}, not published"
+    elif not summary["published"] and summary["steps"].get("publish", {}).get("canary"):
+        state = f"canary at {summary['steps']['publish']['canary']:g} %, not live"
     # Which serialization ran: a pickle means code from the registry ran on the workers.
     loaded = f" · serialization {model['serialization']}" if model.get("serialization") else ""
     out.print(
@@ -862,18 +896,129 @@ def rollback(
 
 
 @app.command()
+def canary(
+    namespace: NamespaceArg,
+    to: Annotated[
+        str | None,
+        typer.Option("--to", metavar="P%", help="Move the running canary to this share."),
+    ] = None,
+    promote: Annotated[
+        bool, typer.Option("--promote", help="Make the canary live (one atomic step).")
+    ] = False,
+    abort: Annotated[
+        bool, typer.Option("--abort", help="End the canary: all keys from the live version.")
+    ] = False,
+    api: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help="The lookup API's base URL: show the canary's share of answers and its "
+            "not-found and error rates from its /metrics.",
+        ),
+    ] = None,
+    drift: Annotated[
+        bool,
+        typer.Option(help="Compare the canary's predictions with the live version's on its keys."),
+    ] = False,
+    store: StoreOpt = None,
+    output: OutputOpt = OutputFormat.table,
+) -> None:
+    """A namespace's canary: move its share (--to P%), --promote or --abort it; with none
+    of these, show it. Each change is one atomic change of the namespace state."""
+    from jobs import canary as canaries
+
+    chosen = [
+        name for name, given in (("--to", to), ("--promote", promote), ("--abort", abort)) if given
+    ]
+    if len(chosen) > 1:
+        raise typer.BadParameter(
+            f"give one of --to, --promote, --abort, not {' and '.join(chosen)}"
+        )
+    share = _percent_value(to)
+    settings = _run_settings()
+    try:
+        if share is not None:
+            result: Mapping[str, Any] = canaries.set_share(settings, namespace, share, store)
+        elif promote:
+            result = canaries.promote(settings, namespace, store)
+        elif abort:
+            result = canaries.abort(settings, namespace, store)
+        else:
+            result = _canary_report(settings, namespace, store, api, drift)
+    except BatchscoreError as exc:
+        _fail(exc)
+    if output == OutputFormat.json:
+        _print_json(result)
+        return
+    if "note" in result:
+        out.print(f"namespace {namespace} in {result['store']}: {result['note']}")
+        return
+    _print_canary(result)
+
+
+def _canary_report(
+    settings: RunSettings, namespace: str, store: str | None, api: str | None, drift: bool
+) -> dict[str, Any]:
+    from jobs import canary as canaries
+    from jobs.status import canary_status
+
+    report = canary_status(settings, namespace, store, api)
+    if drift and report["canary"] is not None:
+        report["drift"] = canaries.canary_drift(settings, namespace, store)
+    return report
+
+
+def _print_canary(report: Mapping[str, Any]) -> None:
+    running = report["canary"]
+    if running is None:
+        out.print(f"namespace {report['namespace']}: no canary; live version {report['live']}")
+        return
+    out.print(
+        f"namespace {report['namespace']} in {report['store']}: canary version "
+        f"{running['version']} at {running['percent']:g} % of the keys beside live version "
+        f"{report['live']} (since {running['started_at']})"
+    )
+    answers = report.get("answers")
+    if answers and answers.get("canary_share") is not None:
+        out.print(f"  canary's share of answers: {answers['canary_share']:.1%}")
+    for role in ("live", "canary"):
+        figures = (answers or {}).get(role)
+        if figures and figures["answers"]:
+            out.print(
+                f"  {role} version {figures['version']}: {figures['answers']:,.0f} answers, "
+                f"not found {figures['not_found_rate']:.2%}, errors {figures['error_rate']:.2%}"
+            )
+    if report.get("answers_error"):
+        out.print(f"  answers: {report['answers_error']}")
+    if report.get("drift"):
+        d = report["drift"]
+        out.print(
+            f"  drift on {d['keys']:,} canary keys: max |Δ| {d['max_abs_diff']:.4g}, "
+            f"mean |Δ| {d['mean_abs_diff']:.4g} ({', '.join(d['outputs'])})"
+        )
+
+
+@app.command()
 def status(
     namespace: NamespaceArg,
     store: StoreOpt = None,
+    api: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help="The lookup API's base URL: during a canary, show its share of answers "
+            "(from the API's /metrics).",
+        ),
+    ] = None,
     output: OutputOpt = OutputFormat.table,
     json_out: JsonFlag = False,
 ) -> None:
-    """Live version, kept versions and the last run's summary of a namespace."""
+    """Live version, canary, kept versions and the last run's summary of a namespace."""
     from jobs.status import namespace_status
 
     settings = _run_settings()
     try:
-        report = namespace_status(settings, namespace, store)
+        report = namespace_status(settings, namespace, store, api)
     except BatchscoreError as exc:
         _fail(exc)
     if _as_json(output, json_out):
@@ -886,7 +1031,7 @@ def status(
     for v in report["versions"]:
         table.add_row(
             str(v["version"]),
-            "●" if v["version"] == report["live"] else "",
+            "●" if v["version"] == report["live"] else _canary_mark(report, v["version"]),
             v["state"],
             f"{v['key_count']:,}",
             f"{v['model_name']} v{v['model_version']}",
@@ -894,6 +1039,8 @@ def status(
             v["published_at"] or "",
         )
     out.print(table)
+    if report["canary"] is not None:
+        _print_canary(report)
     if report["last_run"]:
         print_summary(report["last_run"])
 
@@ -942,10 +1089,17 @@ def versions(
     out.print(table)
 
 
+def _canary_mark(report: Mapping[str, Any], version: int) -> str:
+    running = report.get("canary")
+    return f"canary {running['percent']:g} %" if running and running["version"] == version else ""
+
+
 def _role(state: Any, number: int) -> str:
     info = state.versions[number]
     if number == state.live:
         return "● live"
+    if state.canary is not None and number == state.canary.version:
+        return f"canary at {state.canary.percent:g} %"
     if info.state == "loading":
         return "loading"
     if number in state.history:
@@ -1240,10 +1394,12 @@ def step_publish(
             "replaces newer predictions otherwise)."
         ),
     ] = False,
+    canary: CanaryOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Make the exported version live, then collect old versions and run folders."""
-    _one_step("publish", run_dir, verbose, force=force or None)
+    """Make the exported version live, then collect old versions and run folders; with
+    --canary, start it as a canary at that share beside the live version instead."""
+    _one_step("publish", run_dir, verbose, force=force or None, canary=_percent_value(canary))
 
 
 def _one_step(name: str, run_dir: Path, verbose: bool, **options: Any) -> None:

@@ -244,11 +244,18 @@ def run_flow(
 
 
 def publish_run(
-    run_dir: str | Path, settings: RunSettings | None = None, *, force: bool | None = None
+    run_dir: str | Path,
+    settings: RunSettings | None = None,
+    *,
+    force: bool | None = None,
+    canary: float | None = None,
 ) -> PublishResult | Skipped:
-    """Flip the live pointer once (``publishing.publish``: a shadow run or a dry run skip);
-    the run's MLflow run ends here, FINISHED, naming the version it published."""
-    result = _tracked(run_dir, "publish", settings, lambda: publish(run_dir, settings, force=force))
+    """Flip the live pointer once (``publishing.publish``: a shadow run or a dry run skip),
+    or with ``canary`` (default: the run's ``canary_percent``) start the version as a
+    canary at that share; the run's MLflow run ends here, FINISHED, naming the version."""
+    result = _tracked(
+        run_dir, "publish", settings, lambda: publish(run_dir, settings, force=force, canary=canary)
+    )
     tracking.finish(run_dir, settings)
     _report(run_dir, settings, failed_step=None)
     if "skipped" in result:

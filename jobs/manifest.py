@@ -62,6 +62,9 @@ class RunParams(BaseModel):
     # Per-part expectations at the end of each shard's task on its worker; off: the
     # validate step checks every part on a cluster of its own (docs/quality.md).
     check_parts_in_score: bool = True
+    # Publish as a canary answering this share (%) of the keys beside the live version
+    # (``batchscore run --canary``, a job config's canary); None: publish (flip live).
+    canary_percent: float | None = None
 
     @field_validator("store_url")
     @classmethod

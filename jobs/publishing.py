@@ -172,7 +172,11 @@ def _export_version(
 
 
 def publish(
-    run_dir: str | Path, settings: RunSettings | None = None, *, force: bool | None = None
+    run_dir: str | Path,
+    settings: RunSettings | None = None,
+    *,
+    force: bool | None = None,
+    canary: float | None = None,
 ) -> PublishResult | Skipped:
     """Flip the namespace's live pointer to this run's version, once; then collect garbage.
 
@@ -182,6 +186,11 @@ def publish(
     ``force`` (default: the run's ``force`` parameter); the live version is then
     unchanged. A run publishes at most once: run again after its publish, it leaves the
     live pointer where it is. A shadow run (``jobs.shadow``) is never published.
+
+    With ``canary`` (default: the run's ``canary_percent`` parameter) the version is not
+    made live but a canary beside the live version, answering that share of the keys
+    (``NamespaceState.start_canary``); ``batchscore canary NS --promote`` (or this step
+    again without a canary) makes it live, ``--abort`` ends it.
     """
     manifest = load_manifest(run_dir)
     if manifest.params.dry_run:
@@ -196,9 +205,12 @@ def publish(
     was_published = manifest.published
     settings = settings or load_run_settings()
     force = manifest.params.force if force is None else force
+    canary = manifest.params.canary_percent if canary is None else canary
     store = open_run_store(manifest, settings)
     try:
         before = store.state(manifest.namespace).live
+        if canary is not None and not manifest.published and before != manifest.version:
+            return _as_canary(store, manifest, canary, before, force=force, started=started)
         info, note = _flip_live(store, manifest, before, force=force)
         collected = collect_garbage(store, manifest, settings)
     finally:
@@ -214,6 +226,7 @@ def publish(
         store=manifest.store,
         note=note,
         forced=force,
+        canary=None,
         **collected,
     )
     manifest.save()
@@ -229,6 +242,62 @@ def publish(
         "previous": before,
         "note": note,
         "newly_published": note != PUBLISHED_EARLIER and not was_published,
+    }
+
+
+def _as_canary(
+    store: PredictionStore,
+    manifest: Manifest,
+    percent: float,
+    before: int | None,
+    *,
+    force: bool,
+    started: float,
+) -> PublishResult:
+    """Start the run's version as a canary at ``percent`` % beside the live version; the
+    live pointer is unchanged and the run is not published (its promotion publishes it).
+    Starting the running canary again (a retry) changes nothing."""
+    from kv_export.errors import VersionOutOfOrder
+
+    assert manifest.version is not None
+    try:
+        state = store.start_canary(manifest.namespace, manifest.version, percent, force=force)
+    except VersionOutOfOrder as exc:
+        fix = (exc.fix or "").replace("RUN_FOLDER", manifest.run_dir)
+        raise VersionOutOfOrder(exc.what, expected=exc.expected, fix=fix) from None
+    assert state.canary is not None
+    note = f"canary at {state.canary.percent:g} % beside live version {before}"
+    manifest.record_step(
+        "publish",
+        seconds=time.perf_counter() - started,
+        version=manifest.version,
+        previous=before,
+        store=manifest.store,
+        note=note,
+        forced=force,
+        canary=state.canary.percent,
+        collected_versions=[],
+        collected_run_folders=[],
+    )
+    manifest.save()
+    log.info(
+        "namespace %s in %s: version %s %s",
+        manifest.namespace,
+        manifest.store,
+        manifest.version,
+        note,
+    )
+    return {
+        "run_dir": manifest.run_dir,
+        "run_id": manifest.run_id,
+        "namespace": manifest.namespace,
+        "store": manifest.store,
+        "model": f"{manifest.model.name}/{manifest.model.version}",
+        "version": manifest.version,
+        "previous": before,
+        "note": note,
+        "newly_published": False,
+        "canary": state.canary.percent,
     }
 
 

@@ -95,6 +95,7 @@ class PublishResult(TypedDict):
     note: str
     newly_published: bool  # live now, and not through an earlier publish of this run
     mlflow_run_id: NotRequired[str | None]  # the MLflow run that records it (jobs.flow)
+    canary: NotRequired[float | None]  # started as a canary at this share (not live)
 
 
 @final

@@ -34,8 +34,10 @@ def namespace_state(settings: RunSettings, namespace: str, store_url: str | None
 
 
 def namespace_status(
-    settings: RunSettings, namespace: str, store_url: str | None
+    settings: RunSettings, namespace: str, store_url: str | None, api_url: str | None = None
 ) -> dict[str, Any]:
+    """The store's view of the namespace, its canary (with ``api_url``, the canary's share
+    of the lookup API's answers) and the last run."""
     label = store_target(settings, store_url).label
     state = namespace_state(settings, namespace, store_url)
     versions = [info.model_dump(exclude={"parts"}) for _, info in sorted(state.versions.items())]
@@ -45,8 +47,41 @@ def namespace_status(
         "live": state.live,
         "kept": state.history,
         "versions": versions,
+        **_canary(namespace, state, api_url),
         "last_run": _last_run(settings.runs_dir / namespace, label),
     }
+
+
+def canary_status(
+    settings: RunSettings, namespace: str, store_url: str | None, api_url: str | None = None
+) -> dict[str, Any]:
+    """The namespace's live version and canary (None: none running); with ``api_url`` the
+    API's answers by role (``jobs.canary.answer_shares``)."""
+    label = store_target(settings, store_url).label
+    state = namespace_state(settings, namespace, store_url)
+    return {
+        "namespace": namespace,
+        "store": label,
+        "live": state.live,
+        **_canary(namespace, state, api_url),
+    }
+
+
+def _canary(namespace: str, state: NamespaceState, api_url: str | None) -> dict[str, Any]:
+    """``canary`` (version, percent, started_at, or None) and, when an API URL is given
+    and a canary runs, ``answers`` from the API's /metrics, or ``answers_error`` saying
+    why they could not be read (the status itself never fails on the API)."""
+    from jobs.canary import answer_shares, read_metrics
+
+    running = state.canary
+    found: dict[str, Any] = {"canary": running.model_dump(exclude={"force"}) if running else None}
+    if running is None or api_url is None:
+        return found
+    try:
+        found["answers"] = answer_shares(read_metrics(api_url), namespace, state)
+    except OSError as exc:
+        found["answers_error"] = f"cannot read {api_url}/metrics: {exc}"
+    return found
 
 
 def _last_run(folder: Path, store: str) -> dict[str, Any] | None:

@@ -1,0 +1,239 @@
+"""A namespace's canary after it started (``publishing.publish`` with a canary starts it):
+move its share, promote it, abort it, and read how it fares.
+
+Each change is one atomic change of the namespace state in the store
+(``NamespaceState.set_canary_percent`` / ``promote`` / ``abort``); a refused one
+(``CanaryRefused``, ``BadCanaryPercent``) leaves the state as it was. The CLI's ``canary``
+command and the Airflow DAG's staged publish call these functions.
+
+How the canary fares comes from two places, both in the issue's rule:
+
+- ``answer_shares``: the lookup API's ``/metrics`` counters of answers by version and
+  role (``batchscore_lookup_answers_total``), so the canary's share of answers, its
+  not-found rate and error rate next to the live version's;
+- ``canary_drift``: the drift between the two versions on the canary's keys, from the
+  store (the keys come from the canary version's parts; values of both versions are
+  read from the store, one multi-get per slice).
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.request
+from typing import TypedDict
+
+from batchscore.core.settings import RunSettings
+from kv_export.connect import store_target
+from kv_export.store import NamespaceState
+
+log = logging.getLogger("batchscore.jobs")
+ANSWERS = "batchscore_lookup_answers_total"
+
+
+class CanaryResult(TypedDict):
+    """What a canary change left: the namespace's live version and canary (None: none)."""
+
+    namespace: str
+    store: str
+    live: int | None
+    canary: int | None
+    percent: float | None
+    note: str
+
+
+def _result(namespace: str, label: str, state: NamespaceState, note: str) -> CanaryResult:
+    canary = state.canary
+    return {
+        "namespace": namespace,
+        "store": label,
+        "live": state.live,
+        "canary": canary.version if canary else None,
+        "percent": canary.percent if canary else None,
+        "note": note,
+    }
+
+
+def set_share(
+    settings: RunSettings, namespace: str, percent: float, store_url: str | None = None
+) -> CanaryResult:
+    """Move the running canary to ``percent`` % of the keys (keys in it stay when it grows)."""
+    target = store_target(settings, store_url)
+    store = target.open()
+    try:
+        state = store.set_canary_percent(namespace, percent)
+    finally:
+        store.close()
+    assert state.canary is not None
+    note = f"canary version {state.canary.version} at {state.canary.percent:g} %"
+    log.info("namespace %s in %s: %s", namespace, target.label, note)
+    return _result(namespace, target.label, state, note)
+
+
+def promote(settings: RunSettings, namespace: str, store_url: str | None = None) -> CanaryResult:
+    """Make the canary live in one step (as a publish: history, retention)."""
+    target = store_target(settings, store_url)
+    store = target.open()
+    try:
+        before = store.state(namespace).live
+        info = store.promote_canary(namespace, settings.keep_versions)
+        state = store.state(namespace)
+    finally:
+        store.close()
+    note = f"canary version {info.version} promoted: live {before} → {info.version}"
+    log.info("namespace %s in %s: %s", namespace, target.label, note)
+    return _result(namespace, target.label, state, note)
+
+
+def abort(settings: RunSettings, namespace: str, store_url: str | None = None) -> CanaryResult:
+    """End the canary: every key is answered by the live version again."""
+    target = store_target(settings, store_url)
+    store = target.open()
+    try:
+        version = store.state(namespace).canary
+        state = store.abort_canary(namespace)
+    finally:
+        store.close()
+    note = f"canary version {version.version if version else None} aborted; live {state.live}"
+    log.info("namespace %s in %s: %s", namespace, target.label, note)
+    return _result(namespace, target.label, state, note)
+
+
+class RoleFigures(TypedDict):
+    version: int
+    answers: float  # keys answered, found or not, plus errors
+    not_found_rate: float | None
+    error_rate: float | None
+
+
+class AnswerShares(TypedDict):
+    """The API's counts for the namespace's live version and canary, and the canary's
+    share of all answers of the two."""
+
+    live: RoleFigures | None
+    canary: RoleFigures | None
+    canary_share: float | None
+
+
+def read_metrics(api_url: str, timeout: float = 5.0) -> str:
+    """The lookup API's ``/metrics`` text (``api_url`` is its base URL)."""
+    with urllib.request.urlopen(api_url.rstrip("/") + "/metrics", timeout=timeout) as answer:
+        text: str = answer.read().decode()
+    return text
+
+
+def answer_shares(metrics: str, namespace: str, state: NamespaceState) -> AnswerShares:
+    """The canary's and the live version's answers, counted by the API since it started
+    (all its workers), from the text of ``/metrics``."""
+    counts: dict[tuple[str, str, str], float] = {}
+    for line in metrics.splitlines():
+        if not line.startswith(ANSWERS + "{"):
+            continue
+        labels = _labels(line[line.index("{") + 1 : line.rindex("}")])
+        if labels.get("namespace") != namespace:
+            continue
+        key = (labels["version"], labels["role"], labels["outcome"])
+        counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+
+    def figures(version: int | None, role: str) -> RoleFigures | None:
+        if version is None:
+            return None
+        by = {o: counts.get((str(version), role, o), 0.0) for o in ("found", "not_found", "error")}
+        total = sum(by.values())
+        return {
+            "version": version,
+            "answers": total,
+            "not_found_rate": by["not_found"] / total if total else None,
+            "error_rate": by["error"] / total if total else None,
+        }
+
+    live = figures(state.live, "live")
+    canary = figures(state.canary.version if state.canary else None, "canary")
+    both = (live["answers"] if live else 0.0) + (canary["answers"] if canary else 0.0)
+    share = canary["answers"] / both if canary and both else None
+    return {"live": live, "canary": canary, "canary_share": share}
+
+
+def _labels(text: str) -> dict[str, str]:
+    """Prometheus text-format labels (``a="x",b="y"``); values here hold no quotes."""
+    pairs = (part.split("=", 1) for part in text.split(",") if "=" in part)
+    return {name.strip(): value.strip().strip('"') for name, value in pairs}
+
+
+class CanaryDrift(TypedDict):
+    keys: int  # canary keys compared (found in both versions)
+    missing_in_live: int  # canary keys the live version lacks
+    max_abs_diff: float  # over every output
+    mean_abs_diff: float
+    outputs: list[str]
+
+
+def canary_drift(
+    settings: RunSettings,
+    namespace: str,
+    store_url: str | None = None,
+    *,
+    sample: int = 100_000,
+    chunk: int = 10_000,
+) -> CanaryDrift:
+    """How far the canary's predictions are from the live version's on the canary's keys
+    (at most ``sample`` of them, read from the canary version's parts in order)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from kv_export.encoding import text_keys, unpack_value
+
+    state = _state_with_canary(settings, namespace, store_url)
+    live, canary = state.live_info(), state.canary_info()
+    assert live is not None and canary is not None and state.canary is not None
+    keys: list[bytes] = []
+    for part in canary.parts:
+        column = pq.read_table(part.path, columns=[canary.key_column]).column(0)
+        keys += [k for k in text_keys(column).to_pylist() if state.canary.takes(k)]
+        if len(keys) >= sample:
+            break
+    keys = keys[:sample]
+    shared = [o for o in canary.outputs if o in live.outputs]
+    diffs: list[np.ndarray] = []
+    missing = 0
+    store = store_target(settings, store_url).open()
+    try:
+        for start in range(0, len(keys), chunk):
+            part_keys = keys[start : start + chunk]
+            old = store.get_many(namespace, live, part_keys)
+            new = store.get_many(namespace, canary, part_keys)
+            for a, b in zip(old, new, strict=True):
+                if a is None:
+                    missing += 1
+                    continue
+                if b is None:
+                    continue
+                was, now = unpack_value(a, live.outputs), unpack_value(b, canary.outputs)
+                diffs.append(np.array([abs(now[o] - was[o]) for o in shared]))
+    finally:
+        store.close()
+    matrix = np.vstack(diffs) if diffs else np.zeros((0, len(shared)))
+    return {
+        "keys": len(diffs),
+        "missing_in_live": missing,
+        "max_abs_diff": float(matrix.max()) if matrix.size else 0.0,
+        "mean_abs_diff": float(matrix.mean()) if matrix.size else 0.0,
+        "outputs": shared,
+    }
+
+
+def _state_with_canary(
+    settings: RunSettings, namespace: str, store_url: str | None
+) -> NamespaceState:
+    from kv_export.errors import CanaryRefused
+
+    store = store_target(settings, store_url).open()
+    try:
+        state = store.state(namespace)
+    finally:
+        store.close()
+    if state.canary is None or state.canary_info() is None:
+        raise CanaryRefused(
+            f"Namespace '{namespace}' has no canary running: nothing to compare",
+            expected="a canary started with --canary P%",
+        )
+    return state
