@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Literal
+from zlib import crc32
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from kv_export.encoding import CANARY_SLOTS, ENCODING, canary_slot
+from kv_export.encoding import CANARY_SLOTS, ENCODING
 from kv_export.errors import (
     AlreadyPublished,
     BadCanaryPercent,
@@ -129,7 +131,10 @@ class VersionOrder(BaseModel):
 class Canary(BaseModel):
     """A version answering a share of the keys beside the live one: the keys whose
     ``canary_slot`` is below ``slots`` (``percent`` × 100) go to it, every other key to
-    the live version. Deterministic per key, so a caller sees one version per key."""
+    the live version. Deterministic per key, so a caller sees one version per key.
+    Frozen: a change of share is a new ``Canary`` (``crc_bound`` is computed once)."""
+
+    model_config = ConfigDict(frozen=True)
 
     version: int
     percent: float
@@ -140,9 +145,15 @@ class Canary(BaseModel):
     def slots(self) -> int:
         return round(self.percent * 100)
 
+    @cached_property
+    def crc_bound(self) -> int:
+        """``canary_slot(key) < slots`` as one comparison of the key's CRC-32: the slot is
+        ``crc × CANARY_SLOTS >> 32``, below ``slots`` exactly when the CRC is below this."""
+        return -(-(self.slots << 32) // CANARY_SLOTS)
+
     def takes(self, key: bytes) -> bool:
         """The rule: does this key (the bytes the store holds it as) go to the canary?"""
-        return canary_slot(key) < round(self.percent * 100)
+        return crc32(key) < self.crc_bound
 
 
 def canary_percent(percent: float) -> float:
@@ -246,8 +257,9 @@ class NamespaceState(BaseModel):
         if canary.percent == share:
             return self
         state = self.model_copy(deep=True)
-        assert state.canary is not None
-        state.canary.percent = share
+        state.canary = Canary(
+            version=canary.version, percent=share, started_at=canary.started_at, force=canary.force
+        )
         return state
 
     def promote(

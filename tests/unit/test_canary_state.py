@@ -53,6 +53,13 @@ def test_the_slot_is_the_crc_scaled_to_the_slots_the_same_in_every_process() -> 
     assert all(0 <= canary_slot(k) < CANARY_SLOTS for k in encode_keys(range(10_000)))
 
 
+@pytest.mark.parametrize("percent", [0.01, 1, 10, 33.33, 50, 99.99])
+def test_the_rule_is_one_comparison_of_the_crc_equal_to_the_slot_rule(percent: float) -> None:
+    canary = Canary(version=2, percent=percent)
+    for key in encode_keys(range(50_000)):
+        assert canary.takes(key) == (canary_slot(key) < round(percent * 100))
+
+
 def test_a_canarys_share_of_keys_is_close_to_its_percent_and_nested() -> None:
     keys = encode_keys(range(100_000))
     for percent in (1.0, 10.0, 50.0, 90.0):
@@ -142,6 +149,9 @@ def test_ramp_promote_and_abort() -> None:
     assert ramped.canary is not None and ramped.canary.percent == 50
     assert ramped.canary.started_at == canaried.canary.started_at  # type: ignore[union-attr]
     assert ramped.set_canary_percent("ns", 50) is ramped
+    for key in encode_keys(range(2000)):  # the rule follows the new share at once
+        assert ramped.version_for(key)[1] == (canary_slot(key) < 5000)
+        assert canaried.version_for(key)[1] == (canary_slot(key) < 1000)
 
     promoted, doomed = ramped.promote("ns", keep=3)
     assert promoted.canary is None and promoted.live == b and promoted.history == [a, b]
