@@ -237,3 +237,96 @@ def _state_with_canary(
             expected="a canary started with --canary P%",
         )
     return state
+
+
+class CanaryRules(TypedDict, total=False):
+    """When a canary may be promoted (a job config's ``canary``): every bound given holds.
+
+    ``max_mean_drift`` / ``max_drift``: the mean / largest absolute difference between the
+    canary's and the live version's predictions on the canary's keys (``canary_drift``).
+    With ``api_url``, the lookup API's counts since it started (``answer_shares``): the
+    canary's ``max_error_rate`` and ``max_not_found_rate``, and at least ``min_answers``
+    answers from it.
+    """
+
+    max_mean_drift: float
+    max_drift: float
+    api_url: str
+    max_error_rate: float
+    max_not_found_rate: float
+    min_answers: int
+
+
+class CanaryVerdict(TypedDict):
+    namespace: str
+    version: int
+    passed: bool
+    reasons: list[str]  # each bound that did not hold, in words; empty when passed
+    drift: CanaryDrift
+    answers: AnswerShares | None
+
+
+def judge(
+    settings: RunSettings,
+    namespace: str,
+    version: int,
+    rules: CanaryRules,
+    store_url: str | None = None,
+) -> CanaryVerdict:
+    """Check the running canary ``version`` of ``namespace`` against ``rules``.
+
+    Raises ``CanaryRefused`` when ``version`` is not the running canary (an operator
+    promoted or aborted it meanwhile): nothing is left to decide. The API's metrics that
+    cannot be read raise ``OSError``: a retry may read them, and nothing is decided.
+    """
+    from kv_export.errors import CanaryRefused
+
+    state = _state_with_canary(settings, namespace, store_url)
+    assert state.canary is not None
+    if state.canary.version != version:
+        raise CanaryRefused(
+            f"Version {version} of namespace '{namespace}' is no longer its canary "
+            f"(the canary is version {state.canary.version})",
+            fix="Someone changed the canary by hand; nothing is promoted or aborted",
+        )
+    drift = canary_drift(settings, namespace, store_url)
+    reasons = []
+    for bound, measured in (("max_mean_drift", "mean_abs_diff"), ("max_drift", "max_abs_diff")):
+        limit = rules.get(bound)
+        if limit is not None and drift[measured] > limit:  # type: ignore[literal-required]
+            reasons.append(
+                f"{measured} {drift[measured]:.4g} over {drift['keys']:,} canary keys is "  # type: ignore[literal-required]
+                f"above {bound} {limit:g}"
+            )
+    answers = None
+    if rules.get("api_url"):
+        answers = answer_shares(read_metrics(rules["api_url"]), namespace, state)
+        reasons += _answer_reasons(answers, rules)
+    return {
+        "namespace": namespace,
+        "version": version,
+        "passed": not reasons,
+        "reasons": reasons,
+        "drift": drift,
+        "answers": answers,
+    }
+
+
+def _answer_reasons(answers: AnswerShares, rules: CanaryRules) -> list[str]:
+    canary = answers["canary"]
+    count = canary["answers"] if canary else 0.0
+    reasons = []
+    if count < rules.get("min_answers", 0):
+        reasons.append(
+            f"the canary answered {count:,.0f} keys, fewer than min_answers "
+            f"{rules.get('min_answers')}"
+        )
+    for bound, measured in (
+        ("max_error_rate", "error_rate"),
+        ("max_not_found_rate", "not_found_rate"),
+    ):
+        limit = rules.get(bound)
+        value = canary[measured] if canary else None  # type: ignore[literal-required]
+        if limit is not None and value is not None and value > limit:
+            reasons.append(f"the canary's {measured} {value:.2%} is above {bound} {limit:.2%}")
+    return reasons

@@ -37,12 +37,14 @@ from typing import TypeVar
 
 from batchscore.core.settings import RunSettings
 from jobs import pipeline_metrics, steps, tracking
+from jobs.canary import CanaryRules
 from jobs.context import is_shadow, load_run_settings
 from jobs.drift_gate import check_drift, run_reports
 from jobs.errors import RunError
 from jobs.manifest import Manifest, RunParams, load_manifest
 from jobs.publishing import export, publish
 from jobs.results import (
+    CanarySettled,
     ExportResult,
     GateResult,
     PlanResult,
@@ -239,7 +241,7 @@ def run_flow(
     score(run_dir, settings, on_progress=on_progress, on_dashboard=on_dashboard)
     validate_and_gate(run_dir, settings)
     export_and_compare(run_dir, settings)
-    publish_run(run_dir, settings)
+    publish_run(run_dir, settings, canary=params.canary_percent)
     return load_manifest(run_dir)
 
 
@@ -251,8 +253,9 @@ def publish_run(
     canary: float | None = None,
 ) -> PublishResult | Skipped:
     """Flip the live pointer once (``publishing.publish``: a shadow run or a dry run skip),
-    or with ``canary`` (default: the run's ``canary_percent``) start the version as a
-    canary at that share; the run's MLflow run ends here, FINISHED, naming the version."""
+    or with ``canary`` start the version as a canary at that share (a later publish
+    without one promotes it); the run's MLflow run ends here, FINISHED, naming the
+    version."""
     result = _tracked(
         run_dir, "publish", settings, lambda: publish(run_dir, settings, force=force, canary=canary)
     )
@@ -261,3 +264,29 @@ def publish_run(
     if "skipped" in result:
         return result
     return {**result, "mlflow_run_id": load_manifest(run_dir).mlflow_run_id}
+
+
+def settle_canary(
+    run_dir: str | Path, rules: CanaryRules, settings: RunSettings | None = None
+) -> CanarySettled:
+    """The end of a staged publish: check the run's canary against ``rules``
+    (``jobs.canary.judge``), then promote it (through ``publish_run``: the run is
+    published once, old versions are collected) or abort it. A canary changed by hand
+    meanwhile raises ``CanaryRefused`` and nothing is done."""
+    from jobs import canary
+
+    settings = settings or load_run_settings()
+    manifest = load_manifest(run_dir)
+    if manifest.version is None:
+        raise RunError(f"Run {manifest.run_id} has no exported version", fix="Run export first")
+    verdict = canary.judge(
+        settings, manifest.namespace, manifest.version, rules, manifest.params.store_url
+    )
+    manifest.record_step("canary_check", seconds=0.0, **verdict)
+    manifest.save()
+    if verdict["passed"]:
+        published = publish_run(run_dir, settings)
+        assert "skipped" not in published
+        return {"verdict": verdict, "promoted": True, "published": published}
+    canary.abort(settings, manifest.namespace, manifest.params.store_url)
+    return {"verdict": verdict, "promoted": False, "published": None}

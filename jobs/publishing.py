@@ -187,10 +187,10 @@ def publish(
     unchanged. A run publishes at most once: run again after its publish, it leaves the
     live pointer where it is. A shadow run (``jobs.shadow``) is never published.
 
-    With ``canary`` (default: the run's ``canary_percent`` parameter) the version is not
-    made live but a canary beside the live version, answering that share of the keys
-    (``NamespaceState.start_canary``); ``batchscore canary NS --promote`` (or this step
-    again without a canary) makes it live, ``--abort`` ends it.
+    With ``canary`` the version is not made live but a canary beside the live version,
+    answering that share of the keys (``NamespaceState.start_canary``); ``batchscore
+    canary NS --promote`` (or this step again without a canary) makes it live, ``--abort``
+    ends it.
     """
     manifest = load_manifest(run_dir)
     if manifest.params.dry_run:
@@ -205,7 +205,6 @@ def publish(
     was_published = manifest.published
     settings = settings or load_run_settings()
     force = manifest.params.force if force is None else force
-    canary = manifest.params.canary_percent if canary is None else canary
     store = open_run_store(manifest, settings)
     try:
         before = store.state(manifest.namespace).live

@@ -8,7 +8,10 @@ and on nothing else. Everything else about a run is in its manifest. Final, so t
 
 from __future__ import annotations
 
-from typing import NotRequired, TypedDict, final
+from typing import TYPE_CHECKING, NotRequired, TypedDict, final
+
+if TYPE_CHECKING:
+    from jobs.canary import CanaryVerdict
 
 
 class RunRef(TypedDict):
@@ -96,6 +99,15 @@ class PublishResult(TypedDict):
     newly_published: bool  # live now, and not through an earlier publish of this run
     mlflow_run_id: NotRequired[str | None]  # the MLflow run that records it (jobs.flow)
     canary: NotRequired[float | None]  # started as a canary at this share (not live)
+
+
+class CanarySettled(TypedDict):
+    """The end of a staged publish (``jobs.flow.settle_canary``): the check, and whether the
+    canary was promoted (then ``published`` is the publish's result) or aborted."""
+
+    verdict: CanaryVerdict
+    promoted: bool
+    published: PublishResult | None
 
 
 @final

@@ -155,6 +155,65 @@ class NotifyConfig(BaseModel):
         return value
 
 
+class CanaryConfig(BaseModel):
+    """A staged publish: the run's version answers ``percent`` % of the keys beside the
+    live one for ``hold``, then is checked (drift from the live version on its keys; with
+    ``api_url``, the lookup API's error and not-found rates for it) and promoted, or
+    aborted when a bound does not hold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    percent: float = Field(gt=0, lt=100, description="Share of the keys the canary answers.")
+    hold: timedelta = Field(
+        default=timedelta(hours=1), description="How long the canary runs before the check."
+    )
+    max_mean_drift: float | None = Field(
+        default=None, ge=0, description="Largest mean |canary - live| on the canary's keys."
+    )
+    max_drift: float | None = Field(
+        default=None, ge=0, description="Largest |canary - live| of any canary key."
+    )
+    api_url: str | None = Field(
+        default=None, description="The lookup API's base URL, whose /metrics are read."
+    )
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)
+    max_not_found_rate: float | None = Field(default=None, ge=0, le=1)
+    min_answers: int = Field(default=0, ge=0, description="Canary answers needed (api_url).")
+
+    @field_validator("percent")
+    @classmethod
+    def _slots(cls, value: float) -> float:
+        if abs(value * 100 - round(value * 100)) > 1e-6:
+            raise ValueError("expected a percentage in steps of 0.01, such as 10 or 2.5")
+        return value
+
+    @field_validator("hold", mode="before")
+    @classmethod
+    def _hold(cls, value: object) -> object:
+        return parse_duration(value)
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("expected the lookup API's base URL, http://host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _api_bounds(self) -> CanaryConfig:
+        asks_api = (self.max_error_rate, self.max_not_found_rate) != (None, None)
+        if (asks_api or self.min_answers) and self.api_url is None:
+            raise ValueError(
+                "field 'api_url': expected the lookup API's URL, since the canary's error, "
+                "not-found or answer bounds are read from its /metrics; found none"
+            )
+        return self
+
+    def rules(self) -> dict[str, object]:
+        """``jobs.canary.CanaryRules``: the bounds that are set."""
+        return self.model_dump(exclude={"percent", "hold"}, exclude_none=True)
+
+
 class JobConfig(BaseModel):
     """One scoring job; the DAG ``score_<name>``."""
 
@@ -205,6 +264,10 @@ class JobConfig(BaseModel):
     notify: NotifyConfig | None = Field(
         default=None,
         description="Mail on a failed step and a blocked gate: {when: [...], smtp: {to: ...}}.",
+    )
+    canary: CanaryConfig | None = Field(
+        default=None,
+        description="Stage the publish: {percent: 10, hold: 2h, max_mean_drift: 0.05}.",
     )
 
     @property
@@ -340,6 +403,11 @@ class JobConfig(BaseModel):
             raise ValueError(
                 f"field 'namespace': expected a namespace ({NAMESPACE_RULE}), since the "
                 f"model's name {model_name!r}, the default namespace, is not one; found none"
+            )
+        if self.shadow and self.canary:
+            raise ValueError(
+                "field 'canary': expected none, since a shadow job never publishes; found "
+                f"a canary at {self.canary.percent:g} %"
             )
         if self.candidate == self.model_uri:
             raise ValueError(

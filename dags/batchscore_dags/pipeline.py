@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
 
 from airflow.sdk import (
     DAG,
@@ -66,6 +66,7 @@ from batchscore_dags.config import (
     MODEL_URI_EXPECTED,
     MODEL_URI_PATTERN,
     AssetSchedule,
+    CanaryConfig,
     LoadedJob,
     NotifyConfig,
 )
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from jobs.results import (
+        CanarySettled,
         ExportResult,
         GateResult,
         PlanResult,
@@ -161,6 +163,8 @@ class DagSpec:
     # Per task id: how long one try may run (execution_timeout); absent: Airflow's default.
     timeouts: dict[str, timedelta] = field(default_factory=dict)
     notify: NotifyConfig | None = None
+    # A staged publish: publish as a canary, hold (deferred), check, promote or abort.
+    canary: CanaryConfig | None = None
 
 
 def form_params(d: FormDefaults) -> dict[str, Param]:
@@ -278,6 +282,7 @@ def job_spec(job: LoadedJob) -> DagSpec:
         workers=c.workers,
         timeouts=c.step_timeouts(STEPS),
         notify=c.notify,
+        canary=c.canary,
     )
 
 
@@ -305,7 +310,7 @@ def build_dag(spec: DagSpec) -> DAG:
         },
         deadline=_deadline(spec),
     ) as built:
-        _wire_tasks(spec.workers, spec.timeouts)
+        _wire_tasks(spec.workers, spec.timeouts, spec.canary)
     return built
 
 
@@ -341,7 +346,9 @@ def _deadline(spec: DagSpec) -> DeadlineAlert | None:
     )
 
 
-def _wire_tasks(workers: int | None, timeouts: dict[str, timedelta]) -> None:
+def _wire_tasks(
+    workers: int | None, timeouts: dict[str, timedelta], canary: CanaryConfig | None = None
+) -> None:
     """One task per step of ``jobs.flow``; XCom carries its result (``jobs.results``),
     each key also as an XCom of its own (the results' types are imported for type
     checking only, so Airflow cannot infer ``multiple_outputs`` from them).
@@ -384,10 +391,32 @@ def _wire_tasks(workers: int | None, timeouts: dict[str, timedelta]) -> None:
 
     @task(outlets=[PUBLISHED], multiple_outputs=True, **limits("publish"))
     def publish(exported: ExportResult) -> PublishResult:
-        return publish_run(exported["run_dir"], get_current_context())
+        return publish_run(exported["run_dir"], get_current_context(), canary)
 
     # Each task receives the upstream task's XCom value; here the calls wire XComArgs.
-    publish(export(validate(score(plan(resolve())))))  # type: ignore[arg-type]
+    published = publish(export(validate(score(plan(resolve())))))  # type: ignore[arg-type]
+    if canary is not None:
+        _wire_canary(published, canary, limits("publish"))
+
+
+def _wire_canary(published: Any, canary: CanaryConfig, limits: dict[str, Any]) -> None:
+    """After a canary publish: ``hold`` waits in the triggerer (deferred: no worker slot)
+    until the time the publish task named, then ``settle_canary`` checks the canary and
+    promotes it (an asset event, as a publish) or aborts it (the task fails: the run did
+    not go live, as when a quality gate blocks it)."""
+    from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
+
+    hold = DateTimeSensorAsync(
+        task_id="hold_canary",
+        target_time="{{ ti.xcom_pull(task_ids='publish', key='hold_until') }}",
+        retries=0,
+    )
+
+    @task(outlets=[PUBLISHED], multiple_outputs=True, **limits)
+    def settle_canary(run_dir: str) -> CanarySettled:
+        return settle_run(run_dir, get_current_context(), canary)
+
+    published >> hold >> settle_canary(published["run_dir"])
 
 
 def resolve_run(context: Context, workers: int | None) -> StartedRun:
@@ -434,8 +463,12 @@ def export_run(run_dir: str) -> ExportResult:
     return result
 
 
-def publish_run(run_dir: str, context: Context) -> PublishResult:
-    """``jobs.flow.publish_run``; announce a new live version as an asset event.
+def publish_run(
+    run_dir: str, context: Context, canary: CanaryConfig | None = None
+) -> PublishResult:
+    """``jobs.flow.publish_run``; announce a new live version as an asset event. With a
+    canary, start the version as one instead and name (XCom ``hold_until``) when it is
+    checked.
 
     A version older than the newest published is refused without retries (retrying
     cannot make it newer); the error says how to publish it anyway. A skipped publish
@@ -447,11 +480,47 @@ def publish_run(run_dir: str, context: Context) -> PublishResult:
     from kv_export.errors import VersionExpired, VersionOutOfOrder
 
     try:
-        result = flow.publish_run(run_dir)
+        result = flow.publish_run(run_dir, canary=canary.percent if canary else None)
     except (VersionOutOfOrder, VersionExpired) as exc:
         raise AirflowFailException(str(exc)) from exc
     if "skipped" in result:
         raise AirflowSkipException(f"publish skipped: {result['skipped']}")
+    if canary is not None:
+        started = datetime.now(UTC) if result.get("canary") is not None else None
+        # A run published earlier holds nothing: the check finds no canary of it.
+        until = (started + canary.hold) if started else datetime.now(UTC)
+        context["ti"].xcom_push(key="hold_until", value=until.isoformat())
+    _announce(result, context)
+    return result
+
+
+def settle_run(run_dir: str, context: Context, canary: CanaryConfig) -> CanarySettled:
+    """``jobs.flow.settle_canary``: promoted, an asset event; aborted, the task fails
+    without retries (the check would fail the same way); a run whose version is no longer
+    the canary (promoted or aborted by hand, or published earlier) has nothing to settle."""
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+    from jobs import flow
+    from jobs.canary import CanaryRules
+    from kv_export.errors import CanaryRefused
+
+    rules = cast("CanaryRules", canary.rules())
+    try:
+        settled = flow.settle_canary(run_dir, rules)
+    except CanaryRefused as exc:
+        raise AirflowSkipException(f"nothing to settle: {exc}") from exc
+    if not settled["promoted"]:
+        reasons = "; ".join(settled["verdict"]["reasons"])
+        raise AirflowFailException(
+            f"canary version {settled['verdict']['version']} of namespace "
+            f"{settled['verdict']['namespace']} aborted: {reasons}"
+        )
+    assert settled["published"] is not None
+    _announce(settled["published"], context)
+    return settled
+
+
+def _announce(result: PublishResult, context: Context) -> None:
     if result["newly_published"]:
         context["outlet_events"][PUBLISHED].add(
             namespace_asset(result["namespace"]),
@@ -462,4 +531,3 @@ def publish_run(run_dir: str, context: Context) -> PublishResult:
                 "model": result["model"],
             },
         )
-    return result

@@ -57,9 +57,7 @@ def test_a_canary_is_started_moved_aborted_restarted_and_promoted_from_the_cli(
     assert status["canary"]["percent"] == 10
     shown = " ".join(run_cli("status", NS, env=env).stdout.split())
     assert "canary version 2 at 10 % of the keys beside live version 1" in shown, shown
-    canary_run = next(
-        Path(r["output_dir"]).parent for r in status["versions"] if r["version"] == 2
-    )
+    canary_run = next(Path(r["output_dir"]).parent for r in status["versions"] if r["version"] == 2)
 
     # Bad input: a share outside (0, 100), a second canary, promote/abort with none.
     for bad in ("0", "100%", "150%", "ten"):

@@ -17,8 +17,11 @@ from tests.conftest import REPO
 
 DAGS = REPO / "dags"
 PUBLIC = ("airflow.sdk", "airflow.sdk.exceptions")
-# A provider's notifiers, e.g. airflow.providers.smtp.notifications.smtp.
-PROVIDER_NOTIFIER = re.compile(r"^airflow\.providers\.[a-z_]+(\.[a-z_]+)*\.notifications\.[a-z_]+$")
+# A provider's notifiers and sensors (public provider modules), e.g.
+# airflow.providers.smtp.notifications.smtp, airflow.providers.standard.sensors.date_time.
+PROVIDER_NOTIFIER = re.compile(
+    r"^airflow\.providers\.[a-z_]+(\.[a-z_]+)*\.(notifications|sensors)\.[a-z_]+$"
+)
 
 
 def airflow_imports(path: Path) -> list[tuple[int, str, list[str]]]:
