@@ -110,6 +110,7 @@ bench-serve: $(STAMP)
 # Scoring against the machine's limits and peers (pyfunc loop, dask.dataframe, Ray Data in
 # its own venv under .bench-venvs/); writes its table to docs/benchmarks.md.
 bench-score: $(STAMP)
+	$(BIN)/python bench/default_path_bench.py --dag
 	$(BIN)/python bench/score_bench.py
 
 # Bulk export: 10M predictions into a redis-server it starts, side by side with

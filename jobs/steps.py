@@ -91,6 +91,7 @@ def make_params(settings: RunSettings, **given: object) -> RunParams:
         "cluster": settings.cluster,
         "keep_versions": settings.keep_versions,
         "max_feature_null_rate": settings.max_feature_null_rate,
+        "check_parts_in_score": settings.check_parts_in_score,
         "quality_config": str(settings.quality_config) if settings.quality_config else None,
         "drift": {
             "metric": settings.drift_metric,

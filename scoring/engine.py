@@ -1,10 +1,21 @@
-"""Score shards on a Dask cluster: the model is loaded once per worker process.
+"""Score shards on a Dask cluster: the model is loaded once per worker.
 
 The driver downloads the model once per run; a ``WorkerPlugin`` carries only its
 local path to each worker, where the model is loaded on first use and kept for
 the worker's life, outside the task graph. Each shard's output part is written
 under a temporary name and renamed into place: a part that exists is complete,
 so a re-run skips it.
+
+Clusters a run starts for itself (``STARTED_HERE``):
+
+- ``local`` (the default): one Dask worker inside the run's own process, with a thread
+  per shard scored at once. The driver has imported torch, MLflow and Great
+  Expectations already and the model is loaded once, so a run pays no worker start-up:
+  no process to spawn, nothing imported twice, no result pickled. torch and Arrow
+  release the GIL, so the threads use every core;
+- ``processes``: a LocalCluster of worker processes, for isolation (a model that
+  crashes its process, a worker killed and restarted by its nanny);
+- ``cuda``: dask-cuda's LocalCUDACluster, a worker process per GPU.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ if TYPE_CHECKING:
     from scoring.validation.suite import PartChecks
 
 PLUGIN_NAME = "batchscore-model"
-STARTED_HERE = ("local", "cuda")  # clusters started for the run; other values are addresses
+STARTED_HERE = ("local", "processes", "cuda")  # started for the run; others are addresses
 QUICK_EXIT_PLUGIN = "batchscore-quick-exit"
 PRE_SPAWN_ENV = "distributed.nanny.pre-spawn-environ"
 PART_ROW_GROUP_ROWS = 32_768
@@ -76,9 +87,6 @@ def worker_process_env() -> dict[str, str]:
     LocalCluster's workers get it here; docker-compose's ``x-worker-env`` holds the same
     values for ``dask worker`` (tests/unit/test_compose.py keeps them equal)."""
     return WORKER_ENV | WORKER_MALLOC_ENV
-
-
-_model_loads = 0  # per process: how many times this process loaded a model
 
 
 @dataclass(frozen=True)
@@ -140,9 +148,13 @@ class ModelPlugin(WorkerPlugin):
         self._predictor: Predictor | None = None
         self._batch_size = 0
         self._lock = threading.Lock()
+        self.loads = 0  # how many times this worker loaded the model
+        # Start-up is frozen out of the collector only in a worker process of its own:
+        # frozen in the run's process, the driver's garbage would never be collected.
+        self.driver_pid = os.getpid()
 
     def __getstate__(self) -> dict[str, object]:
-        keep = ("model_dir", "spec", "threads", "device", "precision")
+        keep = ("model_dir", "spec", "threads", "device", "precision", "driver_pid")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict[str, object]) -> None:
@@ -150,6 +162,7 @@ class ModelPlugin(WorkerPlugin):
         self._predictor = None
         self._batch_size = 0
         self._lock = threading.Lock()
+        self.loads = 0
 
     def setup(self, worker: object) -> None:
         """Load the model as the plugin arrives, on every worker at once, before any task."""
@@ -159,10 +172,10 @@ class ModelPlugin(WorkerPlugin):
         self.predictor()
         # What start-up loaded (torch, MLflow, the model) lives as long as the worker:
         # no garbage collection needs to walk it again.
-        gc.freeze()
+        if os.getpid() != self.driver_pid:
+            gc.freeze()
 
     def predictor(self) -> Predictor:
-        global _model_loads
         with self._lock:
             if self._predictor is None:
                 self._predictor = Predictor(
@@ -171,7 +184,7 @@ class ModelPlugin(WorkerPlugin):
                     pick_device(self.device),
                     self.precision,  # type: ignore[arg-type]
                 )
-                _model_loads += 1
+                self.loads += 1
             return self._predictor
 
     def batch_size(self, requested: int) -> int:
@@ -194,10 +207,10 @@ def score_shard(shard: Shard, job: ScoreJob) -> ShardResult:
     started = time.perf_counter()
     part = Path(job.parts_dir) / shard.part_name
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    if part.exists() and not job.force:
-        return existing_result(shard, part, job, worker, started)
     plugin = get_worker().plugins[PLUGIN_NAME]
     assert isinstance(plugin, ModelPlugin)
+    if part.exists() and not job.force:
+        return existing_result(shard, part, job, worker, started, model_loads=plugin.loads)
     predictor = plugin.predictor()
     batch_size = plugin.batch_size(job.batch_size)
     columns = [job.key_column, *job.spec.features]
@@ -228,7 +241,7 @@ def score_shard(shard: Shard, job: ScoreJob) -> ShardResult:
         seconds=time.perf_counter() - started,
         skipped=False,
         worker=worker,
-        model_loads=_model_loads,
+        model_loads=plugin.loads,
         path=predictor.path,
         batch_size=batch_size,
         peak_rss_bytes=peak_rss_bytes(),
@@ -353,7 +366,13 @@ def set_aside(part: Path) -> Path:
 
 
 def existing_result(
-    shard: Shard, part: Path, job: ScoreJob, worker: str = "", started: float | None = None
+    shard: Shard,
+    part: Path,
+    job: ScoreJob,
+    worker: str = "",
+    started: float | None = None,
+    *,
+    model_loads: int = 0,
 ) -> ShardResult:
     """The result of a shard whose part is already complete, from the part's footer."""
     started = time.perf_counter() if started is None else started
@@ -372,12 +391,12 @@ def existing_result(
         seconds=time.perf_counter() - started,
         skipped=True,
         worker=worker,
-        model_loads=_model_loads,
+        model_loads=model_loads,
     )
 
 
 def resolve_cluster(cluster: str) -> str:
-    """``auto`` picks ``cuda`` when this machine has a GPU, else ``local``."""
+    """``auto`` picks ``cuda`` when this machine has a GPU, else ``local`` (in-process)."""
     if cluster != "auto":
         return cluster
     import torch
@@ -399,6 +418,11 @@ def dask_client(cluster: str, workers: int, threads_per_worker: int) -> Iterator
     if cluster not in STARTED_HERE:
         with Client(cluster) as client:
             yield client
+        return
+    if cluster == "local":
+        with _in_process_cluster(workers * threads_per_worker) as in_process:
+            with Client(in_process) as client:
+                yield client
         return
     with _spawned_workers_skip_main_script():
         with _local_cluster(cluster, workers, threads_per_worker) as local_cluster:
@@ -430,9 +454,39 @@ def _spawned_workers_skip_main_script() -> Iterator[None]:
             main.__file__ = saved
 
 
+def _dashboard() -> str | None:
+    return ":0" if importlib.util.find_spec("bokeh") else None
+
+
+@contextmanager
+def _in_process_cluster(threads: int) -> Iterator[LocalCluster]:
+    """One worker in this process, ``threads`` shards scored at once (``--workers`` ×
+    ``--threads-per-worker``), each forward pass on its own thread."""
+    _use_jemalloc()
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=threads,
+        processes=False,
+        dashboard_address=_dashboard(),
+        silence_logs=logging.ERROR,
+    ) as cluster:
+        yield cluster
+
+
+def _use_jemalloc() -> None:
+    """Arrow's jemalloc pool in this process, as ``WORKER_ENV`` gives worker processes
+    (why: see there); the user's own ARROW_DEFAULT_MEMORY_POOL is kept."""
+    if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:
+        return
+    try:
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+    except NotImplementedError:  # an Arrow built without jemalloc
+        log.debug("Arrow has no jemalloc here; keeping %s", pa.default_memory_pool().backend_name)
+
+
 @contextmanager
 def _local_cluster(cluster: str, workers: int, threads_per_worker: int) -> Iterator[LocalCluster]:
-    dashboard = ":0" if importlib.util.find_spec("bokeh") else None
+    dashboard = _dashboard()
     if cluster == "cuda":
         try:
             from dask_cuda import LocalCUDACluster

@@ -20,11 +20,12 @@ from batchscore.core.errors import SettingsError
 
 ENV_PREFIX = "BATCHSCORE_"
 SCHEDULER_SCHEMES = ("tcp://", "tls://")
+CLUSTERS_STARTED = ("local", "processes", "cuda", "auto")  # started for a run, not addresses
 
 
 def is_running_cluster(cluster: str) -> bool:
     """``cluster`` is an existing scheduler's address, whose workers outlive the run,
-    rather than a cluster started for it (local, cuda, auto)."""
+    rather than a cluster started for it (local, processes, cuda, auto)."""
     return cluster.startswith(SCHEDULER_SCHEMES)
 
 
@@ -117,7 +118,9 @@ class RunSettings(_Common):
     )
     cluster: str = Field(
         default="local",
-        description="local (LocalCluster), cuda (dask-cuda), auto, or a scheduler tcp:// address.",
+        description="local (in this process, a thread per shard at once), processes (a "
+        "LocalCluster of worker processes), cuda (dask-cuda), auto (cuda with a GPU, else "
+        "local), or a running scheduler's tcp:// address.",
     )
     keep_versions: int = Field(
         default=2, ge=1, description="Published versions kept per namespace."
@@ -151,6 +154,11 @@ class RunSettings(_Common):
         gt=0,
         description="Time the collection after a publish may spend deleting old versions; "
         "what is left is deleted by the next one.",
+    )
+    check_parts_in_score: bool = Field(
+        default=True,
+        description="Check each part against the per-part expectations as it is written "
+        "(off: the validate step checks every part).",
     )
     max_feature_null_rate: float = Field(
         default=0.0,
@@ -215,9 +223,9 @@ class RunSettings(_Common):
     @field_validator("cluster")
     @classmethod
     def _cluster_value(cls, value: str) -> str:
-        if value not in ("local", "cuda", "auto") and not is_running_cluster(value):
+        if value not in CLUSTERS_STARTED and not is_running_cluster(value):
             raise ValueError(
-                "expected local, cuda, auto or a scheduler address like tcp://host:8786"
+                "expected local, processes, cuda, auto or a scheduler address like tcp://host:8786"
             )
         return value
 

@@ -100,7 +100,7 @@ def test_a_killed_worker_costs_only_its_own_shards(tmp_path: Path) -> None:
         os.kill(pid, signal.SIGKILL)  # the nanny restarts it; its shards go elsewhere
         killed.append(pid)
 
-    with dask_client("local", 2, 1) as client:
+    with dask_client("processes", 2, 1) as client:  # a worker process of its own to kill
         results, errors = run_shards(client, shards, job, on_progress=kill_one_worker)
     assert killed and errors == {}
     assert sorted(r.shard_id for r in results) == [s.id for s in shards]
@@ -155,14 +155,16 @@ def test_max_failed_shards_lets_a_run_finish_without_them(
     assert load_manifest(manifest.run_dir).validation["success"] is True
 
 
-def test_local_workers_allocate_arrow_memory_with_jemalloc() -> None:
+@pytest.mark.parametrize("cluster", ["local", "processes"])
+def test_workers_allocate_arrow_memory_with_jemalloc(cluster: str) -> None:
     """Peak RSS per worker must not depend on how many shards it scored: Arrow memory from
-    jemalloc, not Arrow's default mimalloc (see scoring.engine.WORKER_ENV)."""
+    jemalloc, not Arrow's default mimalloc (see scoring.engine.WORKER_ENV), in a worker
+    process and in the run's own process alike."""
 
     def backend() -> str:
         return str(pa.default_memory_pool().backend_name)
 
-    with dask_client("local", 1, 1) as client:
+    with dask_client(cluster, 1, 1) as client:
         assert set(client.run(backend).values()) == {"jemalloc"}
 
 
@@ -186,7 +188,7 @@ def test_local_workers_keep_glibc_heap_memory_instead_of_mmapping_each_batch() -
     def environment() -> dict[str, str | None]:
         return {n: os.environ.get(n) for n in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
 
-    with dask_client("local", 1, 1) as client:
+    with dask_client("processes", 1, 1) as client:
         (found,) = client.run(environment).values()
         (faults,) = client.run(page_faults_of_reallocating, 16 << 20).values()
     kept = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
@@ -206,15 +208,26 @@ def test_the_model_plugin_freezes_what_start_up_loaded(tmp_path: Path) -> None:
     """Once the model is loaded, no collection walks torch, MLflow or the model again."""
     model_dir = slow_model(tmp_path)
     plugin = ModelPlugin(str(model_dir), read_model_spec(model_dir), 1, "cpu", "fp32")
-    with dask_client("local", 1, 1) as client:
+    with dask_client("processes", 1, 1) as client:
         client.register_plugin(plugin, name=PLUGIN_NAME)
         (frozen,) = client.run(gc.get_freeze_count).values()
     assert frozen > 100_000  # torch's and MLflow's objects, at the least
 
 
+def test_the_run_process_is_not_frozen_by_an_in_process_worker(tmp_path: Path) -> None:
+    """In-process (``local``), freezing would keep the driver's garbage forever."""
+    model_dir = slow_model(tmp_path)
+    plugin = ModelPlugin(str(model_dir), read_model_spec(model_dir), 1, "cpu", "fp32")
+    gc.unfreeze()
+    with dask_client("local", 1, 1) as client:
+        client.register_plugin(plugin, name=PLUGIN_NAME)
+        (frozen,) = client.run(gc.get_freeze_count).values()
+    assert frozen == 0
+
+
 def test_a_local_cluster_worker_freezes_everything_as_it_closes() -> None:
     """So that its exit skips a last collection over all it loaded (scoring.engine.QuickExit)."""
-    with dask_client("local", 1, 1) as client:
+    with dask_client("processes", 1, 1) as client:
         (before,) = client.run(hold_new_objects).values()
         client.unregister_worker_plugin(QUICK_EXIT_PLUGIN)  # as the worker's close does
         (after,) = client.run(gc.get_freeze_count).values()

@@ -148,14 +148,19 @@ def test_a_row_count_mismatch_is_caught_and_the_part_checked_again(
     assert step["rows"] == 3 * ROWS - 1 and step["failed_parts"] == ["part-00002.parquet"]
     rechecked = part_result(checked, 2)
     assert rechecked["rows"] == ROWS - 1 and rechecked["success"] is False
-    assert rechecked["checked_by"] != part_result(checked, 0)["checked_by"]
+    # Checked again by the validate step: the result describes the file as it is now.
+    assert (rechecked["part_size"], rechecked["part_mtime_ns"]) == (
+        part.stat().st_size,
+        part.stat().st_mtime_ns,
+    )
 
 
 def test_without_checks_in_score_the_validate_step_checks_every_part_on_a_cluster(
-    one_file_per_shard: None, tmp_path: Path
+    one_file_per_shard: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for i, name in enumerate(("a", "b")):
         write(tmp_path / "in", f"{name}.parquet", **{KEY: np.arange(ROWS) + i * ROWS})
+    monkeypatch.setenv("BATCHSCORE_CHECK_PARTS_IN_SCORE", "false")
     settings = load_settings(RunSettings)
     params = steps.make_params(
         settings,
@@ -163,8 +168,8 @@ def test_without_checks_in_score_the_validate_step_checks_every_part_on_a_cluste
         model_uri="models:/churn/1",
         key_column=KEY,
         namespace="late",
-        check_parts_in_score=False,
     )
+    assert params.check_parts_in_score is False
     run_dir = steps.resolve(settings, params)["run_dir"]
     steps.plan(run_dir)
     steps.score(run_dir)

@@ -38,6 +38,6 @@ def test_enumerated_options_show_their_choices() -> None:
 
     run = shown("run")
     assert "<auto|cpu|cuda>" in run and "<fp32|bf16|fp16>" in run
-    assert "[local|cuda|auto|tcp://HOST:PORT]" in run
+    assert "[local|processes|cuda|auto|tcp://HOST:PORT]" in run
     for command in (["status"], ["versions"], ["gc"], ["model", "list"]):
         assert "-o" in shown(*command) and "<table|json>" in shown(*command), command
