@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import logging
 import urllib.request
+from pathlib import Path
 from typing import TypedDict
 
 from batchscore.core.settings import RunSettings
 from kv_export.connect import store_target
-from kv_export.store import NamespaceState
+from kv_export.store import NamespaceState, VersionInfo
 
 log = logging.getLogger("batchscore.jobs")
 ANSWERS = "batchscore_lookup_answers_total"
@@ -81,6 +82,7 @@ def promote(settings: RunSettings, namespace: str, store_url: str | None = None)
         store.close()
     note = f"canary version {info.version} promoted: live {before} → {info.version}"
     log.info("namespace %s in %s: %s", namespace, target.label, note)
+    _record_in_run(info, target.label, published=True)
     return _result(namespace, target.label, state, note)
 
 
@@ -89,13 +91,40 @@ def abort(settings: RunSettings, namespace: str, store_url: str | None = None) -
     target = store_target(settings, store_url)
     store = target.open()
     try:
-        version = store.state(namespace).canary
+        before = store.state(namespace)
+        version = before.canary
         state = store.abort_canary(namespace)
     finally:
         store.close()
+    aborted = before.canary_info()
+    if aborted is not None:
+        _record_in_run(aborted, target.label, published=False)
     note = f"canary version {version.version if version else None} aborted; live {state.live}"
     log.info("namespace %s in %s: %s", namespace, target.label, note)
     return _result(namespace, target.label, state, note)
+
+
+def _record_in_run(info: VersionInfo, store_label: str, *, published: bool) -> None:
+    """Tell the run whose version it is (its manifest, beside the version's parts) that its
+    canary was promoted (the run is then published, once) or aborted; a run folder that
+    is gone, or that names another store or version, is left alone."""
+    from jobs.manifest import MANIFEST, load_manifest, utcnow
+
+    if info.output_dir is None or not (Path(info.output_dir).parent / MANIFEST).is_file():
+        return
+    manifest = load_manifest(Path(info.output_dir).parent)
+    record = manifest.stores.get(store_label)
+    if record is None or record.version != info.version:
+        return
+    step = manifest.steps.get("publish", {})
+    if published:
+        record.published = True
+        record.published_at = record.published_at or info.published_at
+        step |= {"promoted_at": utcnow(), "canary": None, "note": "canary promoted: live"}
+    else:
+        step |= {"aborted_at": utcnow(), "note": "canary aborted: not published"}
+    manifest.steps["publish"] = step
+    manifest.save()
 
 
 class RoleFigures(TypedDict):

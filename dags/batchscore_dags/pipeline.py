@@ -109,6 +109,7 @@ RETRY_POLICY = ExceptionRetryPolicy(
                 "scoring.errors.UnsupportedModel",
                 "registry.errors.RegistryError",
                 "kv_export.errors.BadStoreUrl",
+                "kv_export.errors.CanaryRefused",  # a canary runs: promote or abort it first
                 "batchscore.core.errors.SettingsError",
                 "batchscore.core.errors.InvalidName",
                 "jobs.errors.RunError",

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from jobs.manifest import load_manifest
 from kv_export.encoding import canary_slot
 from tests.conftest import KEY, run_cli
 from tests.integration.test_api_service import Start
@@ -91,6 +92,8 @@ def test_a_canary_is_started_moved_aborted_restarted_and_promoted_from_the_cli(
 
     aborted = cli_json("canary", NS, "--abort", env=env)
     assert (aborted["live"], aborted["canary"]) == (1, None)
+    record = load_manifest(canary_run)
+    assert not record.published and record.steps["publish"]["note"].startswith("canary aborted")
     for args in (["--abort"], ["--promote"], ["--to", "20%"]):
         done = run_cli("canary", NS, *args, env=env)
         assert done.returncode == 3 and "no canary running" in done.stderr, done.stderr
@@ -103,3 +106,6 @@ def test_a_canary_is_started_moved_aborted_restarted_and_promoted_from_the_cli(
     assert (promoted["live"], promoted["canary"]) == (2, None)
     status = cli_json("status", NS, env=env)
     assert status["live"] == 2 and status["kept"] == [1, 2] and status["canary"] is None
+    assert load_manifest(canary_run).published  # the run went live, once
+    again = run_cli("step", "publish", str(canary_run), env=env)
+    assert again.returncode == 0 and json.loads(again.stdout)["newly_published"] is False

@@ -72,3 +72,20 @@ def test_a_shadow_job_cannot_stage_a_publish(
     write(tmp_path, "daily.yaml", yaml.safe_dump(data))
     [problem] = problems_of(dag_modules["config"], tmp_path)
     assert "field 'canary'" in problem and "never publishes" in problem
+
+
+def test_a_publish_refused_by_a_running_canary_fails_at_once(
+    dag_modules: dict[str, ModuleType],  # noqa: F811
+) -> None:
+    """Retrying cannot end someone's canary: the task fails at once, saying to promote or
+    abort it (evaluated after the scheduler's serialisation round trip too)."""
+    from airflow.sdk import ExceptionRetryPolicy, RetryAction
+
+    from kv_export.errors import CanaryRefused, StoreUnavailable
+
+    policy = dag_modules["pipeline"].RETRY_POLICY
+    for evaluated in (policy, ExceptionRetryPolicy.deserialize(policy.serialize())):
+        refused = CanaryRefused("Namespace 'ns' has a canary running")
+        assert evaluated.evaluate(refused, try_number=1, max_tries=3).action == RetryAction.FAIL
+        down = StoreUnavailable("Redis did not answer")
+        assert evaluated.evaluate(down, try_number=1, max_tries=3).action == RetryAction.DEFAULT
