@@ -186,7 +186,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="bench-default-"))
     best: dict[str, dict[str, Any]] = {}
     limits: dict[int, float] = {}
-    dag = DagBench(cache, tracking, scratch) if args.dag else None
     try:
         for round_ in range(1, args.rounds + 1):
             for size, folder in folders.items():
@@ -195,6 +194,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 limits[size] = max(limits.get(size, 0.0), rate)
                 order = ["cli", "loop", "nochecks"] if round_ % 2 else ["nochecks", "loop", "cli"]
                 for who in order:
+                    if who == "nochecks" and size > args.validation_max_rows:
+                        continue  # the validation target is at 2M rows; 20M would triple
                     log(f"round {round_}: {who} at {size:,} rows")
                     if who == "cli":
                         keep_best(best, f"cli-{size}", cli_run(folder, uri, tracking, scratch))
@@ -209,20 +210,41 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                         keep_best(best, f"nochecks-{size}", found)
                     else:
                         keep_best(best, f"loop-{size}", loop_run(folder, uri, tracking, scratch))
-                if dag is not None and size in args.dag_sizes:
-                    log(f"round {round_}: DAG at {size:,} rows")
-                    keep_best(best, f"dag-{size}", dag.run(folder, uri, size))
+        if args.dag:
+            dag_rounds(args, folders, uri, tracking, scratch, best)
     finally:
-        if dag is not None:
-            dag.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     return {"best": best, "limits": limits, "sizes": sorted(args.sizes), "rounds": args.rounds}
+
+
+def dag_rounds(
+    args: argparse.Namespace,
+    folders: dict[int, Path],
+    uri: str,
+    tracking: str,
+    scratch: Path,
+    best: dict[str, dict[str, Any]],
+) -> None:
+    """The DAG under ``airflow standalone``, after the other rounds: an idle scheduler and
+    DAG processor take CPU, so Airflow runs only now. Each round runs the CLI beside the
+    DAG at the same size, so the DAG ÷ CLI ratio compares runs under the same load."""
+    dag = DagBench(tracking, scratch)
+    try:
+        for round_ in range(1, args.rounds + 1):
+            for size in args.dag_sizes:
+                folder = folders[size]
+                log(f"DAG round {round_}: DAG and CLI at {size:,} rows")
+                keep_best(best, f"dag-{size}", dag.run(folder, uri, size))
+                found = cli_run(folder, uri, tracking, scratch)
+                keep_best(best, f"cli-beside-dag-{size}", found)
+    finally:
+        dag.stop()
 
 
 class DagBench:
     """``airflow standalone`` (tests/airflow_server.py), started once for every DAG run."""
 
-    def __init__(self, cache: Path, tracking: str, scratch: Path) -> None:
+    def __init__(self, tracking: str, scratch: Path) -> None:
         from tests.airflow_server import start_airflow
 
         home = scratch / "airflow"
@@ -279,6 +301,13 @@ def render(results: dict[str, Any], args: argparse.Namespace, seconds: float) ->
         "process on a fresh home per run, embedded store, MLflow run recording on. The plain "
         "loop: a fresh `python -c` that imports pandas and MLflow, `mlflow.pyfunc.load_model` "
         "once, then `predict(pd.read_parquet(f))` and a Parquet write per file.",
+        "",
+        "The serial limit: Parquet decode to a float32 matrix (Arrow's threads) and the "
+        "forward pass on decoded tensors (torch on every core, the best of four batch "
+        "sizes), measured in the bench's process in each round at that size (the best "
+        "kept); limit seconds = rows ÷ decode rate + rows ÷ forward rate. The DAG ran "
+        "after the other rounds (an idle `airflow standalone` takes CPU), each DAG run "
+        "beside a CLI run of the same size, whose time its ratio uses.",
         "",
         "### Whole run and score step",
         "",
@@ -392,7 +421,7 @@ def render(results: dict[str, Any], args: argparse.Namespace, seconds: float) ->
         lines += ["", "### The DAG under the scheduler", ""]
         rows = []
         for size in dag_sizes:
-            dag, cli = best[f"dag-{size}"], best.get(f"cli-{size}")
+            dag, cli = best[f"dag-{size}"], best.get(f"cli-beside-dag-{size}")
             busy = sum(dag["tasks"].values())
             rows.append(
                 [
@@ -411,7 +440,7 @@ def render(results: dict[str, Any], args: argparse.Namespace, seconds: float) ->
                     "DAG run, trigger to success (s)",
                     "its tasks' durations (s)",
                     "scheduling between tasks (s)",
-                    "CLI run (s)",
+                    "CLI run beside it (s)",
                     "DAG ÷ CLI",
                 ],
                 rows,
@@ -458,9 +487,9 @@ def verdicts(results: dict[str, Any]) -> str:
             added = max(score - nochecks["steps"]["score"], 0.0)
             share = (added + cli["steps"]["validate"]) / score
             line(f"validation ≤ 0.2× the score step at 2,000,000 rows ({share:.2f}×)", share <= 0.2)
-        dag = best.get(f"dag-{size}")
-        if size == 2_000_000 and dag:
-            dag_ratio = dag["wall"] / cli["wall"]
+        dag, beside = best.get(f"dag-{size}"), best.get(f"cli-beside-dag-{size}")
+        if size == 2_000_000 and dag and beside:
+            dag_ratio = dag["wall"] / beside["wall"]
             line(f"DAG ≤ 2× the CLI run at 2,000,000 rows ({dag_ratio:.2f}×)", dag_ratio <= 2)
     return "\n".join(out)
 
@@ -471,6 +500,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dag", action="store_true", help="also the DAG under airflow standalone")
     parser.add_argument("--dag-sizes", type=int, nargs="+", default=[200_000, 2_000_000])
+    parser.add_argument(
+        "--validation-max-rows",
+        type=int,
+        default=2_000_000,
+        help="largest size at which the score step also runs with the part checks off",
+    )
     parser.add_argument("--cache", default=str(REPO / ".bench-data" / "score"))
     parser.add_argument("--no-docs", action="store_true", help="print, do not write the docs")
     args = parser.parse_args()
