@@ -454,6 +454,21 @@ def _spawned_workers_skip_main_script() -> Iterator[None]:
             main.__file__ = saved
 
 
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment while the block runs; as it was after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _dashboard() -> str | None:
     return ":0" if importlib.util.find_spec("bokeh") else None
 
@@ -503,7 +518,11 @@ def _local_cluster(cluster: str, workers: int, threads_per_worker: int) -> Itera
         )
     else:
         pre_spawn = dask.config.get(PRE_SPAWN_ENV) | WORKER_MALLOC_ENV
-        with dask.config.set({PRE_SPAWN_ENV: pre_spawn}):  # each nanny keeps its copy
+        # Each nanny keeps its copy. A nanny prefers the process's own environment to the
+        # config, and writes its values there as it spawns: a LocalCluster started earlier
+        # in this process with Dask's defaults would have left MALLOC_TRIM_THRESHOLD_=65536
+        # behind for ours to pick up, so the process's environment says ours meanwhile.
+        with dask.config.set({PRE_SPAWN_ENV: pre_spawn}), _environ(WORKER_MALLOC_ENV):
             local_cluster = LocalCluster(
                 n_workers=workers,
                 threads_per_worker=threads_per_worker,
