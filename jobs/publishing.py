@@ -231,6 +231,15 @@ def publish(
     manifest.save()
     where = f"namespace {manifest.namespace} in {manifest.store}"
     log.info("%s: version %s %s", where, manifest.version, note)
+    return _publish_result(
+        manifest, before, note, newly_published=note != PUBLISHED_EARLIER and not was_published
+    )
+
+
+def _publish_result(
+    manifest: Manifest, before: int | None, note: str, *, newly_published: bool
+) -> PublishResult:
+    assert manifest.version is not None
     return {
         "run_dir": manifest.run_dir,
         "run_id": manifest.run_id,
@@ -240,7 +249,7 @@ def publish(
         "version": manifest.version,
         "previous": before,
         "note": note,
-        "newly_published": note != PUBLISHED_EARLIER and not was_published,
+        "newly_published": newly_published,
     }
 
 
@@ -287,15 +296,7 @@ def _as_canary(
         note,
     )
     return {
-        "run_dir": manifest.run_dir,
-        "run_id": manifest.run_id,
-        "namespace": manifest.namespace,
-        "store": manifest.store,
-        "model": f"{manifest.model.name}/{manifest.model.version}",
-        "version": manifest.version,
-        "previous": before,
-        "note": note,
-        "newly_published": False,
+        **_publish_result(manifest, before, note, newly_published=False),
         "canary": state.canary.percent,
     }
 

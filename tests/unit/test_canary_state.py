@@ -14,20 +14,8 @@ from kv_export.errors import (
     VersionIncomplete,
     VersionOutOfOrder,
 )
-from kv_export.state import Canary, NamespaceState, NewVersion, canary_percent
-
-
-def new(run: str, data_as_of: str | None = None) -> NewVersion:
-    return NewVersion(
-        run_id=run,
-        expected_keys=10,
-        outputs=["p"],
-        model_name="m",
-        model_version="1",
-        scored_at="2026-11-23T00:00:00+00:00",
-        key_column="k",
-        data_as_of=data_as_of,
-    )
+from kv_export.state import Canary, NamespaceState, canary_percent
+from tests.unit.test_namespace_state import new
 
 
 def loaded(

@@ -14,7 +14,7 @@ from kv_export.errors import (
 from kv_export.state import NamespaceState, NewVersion
 
 
-def new(run: str) -> NewVersion:
+def new(run: str, data_as_of: str | None = None) -> NewVersion:
     return NewVersion(
         run_id=run,
         expected_keys=10,
@@ -23,6 +23,7 @@ def new(run: str) -> NewVersion:
         model_version="1",
         scored_at="2026-11-23T00:00:00+00:00",
         key_column="k",
+        data_as_of=data_as_of,
     )
 
 
