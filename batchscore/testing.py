@@ -6,6 +6,9 @@ do; no library module imports it (tests/unit/test_layers.py puts it in the top l
 
 - ``free_port``: a port on 127.0.0.1 that the kernel handed out a moment ago.
 - ``RedisServer``: a real ``redis-server`` that a caller may stop, kill and start again.
+- ``RedisClusterServers``: a real Redis Cluster of six ``redis-server`` processes (three
+  primaries, three replicas) made by ``redis-cli --cluster create``, whose primaries a
+  caller may kill (a replica is promoted) and whose slots it may move (reshard).
 - ``wait_until`` / ``wait_for_http``: poll until a started service answers, failing at
   once, with its log's tail, when its process has exited instead.
 - ``stop_process_groups``: stop servers that fork, children and all.
@@ -27,6 +30,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +270,248 @@ class RedisServer:
             self.process = None
 
     def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+CLUSTER_SLOTS = 16_384
+CLUSTER_NODE_TIMEOUT_MS = 1000  # failure detection: a replica is promoted ~1-3 s after a kill
+
+
+@dataclass(frozen=True)
+class ClusterNodeInfo:
+    """One line of ``CLUSTER NODES``, as the tests need it."""
+
+    node_id: str
+    port: int
+    primary: bool
+    failed: bool
+    primary_id: str | None
+    slots: int
+
+    @classmethod
+    def parse(cls, address: str, fields: dict[str, Any]) -> ClusterNodeInfo:
+        """One node of ``CLUSTER NODES`` as redis-py's reply parser gives it."""
+        flags = str(fields["flags"]).split(",")
+        slots = sum(int(r[-1]) - int(r[0]) + 1 for r in fields.get("slots") or [])
+        return cls(
+            node_id=str(fields["node_id"]),
+            port=int(address.split("@")[0].rsplit(":", 1)[1]),
+            primary="master" in flags,
+            failed="fail" in flags or "fail?" in flags,
+            primary_id=None if fields["master_id"] == "-" else str(fields["master_id"]),
+            slots=slots,
+        )
+
+
+class RedisClusterServers:
+    """A real Redis Cluster on 127.0.0.1: ``primaries`` primaries with one replica each.
+
+    Six ``redis-server --cluster-enabled yes`` processes on free ports (nothing on disk,
+    as ``RedisServer``), joined by ``redis-cli --cluster create --cluster-replicas 1``;
+    ``start`` returns once every node reports ``cluster_state:ok`` and every node gives
+    the same slot map. ``url`` is batchscore's ``redis+cluster://`` URL with every node as
+    a seed. ``kill_primary`` crashes a primary and returns once its replica serves its
+    slots; ``reshard`` moves slots (and their keys) between primaries as an operator does.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        *extra: str,
+        primaries: int = 3,
+        node_timeout_ms: int = CLUSTER_NODE_TIMEOUT_MS,
+        password: str | None = None,
+    ) -> None:
+        self.folder, self.password = folder, password
+        auth = ["--requirepass", password, "--masterauth", password] if password else []
+        self.nodes: list[RedisServer] = []
+        for _ in range(2 * primaries):
+            port = free_port()
+            home = folder / f"node-{port}"  # its own --dir: replicas write RDB files there
+            home.mkdir(parents=True, exist_ok=True)
+            self.nodes.append(
+                RedisServer(
+                    home,
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", f"nodes-{port}.conf",
+                    "--cluster-node-timeout", str(node_timeout_ms),
+                    # the bus port is port + 10000 unless given: past 55535, no such port
+                    "--cluster-port", str(free_port()),
+                    # a replica of a killed primary always takes over, however long idle
+                    "--cluster-replica-validity-factor", "0",
+                    *auth,
+                    *extra,
+                    port=port,
+                )
+            )  # fmt: skip
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        seeds = ",".join(f"{LOOPBACK}:{port}" for port in self.ports)
+        return f"redis+cluster://{seeds}/"
+
+    def start(self, seconds: float = 60) -> None:
+        for node in self.nodes:
+            node.start(password=self.password)
+        binary = shutil.which("redis-cli")
+        if binary is None:
+            raise ProgramMissing("redis-cli", "run `make system-deps`")
+        addresses = [f"{LOOPBACK}:{port}" for port in self.ports]
+        self._cli(
+            "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"
+        )  # fmt: skip
+        self.wait_ok(seconds)
+
+    def _cli(self, *args: str, timeout: float = 300) -> str:
+        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        done = subprocess.run(
+            ["redis-cli", *auth, *args], capture_output=True, text=True, timeout=timeout
+        )
+        if done.returncode != 0:
+            raise ServiceError(
+                f"redis-cli {' '.join(args)} failed with code {done.returncode}:\n"
+                f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
+        return done.stdout
+
+    def live(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.process is not None]
+
+    def cluster_nodes(self) -> list[ClusterNodeInfo]:
+        """The cluster as the first live node sees it."""
+        with self.live()[0].client(socket_timeout=2) as client:
+            nodes = client.execute_command("CLUSTER NODES")
+        return [ClusterNodeInfo.parse(address, fields) for address, fields in nodes.items()]
+
+    def primaries(self) -> list[ClusterNodeInfo]:
+        """The primaries that serve slots now (a failed one excluded)."""
+        return [n for n in self.cluster_nodes() if n.primary and not n.failed and n.slots]
+
+    def _slot_maps(self) -> list[tuple[tuple[int, int, int], ...]] | None:
+        maps = []
+        try:
+            for node in self.live():
+                with node.client(socket_timeout=2) as client:
+                    if client.execute_command("CLUSTER INFO")["cluster_state"] != "ok":
+                        return None
+                    slots = client.execute_command("CLUSTER SLOTS")
+                maps.append(tuple(sorted((int(s[0]), int(s[1]), int(s[2][1])) for s in slots)))
+        except (redis.RedisError, OSError):
+            return None
+        return maps
+
+    def consistent(self, without: int | None = None) -> bool:
+        """Every live node says ``cluster_state:ok`` and gives the same full slot map (in
+        which the primary on port ``without`` serves no slot)."""
+        maps = self._slot_maps()
+        if not maps or any(m != maps[0] for m in maps):
+            return False
+        if any(port == without for _, _, port in maps[0]):
+            return False
+        return sum(end - start + 1 for start, end, _ in maps[0]) == CLUSTER_SLOTS
+
+    def wait_ok(self, seconds: float = 60) -> None:
+        wait_until(self.consistent, what="the Redis Cluster's slot map", seconds=seconds)
+
+    def node(self, port: int) -> RedisServer:
+        return next(node for node in self.nodes if node.port == port)
+
+    def port_of_slot(self, slot: int) -> int:
+        with self.live()[0].client(socket_timeout=2) as client:
+            for start, end, primary, *_ in client.execute_command("CLUSTER SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return int(primary[1])
+        raise ServiceError(f"no node serves slot {slot}")
+
+    def kill_primary(self, port: int | None = None, seconds: float = 60) -> int:
+        """SIGKILL a primary (``port``, or the first one), then wait until a replica has
+        taken its slots and every live node agrees on the map; the killed port."""
+        victim = port or self.primaries()[0].port
+        self.node(victim).kill()
+        wait_until(
+            lambda: self.consistent(without=victim),
+            what=f"a replica's promotion after primary {victim} was killed",
+            seconds=seconds,
+            interval=0.2,
+        )
+        return victim
+
+    def restart(self, port: int, seconds: float = 60) -> None:
+        """Start a killed node again: it rejoins (empty) as a replica of its successor."""
+        self.node(port).start(password=self.password)
+        self.wait_ok(seconds)
+
+    def reshard(self, slots: int, source: int, target: int, *, pipeline: int = 100) -> None:
+        """Move ``slots`` slots and their keys from the primary on port ``source`` to the
+        one on ``target`` (``redis-cli --cluster reshard``), then wait for one map."""
+        ids = {n.port: n.node_id for n in self.cluster_nodes()}
+        self._cli(
+            "--cluster", "reshard", f"{LOOPBACK}:{source}",
+            "--cluster-from", ids[source], "--cluster-to", ids[target],
+            "--cluster-slots", str(slots), "--cluster-yes",
+            "--cluster-pipeline", str(pipeline),
+        )  # fmt: skip
+        self.wait_ok()
+
+    def begin_slot_move(self, slot: int, target: int) -> int:
+        """Mark ``slot`` migrating from its primary to the one on port ``target`` (as
+        ``redis-cli --cluster reshard`` does first); the source's port. Until
+        ``finish_slot_move``, the source answers ASK for keys of the slot it lacks."""
+        source = self.port_of_slot(slot)
+        ids = {n.port: n.node_id for n in self.cluster_nodes()}
+        with self.node(target).client(socket_timeout=5) as client:
+            client.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+        with self.node(source).client(socket_timeout=5) as client:
+            client.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+        return source
+
+    def migrate_keys(self, slot: int, target: int, keys: Sequence[bytes] | None = None) -> None:
+        """MIGRATE ``keys`` (default: every key of the slot) of a migrating slot."""
+        source = self.port_of_slot(slot)
+        with self.node(source).client(socket_timeout=30) as client:
+            if keys is None:
+                keys = client.execute_command("CLUSTER GETKEYSINSLOT", slot, 1_000_000)
+            if keys:
+                auth = ["AUTH", self.password] if self.password else []
+                client.execute_command(
+                    "MIGRATE", LOOPBACK, target, "", 0, 30_000, *auth, "KEYS", *keys
+                )
+
+    def finish_slot_move(self, slot: int, target: int) -> None:
+        """Move what is left of the slot and give it to ``target`` on every primary."""
+        self.migrate_keys(slot, target)
+        source = self.port_of_slot(slot)
+        target_id = next(n.node_id for n in self.cluster_nodes() if n.port == target)
+        others = [p.port for p in self.primaries() if p.port not in (source, target)]
+        for port in (target, source, *others):  # the order redis-cli --cluster uses
+            with self.node(port).client(socket_timeout=5) as client:
+                client.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+        self.wait_ok()
+
+    def flush(self) -> None:
+        """Empty every primary (FLUSHALL), for a cluster shared by several tests."""
+        ports = {p.port for p in self.primaries()}
+        for node in self.live():
+            if node.port in ports:
+                with node.client(socket_timeout=5) as client:
+                    client.flushall()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            try:
+                node.stop()
+            except subprocess.TimeoutExpired:
+                node.kill()
+
+    def __enter__(self) -> RedisClusterServers:
         self.start()
         return self
 

@@ -49,6 +49,22 @@ def _redis_reader(
     return RedisReader(url, timeout_seconds=timeout_seconds, password=password)
 
 
+def _redis_cluster_store(
+    url: str, *, timeout_seconds: float, password: str | None
+) -> PredictionStore:
+    from kv_export.redis_cluster import RedisClusterStore
+
+    return RedisClusterStore(url, timeout_seconds=timeout_seconds, password=password)
+
+
+def _redis_cluster_reader(
+    url: str, *, timeout_seconds: float, password: str | None
+) -> AsyncPredictionReader:
+    from kv_export.redis_cluster_reader import RedisClusterReader
+
+    return RedisClusterReader(url, timeout_seconds=timeout_seconds, password=password)
+
+
 def _lmdb_path(url: str) -> str:
     """The folder of ``lmdb://PATH`` or of a bare path."""
     path = url[len("lmdb://") :] if urlsplit(url).scheme == "lmdb" else url
@@ -75,6 +91,12 @@ LMDB = Backend("lmdb", "lmdb:///path (embedded)", _lmdb_store, _lmdb_reader)
 REDIS = Backend(
     "redis", "redis://host:port/db or rediss://host:port/db", _redis_store, _redis_reader
 )
+REDIS_CLUSTER = Backend(
+    "redis-cluster",
+    "redis+cluster://host:port,host:port/ (rediss+cluster:// for TLS)",
+    _redis_cluster_store,
+    _redis_cluster_reader,
+)
 
 BACKENDS: dict[str, Backend] = {
     "lmdb": LMDB,
@@ -82,6 +104,8 @@ BACKENDS: dict[str, Backend] = {
     "redis": REDIS,
     "rediss": REDIS,
     "unix": REDIS,
+    "redis+cluster": REDIS_CLUSTER,
+    "rediss+cluster": REDIS_CLUSTER,
 }
 
 

@@ -180,6 +180,7 @@ def redis_hset_payload(
     values: np.ndarray,
     *,
     chunk_commands: int = 4096,
+    split_groups: bool = False,
 ) -> list[tuple[memoryview, int]]:
     """The raw RESP bytes of the HSETs that load ``keys`` → ``values`` into their buckets.
 
@@ -188,6 +189,8 @@ def redis_hset_payload(
     are exactly what redis-py sends for ``HSET <bucket key> k1 v1 k2 v2 ...``,
     built with Arrow and numpy instead of per key in Python: headers and
     fields are interleaved by one Arrow ``take``. ``values`` is (rows, outputs).
+    With ``split_groups`` a chunk also ends where a bucket group ends, so every chunk
+    lies in one Redis Cluster slot (``redis_bucket_groups``) and goes to one node.
     """
     n = len(keys)
     if n == 0:
@@ -212,9 +215,15 @@ def redis_hset_payload(
     offsets, data = _binary_buffers(combined)
     raw = data.data  # a memoryview of the payload, no copy
     header_slots = starts + np.arange(touched)
-    bounds = np.r_[offsets[header_slots[::chunk_commands]], offsets[-1]]
-    sizes = [min(chunk_commands, touched - i) for i in range(0, touched, chunk_commands)]
-    return [(raw[int(bounds[i]) : int(bounds[i + 1])], sizes[i]) for i in range(len(sizes))]
+    rank = np.arange(touched)
+    if split_groups:  # the rank of each bucket within its group, a chunk every chunk_commands
+        groups = sorted_buckets[starts] // BUCKETS_PER_GROUP
+        opens = np.r_[True, groups[1:] != groups[:-1]]
+        rank = rank - np.maximum.accumulate(np.where(opens, rank, 0))
+    firsts = np.flatnonzero(rank % chunk_commands == 0)
+    bounds = np.r_[offsets[header_slots[firsts]], offsets[-1]]
+    sizes = np.diff(np.r_[firsts, touched])
+    return [(raw[int(bounds[i]) : int(bounds[i + 1])], int(sizes[i])) for i in range(len(sizes))]
 
 
 def _hset_headers(

@@ -94,7 +94,7 @@ def hmget_head(namespace: str, version: int, bucket: int, encoding: int) -> byte
     return b"$5\r\nHMGET\r\n$%d\r\n%s\r\n" % (len(name), name)
 
 
-def _done(result: T) -> asyncio.Future[T]:
+def done_future(result: T) -> asyncio.Future[T]:
     future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
     future.set_result(result)
     return future
@@ -360,7 +360,7 @@ class AutoPipeline:
             connection.forget()
 
 
-def _namespace_of(state_key: bytes) -> str | None:
+def namespace_of(state_key: bytes) -> str | None:
     """The namespace a state key names; None for a name that is not UTF-8 (no request can
     name that namespace, and it must not stop the listing)."""
     try:
@@ -415,7 +415,7 @@ class RedisReader:
             command = resp(b"SCAN", cursor, b"MATCH", STATE_PATTERN, b"COUNT", b"1000")
             page = await self._pipeline.call(command, "listing namespaces")
             cursor, keys = cast("tuple[bytes, list[bytes]]", page)  # SCAN: [cursor, [key, ...]]
-            names += (name for name in map(_namespace_of, keys) if name is not None)
+            names += (name for name in map(namespace_of, keys) if name is not None)
             if cursor == b"0":
                 return sorted(set(names))
 
@@ -424,7 +424,7 @@ class RedisReader:
         (``kv_export.interface.SingleKeyReader``): a single-key lookup then awaits the
         future directly, with no coroutine of this reader's to create, suspend and resume."""
         if info.expires_at is not None and info.expired():
-            return _done(None)
+            return done_future(None)
         prefix = hget_prefix(namespace, info.version, bucket_of(key, info.buckets), info.encoding)
         command = b"%s$%d\r\n%s\r\n" % (prefix, len(key), key)  # = resp(b"HGET", name, key)
         reply = self._pipeline.call(command, f"reading '{namespace}'")

@@ -16,7 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 # RedisServer and free_port are imported from here by the tests (tests.conftest).
-from batchscore.testing import RedisServer, ServiceError, free_port, wait_for_http
+from batchscore.testing import (
+    RedisClusterServers,
+    RedisServer,
+    ServiceError,
+    free_port,
+    wait_for_http,
+)
 
 if TYPE_CHECKING:
     from jobs.manifest import Manifest
@@ -174,6 +180,22 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(shared_redis_cluster: RedisClusterServers) -> RedisClusterServers:
+    """A real Redis Cluster (3 primaries, 3 replicas) shared by the session, emptied for
+    the test; a test that kills or reshards nodes starts its own ``RedisClusterServers``."""
+    shared_redis_cluster.flush()
+    return shared_redis_cluster
 
 
 class ApiProcess:

@@ -1,4 +1,5 @@
-"""One suite, every store: the embedded LMDB store and a real redis-server."""
+"""One suite, every store: the embedded LMDB store, a real redis-server and a real Redis
+Cluster (three primaries, three replicas)."""
 
 from __future__ import annotations
 
@@ -21,15 +22,24 @@ from kv_export.errors import (
 )
 from kv_export.interface import PredictionStore
 from kv_export.store import open_store
-from tests.conftest import RedisServer, load_version, new_version
+from tests.conftest import RedisClusterServers, RedisServer, load_version, new_version
 
 KEYS = 5_000
 
 
-@pytest.fixture(params=["lmdb", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "lmdb",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ]
+)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PredictionStore]:
     if request.param == "lmdb":
         opened = open_store(f"lmdb://{tmp_path / 'store'}")
+    elif request.param == "redis-cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        opened = open_store(cluster.url)
     else:
         server = RedisServer(tmp_path)
         server.start()
