@@ -159,7 +159,7 @@ def _derived_run_id(params: RunParams, model_uri: str, *, shadow: bool) -> str:
     digest = hashlib.sha256(
         "|".join(
             [str(params.namespace), model_uri, params.key_column, ",".join(params.features or [])]
-            + [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+            + [f.token for f in files]
         ).encode()
     ).hexdigest()[:16]
     return f"{'shadow' if shadow else 'run'}-{digest}"

@@ -9,7 +9,8 @@
     │   ├── MissingColumn
     │   ├── BadColumnType
     │   ├── BadKeyColumn
-    │   └── TooManyNulls      a feature's null rate is above the bound
+    │   ├── TooManyNulls      a feature's null rate is above the bound
+    │   └── InputAccessDenied the object store refused the credentials (or found none)
     ├── UnsupportedModel      a registered model batchscore cannot load or score
     ├── ShardFailed           a shard could not be scored
     ├── ValidationFailed      the output broke an expectation
@@ -70,6 +71,11 @@ class ValidationFailed(ScoringError):
 
 class TooManyNulls(InputError):
     pass
+
+
+class InputAccessDenied(InputError):
+    """An object store refused to list or read the input: no credentials, wrong ones, or
+    a policy that denies the object. Not retried: waiting does not change credentials."""
 
 
 class DriftDetected(ScoringError):

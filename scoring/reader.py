@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from batchscore.core import storage
 from scoring.shards import Piece
 
 T = TypeVar("T")
@@ -25,7 +25,7 @@ _DONE = object()
 def read_row_groups(pieces: Sequence[Piece], columns: Sequence[str]) -> Iterator[pa.Table]:
     """One table per row group, in shard order, with only the needed columns."""
     for piece in pieces:
-        reader = pq.ParquetFile(piece.path, memory_map=False, buffer_size=1 << 20)
+        reader = storage.open_parquet(piece.path)  # a local file, or ranged reads of an object
         for index in piece.row_groups:
             yield reader.read_row_group(index, columns=list(columns))
 

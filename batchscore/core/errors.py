@@ -18,7 +18,8 @@ drawn under the wrong parent)::
     │   │   ├── MissingColumn
     │   │   ├── BadColumnType
     │   │   ├── BadKeyColumn
-    │   │   └── TooManyNulls                a feature's null rate is above the bound
+    │   │   ├── TooManyNulls                a feature's null rate is above the bound
+    │   │   └── InputAccessDenied           an object store refused the credentials
     │   ├── UnsupportedModel                a flavor or format batchscore cannot load
     │   ├── ShardFailed                     a shard could not be scored
     │   ├── ValidationFailed                the output broke an expectation
