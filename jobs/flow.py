@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from batchscore.core.settings import RunSettings
-from jobs import pipeline_metrics, steps, tracking
+from jobs import data_docs, pipeline_metrics, steps, tracking
 from jobs.canary import CanaryRules
 from jobs.context import is_shadow, load_run_settings
 from jobs.drift_gate import check_drift, run_reports
@@ -150,14 +150,25 @@ def score(
     )
 
 
-def validate_and_gate(run_dir: str | Path, settings: RunSettings | None = None) -> GateResult:
+def validate_and_gate(
+    run_dir: str | Path, settings: RunSettings | None = None, *, wait_for_docs: bool = True
+) -> GateResult:
     """The GX suite, then the drift gate; a shadow run is compared after its export instead.
 
-    A run published earlier is not checked again: it passed both gates to go live.
+    A run published earlier is not checked again: it passed both gates to go live. A
+    passing run's Data Docs are built by a process of their own meanwhile
+    (``jobs.data_docs``), waited for before this returns, or with ``wait_for_docs``
+    off, by the caller's ``jobs.data_docs.finish`` (``run_flow``'s, after the export).
     """
-    return _tracked(
-        run_dir, "validate_and_gate", settings, lambda: _validate_and_gate(run_dir, settings)
-    )
+
+    def validate_then_gate() -> GateResult:
+        try:
+            return _validate_and_gate(run_dir, settings)
+        finally:
+            if wait_for_docs:
+                data_docs.finish(run_dir)
+
+    return _tracked(run_dir, "validate_and_gate", settings, validate_then_gate)
 
 
 def _validate_and_gate(run_dir: str | Path, settings: RunSettings | None) -> GateResult:
@@ -169,7 +180,7 @@ def _validate_and_gate(run_dir: str | Path, settings: RunSettings | None) -> Gat
             manifest.version,
         )
         return _gate(manifest.run_dir, None, published_earlier=True)
-    validated = steps.validate(run_dir)
+    validated = steps.validate(run_dir, docs_in_background=True)
     if is_shadow(manifest):
         log.info("shadow run: no drift gate; the export step compares it with the live version")
         return _gate(manifest.run_dir, validated["rows"])
@@ -239,8 +250,11 @@ def run_flow(
     run_dir = start_run(settings, params, run_id=run_id, shadow=shadow)["run_dir"]
     plan(run_dir, settings)
     score(run_dir, settings, on_progress=on_progress, on_dashboard=on_dashboard)
-    validate_and_gate(run_dir, settings)
-    export_and_compare(run_dir, settings)
+    try:  # the Data Docs are built while the drift gate and the export run
+        validate_and_gate(run_dir, settings, wait_for_docs=False)
+        export_and_compare(run_dir, settings)
+    finally:
+        data_docs.finish(run_dir)
     publish_run(run_dir, settings, canary=params.canary_percent)
     return load_manifest(run_dir)
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from batchscore.core.names import check_namespace
 from batchscore.core.settings import RunSettings, is_running_cluster
@@ -30,6 +30,7 @@ from jobs.context import (
     quality_rules,
     require_scored,
 )
+from jobs.data_docs import DocsInBackground, DocsOnCluster
 from jobs.drift_gate import check_drift, run_reports
 from jobs.errors import RunError
 from jobs.manifest import (
@@ -72,7 +73,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("batchscore.jobs")
-DOCS_CLUSTER_TIMEOUT = 60  # seconds to connect to a running cluster, and for its Data Docs
 Progress = Callable[[int, int, int], None]  # (shards done, shards total, rows done)
 
 
@@ -482,13 +482,16 @@ def _keep_part(parts_dir: Path, shard: Shard) -> bool:
     return False
 
 
-def validate(run_dir: str | Path) -> ValidateResult:
-    """Gate the run on Great Expectations; a failure stops it before export.
+def validate(run_dir: str | Path, *, docs_in_background: bool = False) -> ValidateResult:
+    """Gate the run on its Great Expectations suite; a failure stops it before export.
 
     The per-part expectations ran on the workers as each part was written (results in
     ``<run>/validation/``); a part without a fresh result (a part scored earlier under
     another suite, or ``check_parts_in_score`` off) is checked now, on a cluster started
     with the run's settings. Row count and key uniqueness are checked here, across parts.
+    The Data Docs are built where ``jobs.data_docs`` says; ``docs_in_background`` lets a
+    passing run's be built by a process of their own while the caller goes on (it calls
+    ``jobs.data_docs.finish`` before the run's reports are recorded).
     """
     from scoring.errors import ValidationFailed
     from scoring.validation import PartTarget, validate_parts
@@ -499,11 +502,11 @@ def validate(run_dir: str | Path) -> ValidateResult:
     done = [s for s in manifest.shards if s.state == "done"]
     missing_rows = sum(s.rows for s in manifest.shards if s.state == "failed")
     checks = _part_checks(manifest)
-    docs_builder = (
-        _DocsOnCluster(manifest.params.cluster)
-        if is_running_cluster(manifest.params.cluster)
-        else None
-    )
+    docs_builder: DocsOnCluster | DocsInBackground | None = None
+    if is_running_cluster(manifest.params.cluster):
+        docs_builder = DocsOnCluster(manifest.params.cluster)
+    elif docs_in_background:
+        docs_builder = DocsInBackground(manifest.run_dir)
     report = validate_parts(
         [PartTarget(s.id, s.part, s.rows) for s in done],
         checks,
@@ -566,40 +569,6 @@ def _check_parts_on_cluster(
     log.info("checking %d parts without a fresh per-part result on Dask", len(targets))
     with dask_client(params.cluster, workers, params.threads_per_worker) as client:
         return check_parts_on(client, targets, checks)
-
-
-class _DocsOnCluster:
-    """On a running cluster (``tcp://``/``tls://``), one of its workers builds the Data
-    Docs: it has GX imported already (``scoring.preload``, or the per-part checks it ran),
-    so the validate task's process never pays for importing GX (seconds: it is a large
-    package; docs/benchmarks.md has the figure). The docs land in the
-    run's folder, which the workers share (they wrote the parts there). If the cluster
-    cannot take the job, they are built here. ``built_on`` says where they were."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.built_on = ""
-
-    def __call__(self, *args: Any) -> Path | None:  # scoring.validation.DocsBuilder
-        from distributed import Client
-
-        from scoring.validation import build_data_docs
-
-        try:
-            with Client(self.address, timeout=DOCS_CLUSTER_TIMEOUT) as client:
-                future = client.submit(build_data_docs, *args, pure=False)
-                index = future.result(timeout=DOCS_CLUSTER_TIMEOUT)
-            self.built_on = self.address
-            return index
-        except (OSError, TimeoutError) as exc:
-            log.warning(
-                "the cluster at %s could not build the Data Docs (%s: %s); building them here",
-                self.address,
-                type(exc).__name__,
-                exc,
-            )
-        self.built_on = "validate task"
-        return build_data_docs(*args)
 
 
 def _model_spec(

@@ -17,8 +17,9 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from scoring.validation.arrow_checks import PARTIAL, UNIQUE
 from scoring.validation.documents import JsonScalar, plain
-from scoring.validation.suite import PARTIAL, UNIQUE, Key, PartReport
+from scoring.validation.suite import Key, PartReport
 
 
 @dataclass(frozen=True)

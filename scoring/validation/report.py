@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from scoring.validation.arrow_checks import PARTIAL, ROW_COUNT, UNIQUE
 from scoring.validation.docs import build_data_docs
 from scoring.validation.documents import (
     NO_EXCEPTION,
@@ -27,9 +28,6 @@ from scoring.validation.keys import KeyDuplicates, duplicate_keys
 from scoring.validation.suite import (
     FINITE_BOUND,
     FINITE_NAME,
-    PARTIAL,
-    ROW_COUNT,
-    UNIQUE,
     PartChecks,
     PartReport,
     PartTarget,

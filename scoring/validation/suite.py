@@ -30,7 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from scoring.quality import OutputRules, default_output_rules
-from scoring.validation.documents import ResultDocument, plain, write_json
+from scoring.validation import arrow_checks
+from scoring.validation.arrow_checks import BETWEEN, IN_SET, NOT_NULL, ROW_COUNT, UNIQUE
+from scoring.validation.documents import ExpectationConfig, ResultDocument, plain, write_json
 from scoring.validation.gx import ephemeral_context, import_gx
 
 if TYPE_CHECKING:
@@ -46,9 +48,6 @@ SUITE = "batchscore-output"
 SUITE_VERSION = 2  # bump when the per-part suite changes: older part results are re-checked
 FINITE_BOUND = float(np.finfo(np.float64).max)
 FINITE_NAME = "expect_column_values_to_be_finite (between ±float max)"
-ROW_COUNT = "expect_table_row_count_to_equal"
-UNIQUE = "expect_column_values_to_be_unique"
-PARTIAL = 20  # GX's SUMMARY keeps this many unexpected values per expectation
 Key = int | str  # a part's key column: integers or strings
 SUMMARY_ONLY = ("partial_unexpected_counts", "partial_unexpected_index_list")  # not in BASIC
 
@@ -60,6 +59,9 @@ class PartChecks:
     key_column: str
     rules: Mapping[str, OutputRules]  # configured and signature outputs; others: defaults
     results_dir: str
+    # Who evaluates the suite: Arrow compute (``arrow_checks``), or GX's pandas engine.
+    # Both write the same documents, so a result stays fresh when this changes.
+    engine: Literal["arrow", "gx"] = "arrow"
 
     def rules_for(self, outputs: Sequence[str]) -> dict[str, OutputRules]:
         defaults = default_output_rules(outputs)
@@ -100,8 +102,8 @@ class PartReport:
     fingerprint: str
     part_size: int
     part_mtime_ns: int
-    checked_by: str  # host:pid of the process that ran GX
-    results: list[ResultDocument]  # GX's documents, SUMMARY format
+    checked_by: str  # host:pid of the process that checked the part
+    results: list[ResultDocument]  # GX's documents, SUMMARY format (whichever engine)
 
     @property
     def name(self) -> str:
@@ -117,8 +119,13 @@ def check_part(table: pa.Table, target: PartTarget, checks: PartChecks) -> PartR
     started = time.perf_counter()
     key = checks.key_column
     outputs = [n for n in table.column_names if n != key]
-    suite = _part_suite(checks, tuple(outputs))
-    result = suite.run(_gx_frame(table, key, outputs), target.expected_rows)
+    if checks.engine == "gx":
+        suite = _part_suite(checks, tuple(outputs))
+        result = suite.run(_gx_frame(table, key, outputs), target.expected_rows)
+    else:
+        configs = expectation_configs(key, checks.rules_for(outputs), target.expected_rows)
+        documents = arrow_checks.evaluate(table, configs)
+        result = SuiteResult(success=all(d["success"] for d in documents), results=documents)
     keys = table.column(key)
     stat = Path(target.part).stat()
     report = PartReport(
@@ -247,29 +254,45 @@ def _part_suite(checks: PartChecks, outputs: tuple[str, ...]) -> _PartSuite:
         return suite
 
 
-def _expectations(gx: ModuleType, key: str, rules: Mapping[str, OutputRules]) -> list[Expectation]:
-    expect = gx.expectations
-    found: list[Expectation] = [
-        expect.ExpectTableRowCountToEqual(value={"$PARAMETER": "expected_rows"}),
-        expect.ExpectColumnValuesToNotBeNull(column=key),
-        expect.ExpectColumnValuesToBeUnique(column=key),
+def expectation_configs(
+    key: str, rules: Mapping[str, OutputRules], expected_rows: int | dict[str, str]
+) -> list[ExpectationConfig]:
+    """The per-part suite as GX expectation configurations, in the order of its results."""
+    configs = [
+        _config(ROW_COUNT, value=expected_rows),
+        _config(NOT_NULL, column=key),
+        _config(UNIQUE, column=key),
     ]
     for name, rule in rules.items():
-        found.append(expect.ExpectColumnValuesToNotBeNull(column=name))
-        found.append(
-            expect.ExpectColumnValuesToBeBetween(
-                column=name, min_value=-FINITE_BOUND, max_value=FINITE_BOUND
-            )
+        configs.append(_config(NOT_NULL, column=name))
+        configs.append(
+            _config(BETWEEN, column=name, min_value=-FINITE_BOUND, max_value=FINITE_BOUND)
         )
         if rule.min_value is not None or rule.max_value is not None:
-            found.append(
-                expect.ExpectColumnValuesToBeBetween(
-                    column=name, min_value=rule.min_value, max_value=rule.max_value
-                )
+            configs.append(
+                _config(BETWEEN, column=name, min_value=rule.min_value, max_value=rule.max_value)
             )
         if rule.values is not None:
-            found.append(expect.ExpectColumnValuesToBeInSet(column=name, value_set=rule.values))
-    return found
+            configs.append(_config(IN_SET, column=name, value_set=list(rule.values)))
+    return configs
+
+
+def _config(kind: str, **kwargs: object) -> ExpectationConfig:
+    """An argument that is None is left out, as GX leaves it out of its documents."""
+    return ExpectationConfig(type=kind, kwargs={k: v for k, v in kwargs.items() if v is not None})
+
+
+def _expectations(gx: ModuleType, key: str, rules: Mapping[str, OutputRules]) -> list[Expectation]:
+    """The suite as GX expectations; the row count is a parameter of each run."""
+    classes = {
+        ROW_COUNT: gx.expectations.ExpectTableRowCountToEqual,
+        NOT_NULL: gx.expectations.ExpectColumnValuesToNotBeNull,
+        UNIQUE: gx.expectations.ExpectColumnValuesToBeUnique,
+        BETWEEN: gx.expectations.ExpectColumnValuesToBeBetween,
+        IN_SET: gx.expectations.ExpectColumnValuesToBeInSet,
+    }
+    configs = expectation_configs(key, rules, {"$PARAMETER": "expected_rows"})
+    return [classes[c["type"]](**c["kwargs"]) for c in configs]
 
 
 def _gx_frame(table: pa.Table, key: str, outputs: Sequence[str]) -> pd.DataFrame:

@@ -13,7 +13,7 @@ import pytest
 
 from batchscore.core.settings import RunSettings, load_settings
 from batchscore.devcluster import RunningCluster
-from jobs import steps
+from jobs import data_docs, steps
 from jobs.manifest import load_manifest
 from tests.conftest import KEY, run_job
 
@@ -73,7 +73,7 @@ def test_data_docs_are_built_here_when_the_cluster_is_gone(
     steps.plan(ref["run_dir"])
     steps.score(ref["run_dir"])
     cluster.stop_scheduler()
-    monkeypatch.setattr(steps, "DOCS_CLUSTER_TIMEOUT", 3)
+    monkeypatch.setattr(data_docs, "CLUSTER_TIMEOUT", 3)
     steps.validate(ref["run_dir"])  # every part was checked as it was scored: no cluster needed
     manifest = load_manifest(ref["run_dir"])
     validate = manifest.steps["validate"]

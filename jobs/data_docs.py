@@ -1,0 +1,194 @@
+"""Where a run's Data Docs are built, so that GX's import stays off the run's critical path.
+
+The verdict of the validate step needs no GX (``scoring.validation.arrow_checks``); the
+Data Docs, GX's HTML pages of that verdict, do, and importing GX costs seconds of CPU
+(docs/benchmarks.md). So:
+
+- **a running cluster** (``tcp://``/``tls://``): one of its workers builds them; it
+  has GX imported already (``scoring.preload``). If the cluster cannot take the job,
+  they are built in the validate step's process (``DocsOnCluster``);
+- **otherwise** (the default path: ``batchscore run``, each DAG task): a process of
+  their own builds them while the run goes on (``DocsInBackground``): the drift gate
+  in the same task, and for ``batchscore run`` the export too. ``finish`` waits for it
+  before the run's reports are recorded (the MLflow run logs the pages) and notes in
+  the validate step's record how long it took and how long the run waited;
+- **a failing verdict**: built at once, in the validate step's process, whatever the
+  cluster: the error message names the page, which must exist when it is read.
+
+The pages of a run whose Data Docs failed are missing, and ``finish`` says why in a
+warning and in the manifest (``docs_error``); the verdict stands either way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.manifest import load_manifest
+from scoring.validation.documents import ResultDocument, write_json
+
+log = logging.getLogger(__name__)
+
+CLUSTER_TIMEOUT = 60  # seconds to connect to a running cluster, and for its Data Docs
+BACKGROUND_TIMEOUT = 300  # seconds a background build may take before it is stopped
+JOB_FILE = "docs-job.json"  # in the run's validation folder: what the builder is given
+LOG_FILE = "docs-build.log"
+
+
+class DocsOnCluster:
+    """On a running cluster, one of its workers builds the Data Docs (GX imported there
+    already), into the run's folder, which the workers share (they wrote the parts
+    there). If the cluster cannot take the job, they are built here. ``built_on`` says
+    where they were."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.built_on = ""
+
+    def __call__(self, *args: Any) -> Path | None:  # scoring.validation.DocsBuilder
+        from distributed import Client
+
+        from scoring.validation import build_data_docs
+
+        try:
+            with Client(self.address, timeout=CLUSTER_TIMEOUT) as client:
+                future = client.submit(build_data_docs, *args, pure=False)
+                index = future.result(timeout=CLUSTER_TIMEOUT)
+            self.built_on = self.address
+            return index
+        except (OSError, TimeoutError) as exc:
+            log.warning(
+                "the cluster at %s could not build the Data Docs (%s: %s); building them here",
+                self.address,
+                type(exc).__name__,
+                exc,
+            )
+        self.built_on = "validate task"
+        return build_data_docs(*args)
+
+
+@dataclass
+class _Build:
+    process: subprocess.Popen[bytes]
+    started: float
+    log_path: Path
+
+
+_builds: dict[str, _Build] = {}  # run folder → its Data Docs being built
+
+
+class DocsInBackground:
+    """Builds a passing run's Data Docs in a process of its own (``python -m
+    jobs.data_docs``), and a failing run's here, at once. The index's path is
+    returned before the pages exist; ``finish(run_dir)`` waits for them."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = str(run_dir)
+        self.built_on = ""
+
+    def __call__(
+        self,
+        docs_dir: Path,
+        run_name: str,
+        merged: list[ResultDocument],
+        success: bool,
+        reports: Sequence[Any],
+        failing: Sequence[Any],
+    ) -> Path | None:
+        from scoring.validation import build_data_docs
+
+        if not success:
+            self.built_on = "validate task"
+            return build_data_docs(docs_dir, run_name, merged, success, reports, failing)
+        folder = docs_dir.parent / "validation"  # the run's local folder, beside its docs
+        job = folder / JOB_FILE
+        write_json(
+            job,
+            {
+                "docs_dir": str(docs_dir),
+                "run_name": run_name,
+                "merged": merged,
+                "success": success,
+                "reports": [asdict(r) for r in reports],
+                "failing": [asdict(r) for r in failing],
+            },
+        )
+        log_path = folder / LOG_FILE
+        with log_path.open("wb") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "jobs.data_docs", str(job)],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=os.environ | {"PYTHONUNBUFFERED": "1"},
+            )
+        _builds[self.run_dir] = _Build(process, time.perf_counter(), log_path)
+        self.built_on = f"background process {process.pid}"
+        return docs_dir / "index.html"
+
+
+def finish(run_dir: str | Path, timeout: float = BACKGROUND_TIMEOUT) -> None:
+    """Wait for the run's background Data Docs (none: nothing to do) and record them in
+    the validate step: ``docs_seconds`` (the build's wall time), ``docs_waited_seconds``
+    (what the run waited for it), or ``docs_error``, and the report dropped."""
+    build = _builds.pop(str(run_dir), None)
+    if build is None:
+        return
+    waiting = time.perf_counter()
+    error = None
+    try:
+        code = build.process.wait(timeout=max(0.0, timeout - (waiting - build.started)))
+        if code != 0:
+            error = f"the builder exited with status {code}: {_tail(build.log_path)}"
+    except subprocess.TimeoutExpired:
+        build.process.kill()
+        build.process.wait()
+        error = f"the builder took over {timeout:.0f} s and was stopped"
+    done = time.perf_counter()
+    manifest = load_manifest(run_dir)
+    step = manifest.steps.get("validate")
+    if step is not None:
+        step["docs_seconds"] = round(done - build.started, 3)
+        step["docs_waited_seconds"] = round(done - waiting, 3)
+    if error is not None:
+        log.warning("the Data Docs of run %s were not built: %s", manifest.run_id, error)
+        manifest.reports.pop("data_docs", None)
+        if step is not None:
+            step["docs_error"] = error
+    manifest.save()
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def build_from_job(job: Path) -> Path | None:
+    """The background builder's work: the job written by ``DocsInBackground``."""
+    from scoring.validation import PartReport, build_data_docs
+
+    given = json.loads(job.read_text())
+    return build_data_docs(
+        Path(given["docs_dir"]),
+        given["run_name"],
+        given["merged"],
+        given["success"],
+        [PartReport(**r) for r in given["reports"]],
+        [PartReport(**r) for r in given["failing"]],
+    )
+
+
+__all__ = ["DocsInBackground", "DocsOnCluster", "build_from_job", "finish"]
+
+if __name__ == "__main__":
+    build_from_job(Path(sys.argv[1]))
