@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore.core.settings import RunSettings, load_settings
-from jobs import steps
+from jobs import flow, steps
 from jobs.manifest import Manifest, load_manifest
 from kv_export.store import open_store
 from scoring.errors import ValidationFailed
-from tests.conftest import KEY
+from tests.conftest import KEY, run_job
 from tests.integration.test_bad_input import write
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -181,3 +181,33 @@ def test_without_checks_in_score_the_validate_step_checks_every_part_on_a_cluste
     steps.validate(run_dir)
     step = load_manifest(run_dir).steps["validate"]
     assert (step["parts_reused"], step["parts_rechecked"]) == (2, 0)
+
+
+def test_a_passing_runs_data_docs_are_built_beside_the_run_and_waited_for(
+    env: dict[str, str], dataset: Path
+) -> None:
+    manifest = run_job(dataset, "models:/churn/1", "docs-aside")
+    step = manifest.steps["validate"]
+    assert step["success"] and step["docs_built_on"].startswith("background process ")
+    assert step["docs_seconds"] > 0 and 0 <= step["docs_waited_seconds"] <= step["docs_seconds"]
+    assert "docs_error" not in step
+    index = Path(manifest.reports["data_docs"])
+    assert index.is_file() and next(index.parent.glob("validations/**/all-parts.html"))
+    assert manifest.published and manifest.version is not None
+
+
+def test_data_docs_that_fail_to_build_leave_the_verdict_and_the_run_alone(
+    one_file_per_shard: None, tmp_path: Path
+) -> None:
+    for i, name in enumerate(("a", "b")):
+        write(tmp_path / "in", f"{name}.parquet", **{KEY: np.arange(ROWS) + i * ROWS})
+    manifest = score(tmp_path / "in", "docs-fail")
+    (Path(manifest.run_dir) / "data_docs").write_text("a file where the docs' folder goes")
+    gate = flow.validate_and_gate(manifest.run_dir)  # waits for the builder
+    assert gate["success"] and gate["rows"] == 2 * ROWS
+    checked = load_manifest(manifest.run_dir)
+    step = checked.steps["validate"]
+    assert step["success"] and "exited with status 1" in step["docs_error"]
+    assert "data_docs" not in checked.reports
+    flow.export_and_compare(manifest.run_dir)
+    assert flow.publish_run(manifest.run_dir)["version"] == 1
