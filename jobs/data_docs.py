@@ -30,10 +30,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.manifest import load_manifest
-from scoring.validation.documents import ResultDocument, write_json
+
+if TYPE_CHECKING:  # Arrow and numpy come with the validation package: every DAG task
+    from scoring.validation.documents import ResultDocument  # imports this module
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ class DocsInBackground:
         failing: Sequence[Any],
     ) -> Path | None:
         from scoring.validation import build_data_docs
+        from scoring.validation.documents import write_json
 
         if not success:
             self.built_on = "validate task"
