@@ -369,6 +369,7 @@ class RedisClusterServers:
             "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"
         )  # fmt: skip
         self.wait_ok(seconds)
+        wait_until(self.replicated, what="the Redis Cluster's replicas", seconds=seconds)
 
     def _cli(self, *args: str, timeout: float = 300) -> str:
         auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
@@ -408,6 +409,24 @@ class RedisClusterServers:
             return None
         return maps
 
+    def replicated(self) -> bool:
+        """Every primary has an online replica, and the slot map lists it (a replica
+        still syncing could be promoted empty, and a client reading the map then sees
+        no replica)."""
+        try:
+            primaries = self.primaries()
+            for primary in primaries:
+                with self.node(primary.port).client(socket_timeout=2) as client:
+                    info = client.info("replication")
+                    if info.get("slave0", {}).get("state") != "online":
+                        return False
+                    slots = client.execute_command("CLUSTER SLOTS")
+                if any(len(entry) < 4 for entry in slots):
+                    return False
+        except (redis.RedisError, OSError):
+            return False
+        return bool(primaries)
+
     def consistent(self, without: int | None = None) -> bool:
         """Every live node says ``cluster_state:ok`` and gives the same full slot map (in
         which the primary on port ``without`` serves no slot)."""
@@ -431,6 +450,14 @@ class RedisClusterServers:
                     return int(primary[1])
         raise ServiceError(f"no node serves slot {slot}")
 
+    def slots_of(self, port: int) -> list[int]:
+        """The slots the primary on ``port`` serves, ascending (the order in which
+        ``redis-cli --cluster reshard`` takes them from a source)."""
+        with self.live()[0].client(socket_timeout=2) as client:
+            ranges = client.execute_command("CLUSTER SLOTS")
+        owned = [range(int(r[0]), int(r[1]) + 1) for r in ranges if int(r[2][1]) == port]
+        return sorted(slot for block in owned for slot in block)
+
     def kill_primary(self, port: int | None = None, seconds: float = 60) -> int:
         """SIGKILL a primary (``port``, or the first one), then wait until a replica has
         taken its slots and every live node agrees on the map; the killed port."""
@@ -448,6 +475,7 @@ class RedisClusterServers:
         """Start a killed node again: it rejoins (empty) as a replica of its successor."""
         self.node(port).start(password=self.password)
         self.wait_ok(seconds)
+        wait_until(self.replicated, what="the Redis Cluster's replicas", seconds=seconds)
 
     def reshard(self, slots: int, source: int, target: int, *, pipeline: int = 100) -> None:
         """Move ``slots`` slots and their keys from the primary on port ``source`` to the

@@ -191,18 +191,14 @@ class RedisClusterStore(RedisStore):
         chunks that had a redirected command, to be sent again."""
         opened: dict[str, tuple[Any, ConnectionInterface]] = {}
         waiting: dict[str, tuple[memoryview, int]] = {}
-        replicated: set[str] = set()  # nodes the map gives a replica
         redirected: list[memoryview] = []
         nodes = self.cluster.nodes_manager
         try:
             for payload, commands in chunks:
-                slot = self.cluster.keyslot(first_key(payload))
-                node = nodes.get_node_from_slot(slot)
+                node = nodes.get_node_from_slot(self.cluster.keyslot(first_key(payload)))
                 if node.name not in opened:
                     client = self.cluster.get_redis_connection(node)
                     opened[node.name] = (client, client.connection_pool.get_connection())
-                    if len(nodes.slots_cache.get(slot, ())) > 1:
-                        replicated.add(node.name)
                 connection = opened[node.name][1]
                 connection.send_packed_command([payload], check_health=False)
                 if node.name in waiting:
@@ -210,8 +206,8 @@ class RedisClusterStore(RedisStore):
                 waiting[node.name] = (payload, commands)
             for name, (payload, commands) in waiting.items():
                 redirected += self._replies(opened[name][1], payload, commands)
-            for name in replicated:
-                self._replicated(name, opened[name][1])
+            for name, (_, connection) in opened.items():
+                self._replicated(name, connection)
         except BaseException:
             for _, connection in opened.values():
                 connection.disconnect()
@@ -222,10 +218,14 @@ class RedisClusterStore(RedisStore):
         return redirected
 
     def _replicated(self, name: str, connection: ConnectionInterface) -> None:
-        """WAIT until a replica of the node has every write sent to it: a primary killed
-        after acknowledging a load then hands over a replica that has the load too
-        (replication is asynchronous; without this a failover could lose acknowledged
-        keys of a version that is then completed and published)."""
+        """WAIT until a replica of the node has every write sent to it, if it has one
+        (``ROLE``): a primary killed after acknowledging a load then hands over to a
+        replica that has the load too (replication is asynchronous; without this a
+        failover could lose acknowledged keys of a version that is then published)."""
+        connection.send_command("ROLE")
+        role = connection.read_response()
+        if not role[2:] or not role[2]:  # a primary: ["master", offset, [replicas]]
+            return
         connection.send_command("WAIT", 1, int(self._wait_ms))
         if int(connection.read_response()) < 1:
             raise RedisConnectionError(
