@@ -2,10 +2,14 @@
 
 One run measures, at the same connection count: the cheapest route of the same
 stack (``/healthz``: same app, middleware, uvicorn settings) as the limit;
-single-key lookups through Redis, through the embedded store (LMDB) and through
-the batch fallback (Redis stopped, breaker open); 100-key batches through Redis;
-and Feast's feature server (``feast serve``, its own venv) on the same Redis and
-keys. It writes the table into docs/benchmarks.md under its own section.
+single-key lookups through Redis, through a Redis Cluster (three primaries, three
+replicas, ``redis+cluster://``), through the embedded store (LMDB) and through
+the batch fallback (Redis stopped, breaker open); 100-key batches through Redis
+and the cluster; and Feast's feature server (``feast serve``, its own venv) on the
+same Redis and keys. For the choice of the cluster client it also drives, in one
+process and without HTTP, single-key reads through batchscore's cluster reader
+and through redis-py's ``redis.asyncio.RedisCluster`` on the same cluster. It
+writes the tables into docs/benchmarks.md under its own section.
 
 Data: a version of ``--keys`` keys written through ``kv_export`` (sorted Parquet
 parts, ``export_parts``, ``publish``), exactly as the pipeline's export step does.
@@ -14,6 +18,7 @@ parts, ``export_parts``, ``publish``), exactly as the pipeline's export step doe
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import platform
 import re
@@ -25,15 +30,18 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchscore.testing import RedisServer, free_port, wait_for_http
-from kv_export.encoding import bucket_count
+from batchscore.testing import RedisClusterServers, RedisServer, free_port, wait_for_http
+from kv_export.encoding import bucket_count, bucket_of, redis_bucket_key
 from kv_export.export import export_parts
+from kv_export.redis_cluster_reader import RedisClusterReader
+from kv_export.state import VersionInfo
 from kv_export.store import NewVersion, PartInfo, open_store, utcnow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +51,7 @@ NS_CANARY = "bench_canary"  # the same keys, live version + a canary version at 
 CANARY_PERCENT = 10.0
 FIRST_KEY = 1_000_000
 SECTION = "## Lookup API (make bench-serve)"
+CLIENT_CONCURRENCY = 32
 FEAST_VENV = REPO / ".bench-venvs" / "feast"
 
 
@@ -312,6 +321,137 @@ def run_feast(
         server.wait(20)
 
 
+@dataclass
+class ClientResult:
+    name: str
+    reads_per_second: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float  # this process's CPU time per read
+
+
+async def _drive(read: Any, keys: list[bytes], seconds: float, concurrency: int) -> list[float]:
+    """``concurrency`` tasks reading random keys for ``seconds``; every read's latency."""
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+    rng = np.random.default_rng(1)
+
+    async def worker() -> None:
+        picks = rng.integers(0, len(keys), 1_000_000)
+        i = 0
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            assert await read(keys[picks[i % len(picks)]]) is not None
+            latencies.append(time.perf_counter() - started)
+            i += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
+def _version(distribution: str) -> str:
+    from importlib.metadata import version
+
+    return version(distribution)
+
+
+def cluster_clients(url: str, keys: int, seconds: float, concurrency: int) -> list[ClientResult]:
+    """Single-key reads of the cluster's live version through each candidate client, in
+    this process (uvloop, as the API), back to back: the cost the client adds."""
+    import uvloop
+
+    names = [str(FIRST_KEY + k).encode() for k in range(keys)]
+    results = []
+
+    async def live() -> VersionInfo:
+        reader = RedisClusterReader(url, timeout_seconds=5)
+        info = (await reader.state(NS)).live_info()
+        await reader.close()
+        assert info is not None
+        return info
+
+    def bucket_reader(info: VersionInfo, hget: Any) -> Any:
+        """A library client's read of one key: HGET of its bucket, as the reader sends."""
+
+        def read(key: bytes) -> Any:
+            bucket = bucket_of(key, info.buckets)
+            return hget(redis_bucket_key(NS, info.version, bucket, info.encoding), key)
+
+        return read
+
+    async def measured(read: Any) -> tuple[list[float], float]:
+        await _drive(read, names, 1, concurrency)  # warm-up
+        cpu = time.process_time()
+        latencies = await _drive(read, names, seconds, concurrency)
+        return latencies, time.process_time() - cpu
+
+    async def ours() -> tuple[list[float], float]:
+        info = await live()
+        reader = RedisClusterReader(url, timeout_seconds=5)
+        try:
+            return await measured(lambda key: reader.get_one(NS, info, key))
+        finally:
+            await reader.close()
+
+    async def redis_py() -> tuple[list[float], float]:
+        from redis.asyncio.cluster import RedisCluster
+
+        info = await live()
+        client = RedisCluster(host=host, port=port, socket_timeout=5)
+        try:
+            return await measured(bucket_reader(info, client.hget))
+        finally:
+            await client.aclose()
+
+    async def coredis_client() -> tuple[list[float], float]:
+        import coredis
+
+        info = await live()
+        async with coredis.RedisCluster(host=host, port=port) as client:
+            return await measured(bucket_reader(info, client.hget))
+
+    async def glide_client() -> tuple[list[float], float]:
+        from glide import GlideClusterClient, GlideClusterClientConfiguration, NodeAddress
+
+        info = await live()
+        config = GlideClusterClientConfiguration([NodeAddress(host, port)], request_timeout=5000)
+        client = await GlideClusterClient.create(config)
+        try:
+            return await measured(bucket_reader(info, client.hget))
+        finally:
+            await client.close()
+
+    import coredis
+    import glide
+    import redis as redis_py_package
+
+    seed = url.removeprefix("redis+cluster://").split(",")[0]
+    host, port = seed.rsplit(":", 1)[0], int(seed.rsplit(":", 1)[1])
+    candidates = [
+        ("batchscore cluster reader (pipelined RESP routed by slot)", ours),
+        (f"redis-py {redis_py_package.__version__} redis.asyncio.RedisCluster", redis_py),
+        (f"coredis {coredis.__version__} RedisCluster", coredis_client),
+        (f"valkey-glide {_version('valkey-glide')} GlideClusterClient", glide_client),
+    ]
+    del glide
+    for name, run in candidates:
+        latencies, cpu = uvloop.run(run())
+        latencies.sort()
+        done = len(latencies)
+        results.append(
+            ClientResult(
+                name,
+                done / seconds,
+                1000 * latencies[done // 2],
+                1000 * latencies[int(done * 0.99)],
+                1e6 * cpu / done,
+            )
+        )
+        r = results[-1]
+        print(f"{name:60s} {r.reads_per_second:10.0f} reads/s p99 {r.p99_ms:.2f} ms")
+    return results
+
+
 def median_run(runs: list[Result]) -> Result:
     """The run with the median req/s (all its numbers come from that one run)."""
     return sorted(runs, key=lambda r: r.rps or 0.0)[len(runs) // 2]
@@ -334,6 +474,7 @@ def report(
     args: argparse.Namespace,
     seconds: float,
     canary_ratio: float | None = None,
+    clients: list[ClientResult] | None = None,
 ) -> str:
     empty, redis, lmdb = results["empty"], results["redis"], results["lmdb"]
     fallback, feast = results["fallback"], results["feast"]
@@ -351,7 +492,10 @@ def report(
         ),
     ]
     checks = []
-    for label, primary in (("Redis", redis), ("embedded (LMDB)", lmdb)):
+    singles = [("Redis", redis), ("embedded (LMDB)", lmdb)]
+    if "cluster" in results:
+        singles.insert(1, ("Redis Cluster", results["cluster"]))
+    for label, primary in singles:
         rps_ratio = ratio(primary.rps, empty.rps)
         p99_ratio = ratio(primary.p99_ms, empty.p99_ms)
         checks.append(
@@ -381,6 +525,24 @@ def report(
         f"| fallback p99 ≤ 2× Redis p99 | {fmt(fb)}× | "
         f"{'met' if fb is not None and fb <= 2 else 'NOT met'} |"
     )
+    clients_table: list[str] = []
+    if clients:
+        best = max(c.reads_per_second for c in clients)
+        clients_table = [
+            "Cluster client for the lookup API, chosen by measurement: single-key reads "
+            f"of the same cluster's live version in one process (uvloop), {args.seconds} s "
+            f"each after a 1 s warm-up, {CLIENT_CONCURRENCY} concurrent readers, no HTTP. "
+            "The rule: prefer a well-kept library where it is within 10 % of the best.",
+            "",
+            "| client | reads/s | p50 ms | p99 ms | client CPU µs/read | vs best |",
+            "|---|---:|---:|---:|---:|---:|",
+            *(
+                f"| {c.name} | {c.reads_per_second:,.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | "
+                f"{c.cpu_us:.1f} | {c.reads_per_second / best:.2f}× |"
+                for c in clients
+            ),
+            "",
+        ]
     return "\n".join(
         [
             SECTION,
@@ -411,10 +573,15 @@ def report(
             f"version and a canary answering {CANARY_PERCENT:g} % of the keys, so each lookup "
             "also hashes its key and picks its version (interleaved with the row without a "
             "canary; its target is checked on the ratio of the two within each repeat). "
+            "The Redis Cluster rows are a second API (`--store redis+cluster://...`) on a "
+            "cluster of three primaries and three replicas started by the benchmark "
+            "(`RedisClusterServers`) holding the same keys; its redis-server CPU column is "
+            "empty (six processes). "
             "CPU µs/req is the "
             "process's user + system time during the measured window divided by the requests "
             "served.",
             "",
+            *clients_table,
             *limits(results),
             "",
         ]
@@ -478,6 +645,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     redis = RedisServer(tmp)
     redis.start()
+    cluster = RedisClusterServers(tmp / "cluster")
+    cluster.start()
     processes: list[subprocess.Popen[bytes]] = []
     results: dict[str, Result] = {}
     try:
@@ -485,6 +654,9 @@ def main() -> None:
         publish(redis.url, tmp / "parts", paths, parts)
         publish(redis.url, tmp / "parts", paths, parts, NS_CANARY, canary=True)
         publish(f"lmdb://{tmp / 'store'}", tmp / "parts", paths, parts)
+        publish(cluster.url, tmp / "parts", paths, parts)
+        on_cluster, cluster_base = serve(cluster.url, tmp / "home", tmp / "api-cluster.log")
+        processes.append(on_cluster)
         on_redis, redis_base = serve(redis.url, tmp / "home", tmp / "api-redis.log")
         on_lmdb, lmdb_base = serve(f"lmdb://{tmp / 'store'}", tmp / "home", tmp / "api-lmdb.log")
         processes += [on_redis, on_lmdb]
@@ -494,7 +666,9 @@ def main() -> None:
         canaried = f"/v1/predictions/{NS_CANARY}/"
         answer = httpx.get(f"{redis_base}{canaried}{FIRST_KEY}", timeout=5).json()
         assert "canary" in answer, answer  # the namespace answers under its canary rule
-        runs: dict[str, list[Result]] = {"empty": [], "redis": [], "canary": [], "lmdb": []}
+        runs: dict[str, list[Result]] = {
+            "empty": [], "redis": [], "cluster": [], "canary": [], "lmdb": []
+        }  # fmt: skip
         for repeat in range(args.repeat):  # interleaved: a disturbance hits all alike
             runs["empty"].append(
                 wrk(
@@ -516,6 +690,16 @@ def main() -> None:
                 runs[name].append(
                     wrk(label, redis_base, lua_single(prefix, args.keys), args, tmp, **pids)
                 )
+            runs["cluster"].append(
+                wrk(
+                    "single key, Redis Cluster (3 primaries + 3 replicas)",
+                    cluster_base,
+                    lua_single(single, args.keys),
+                    args,
+                    tmp,
+                    api=on_cluster.pid,
+                )
+            )
             runs["lmdb"].append(
                 wrk(
                     "single key, embedded (LMDB)",
@@ -536,6 +720,17 @@ def main() -> None:
             tmp,
             **pids,
         )
+        results["cluster_batch"] = wrk(
+            "100-key batch, Redis Cluster",
+            cluster_base,
+            lua_post(f"/v1/predictions/{NS}/batch", '{"keys": [', "]}", args.keys, 100, quote=True),
+            args,
+            tmp,
+            api=on_cluster.pid,
+        )
+        on_cluster.terminate()  # the client comparison has the CPUs to itself
+        on_cluster.wait(10)
+        clients = cluster_clients(cluster.url, args.keys, args.seconds, CLIENT_CONCURRENCY)
         results["feast"] = run_feast(redis, args.keys, values, tmp, args)
         redis.stop()
         for _ in range(20):  # open the breaker and warm the row-group cache
@@ -551,14 +746,25 @@ def main() -> None:
         )
         results = {
             k: results[k]
-            for k in ("empty", "redis", "canary", "lmdb", "fallback", "batch", "feast")
+            for k in (
+                "empty",
+                "redis",
+                "cluster",
+                "canary",
+                "lmdb",
+                "fallback",
+                "batch",
+                "cluster_batch",
+                "feast",
+            )  # fmt: skip
         }
     finally:
         for process in processes:
             process.terminate()
             process.wait(10)
         redis.stop()
-    section = report(results, args, time.monotonic() - started, canary_ratio)
+        cluster.stop()
+    section = report(results, args, time.monotonic() - started, canary_ratio, clients)
     print(section)
     if not args.no_write:
         write_section(section)
