@@ -9,11 +9,13 @@ Data Docs, GX's HTML pages of that verdict, do, and importing GX costs seconds o
   they are built in the validate step's process (``DocsOnCluster``);
 - **otherwise** (the default path: ``batchscore run``, each DAG task): a process of
   their own builds them while the run goes on (``DocsInBackground``): the drift gate
-  in the same task, and for ``batchscore run`` the export too. ``finish`` waits for it
-  before the run's reports are recorded (the MLflow run logs the pages) and notes in
-  the validate step's record how long it took and how long the run waited;
-- **a failing verdict**: built at once, in the validate step's process, whatever the
-  cluster: the error message names the page, which must exist when it is read.
+  in the same task, and for ``batchscore run`` the export too. ``batchscore run``
+  starts that process as the run starts (``prepare``), so that GX is imported while
+  the model is resolved, on the core that resolving leaves idle. ``finish`` waits for
+  it before the run's reports are recorded (the MLflow run logs the pages) and notes
+  in the validate step's record how long it took and how long the run waited;
+- **a failing verdict**: built before the validate step raises, whatever the cluster:
+  the error message names the page, which must exist when it is read.
 
 The pages of a run whose Data Docs failed are missing, and ``finish`` says why in a
 warning and in the manifest (``docs_error``); the verdict stands either way.
@@ -26,6 +28,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -40,9 +43,8 @@ if TYPE_CHECKING:  # Arrow and numpy come with the validation package: every DAG
 log = logging.getLogger(__name__)
 
 CLUSTER_TIMEOUT = 60  # seconds to connect to a running cluster, and for its Data Docs
-BACKGROUND_TIMEOUT = 300  # seconds a background build may take before it is stopped
+BUILD_TIMEOUT = 300  # seconds a build may take, from its job, before it is stopped
 JOB_FILE = "docs-job.json"  # in the run's validation folder: what the builder is given
-LOG_FILE = "docs-build.log"
 
 
 class DocsOnCluster:
@@ -80,17 +82,60 @@ class DocsOnCluster:
 @dataclass
 class _Build:
     process: subprocess.Popen[bytes]
-    started: float
+    started: float  # when the builder was given its job
     log_path: Path
 
 
 _builds: dict[str, _Build] = {}  # run folder → its Data Docs being built
+_prepared: _Build | None = None  # a builder importing GX, waiting for a job
+
+
+def prepare() -> None:
+    """Start a builder now, so that it imports GX while the run resolves its model (the
+    MLflow import and the download use one core; the builder takes another) and waits
+    for its job on standard input. Without a job it exits when this process does (its
+    input closes). ``DocsInBackground`` gives it the job; without one prepared, it starts
+    its own."""
+    global _prepared
+    if _prepared is None or _prepared.process.poll() is not None:
+        _prepared = _start_builder()
+
+
+def _start_builder() -> _Build:
+    with tempfile.NamedTemporaryFile(prefix="batchscore-docs-", suffix=".log", delete=False) as f:
+        log_path = Path(f.name)
+    with log_path.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "jobs.data_docs"],
+            stdin=subprocess.PIPE,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        )
+    return _Build(process, time.perf_counter(), log_path)
+
+
+def _give(job: Path) -> _Build:
+    """The prepared builder (or a new one), given ``job``."""
+    global _prepared
+    build, _prepared = _prepared, None
+    if build is None or build.process.poll() is not None:
+        build = _start_builder()
+    assert build.process.stdin is not None
+    try:
+        build.process.stdin.write(f"{job}\n".encode())
+        build.process.stdin.close()
+    except OSError:  # it died meanwhile: finish() reports its status
+        pass
+    build.started = time.perf_counter()
+    return build
 
 
 class DocsInBackground:
-    """Builds a passing run's Data Docs in a process of its own (``python -m
-    jobs.data_docs``), and a failing run's here, at once. The index's path is
-    returned before the pages exist; ``finish(run_dir)`` waits for them."""
+    """Builds the run's Data Docs in a process of their own (``python -m jobs.data_docs``,
+    started earlier by ``prepare`` where the caller could): a passing run's while the
+    caller goes on, to be waited for by ``finish(run_dir)``; a failing run's at once (its
+    error message names the page). The index's path is returned before the pages exist."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = str(run_dir)
@@ -105,14 +150,9 @@ class DocsInBackground:
         reports: Sequence[Any],
         failing: Sequence[Any],
     ) -> Path | None:
-        from scoring.validation import build_data_docs
         from scoring.validation.documents import write_json
 
-        if not success:
-            self.built_on = "validate task"
-            return build_data_docs(docs_dir, run_name, merged, success, reports, failing)
-        folder = docs_dir.parent / "validation"  # the run's local folder, beside its docs
-        job = folder / JOB_FILE
+        job = docs_dir.parent / "validation" / JOB_FILE  # the run's local folder
         write_json(
             job,
             {
@@ -124,24 +164,20 @@ class DocsInBackground:
                 "failing": [asdict(r) for r in failing],
             },
         )
-        log_path = folder / LOG_FILE
-        with log_path.open("wb") as output:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "jobs.data_docs", str(job)],
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                env=os.environ | {"PYTHONUNBUFFERED": "1"},
-            )
-        _builds[self.run_dir] = _Build(process, time.perf_counter(), log_path)
-        self.built_on = f"background process {process.pid}"
-        return docs_dir / "index.html"
+        build = _builds[self.run_dir] = _give(job)
+        self.built_on = f"background process {build.process.pid}"
+        index = docs_dir / "index.html"
+        if not success:
+            finish(self.run_dir, record=False)
+            return index if index.is_file() else None
+        return index
 
 
-def finish(run_dir: str | Path, timeout: float = BACKGROUND_TIMEOUT) -> None:
+def finish(run_dir: str | Path, timeout: float = BUILD_TIMEOUT, *, record: bool = True) -> None:
     """Wait for the run's background Data Docs (none: nothing to do) and record them in
-    the validate step: ``docs_seconds`` (the build's wall time), ``docs_waited_seconds``
-    (what the run waited for it), or ``docs_error``, and the report dropped."""
+    the validate step: ``docs_seconds`` (the build's wall time from its job),
+    ``docs_waited_seconds`` (what the run waited for it), or ``docs_error``, and the report
+    dropped. With ``record`` off (the validate step is still being written) only logs."""
     build = _builds.pop(str(run_dir), None)
     if build is None:
         return
@@ -156,13 +192,17 @@ def finish(run_dir: str | Path, timeout: float = BACKGROUND_TIMEOUT) -> None:
         build.process.wait()
         error = f"the builder took over {timeout:.0f} s and was stopped"
     done = time.perf_counter()
+    build.log_path.unlink(missing_ok=True)
+    if error is not None:
+        log.warning("the Data Docs of run %s were not built: %s", run_dir, error)
+    if not record:
+        return
     manifest = load_manifest(run_dir)
     step = manifest.steps.get("validate")
     if step is not None:
         step["docs_seconds"] = round(done - build.started, 3)
         step["docs_waited_seconds"] = round(done - waiting, 3)
     if error is not None:
-        log.warning("the Data Docs of run %s were not built: %s", manifest.run_id, error)
         manifest.reports.pop("data_docs", None)
         if step is not None:
             step["docs_error"] = error
@@ -193,5 +233,22 @@ def build_from_job(job: Path) -> Path | None:
 
 __all__ = ["DocsInBackground", "DocsOnCluster", "build_from_job", "finish"]
 
+
+def main() -> None:
+    """``python -m jobs.data_docs``: import GX, then build the job named on standard
+    input (none: exit); ``python -m jobs.data_docs JOB`` builds JOB at once."""
+    from scoring.validation import import_gx
+
+    if len(sys.argv) > 1:
+        build_from_job(Path(sys.argv[1]))
+        return
+    import_gx()
+    import scoring.validation.docs  # noqa: F401  # the rest of what a build imports
+
+    line = sys.stdin.readline().strip()
+    if line:
+        build_from_job(Path(line))
+
+
 if __name__ == "__main__":
-    build_from_job(Path(sys.argv[1]))
+    main()
