@@ -325,12 +325,23 @@ class RedisClusterServers:
         primaries: int = 3,
         node_timeout_ms: int = CLUSTER_NODE_TIMEOUT_MS,
         password: str | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
-        self.folder, self.password = folder, password
+        """``tls``: (certificate, key) for TLS only, clients, bus and replication alike,
+        the certificate its own CA (``rediss+cluster://`` URLs with ``ssl_ca_certs``)."""
+        self.folder, self.password, self.tls = folder, password, tls
         auth = ["--requirepass", password, "--masterauth", password] if password else []
         self.nodes: list[RedisServer] = []
         for _ in range(2 * primaries):
             port = free_port()
+            secure = []
+            if tls is not None:
+                secure = [
+                    "--port", "0", "--tls-port", str(port), "--tls-cluster", "yes",
+                    "--tls-replication", "yes", "--tls-cert-file", str(tls[0]),
+                    "--tls-key-file", str(tls[1]), "--tls-ca-cert-file", str(tls[0]),
+                    "--tls-auth-clients", "no",
+                ]  # fmt: skip
             home = folder / f"node-{port}"  # its own --dir: replicas write RDB files there
             home.mkdir(parents=True, exist_ok=True)
             self.nodes.append(
@@ -344,6 +355,7 @@ class RedisClusterServers:
                     # a replica of a killed primary always takes over, however long idle
                     "--cluster-replica-validity-factor", "0",
                     *auth,
+                    *secure,
                     *extra,
                     port=port,
                 )
@@ -356,11 +368,17 @@ class RedisClusterServers:
     @property
     def url(self) -> str:
         seeds = ",".join(f"{LOOPBACK}:{port}" for port in self.ports)
+        if self.tls is not None:
+            return f"rediss+cluster://{seeds}/?ssl_ca_certs={self.tls[0]}"
         return f"redis+cluster://{seeds}/"
+
+    def _start_node(self, node: RedisServer) -> None:
+        ca = None if self.tls is None else str(self.tls[0])
+        node.start(password=self.password, ssl=self.tls is not None, ssl_ca_certs=ca)
 
     def start(self, seconds: float = 60) -> None:
         for node in self.nodes:
-            node.start(password=self.password)
+            self._start_node(node)
         binary = shutil.which("redis-cli")
         if binary is None:
             raise ProgramMissing("redis-cli", "run `make system-deps`")
@@ -373,6 +391,8 @@ class RedisClusterServers:
 
     def _cli(self, *args: str, timeout: float = 300) -> str:
         auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        if self.tls is not None:
+            auth += ["--tls", "--cacert", str(self.tls[0])]
         done = subprocess.run(
             ["redis-cli", *auth, *args], capture_output=True, text=True, timeout=timeout
         )
@@ -473,7 +493,7 @@ class RedisClusterServers:
 
     def restart(self, port: int, seconds: float = 60) -> None:
         """Start a killed node again: it rejoins (empty) as a replica of its successor."""
-        self.node(port).start(password=self.password)
+        self._start_node(self.node(port))
         self.wait_ok(seconds)
         wait_until(self.replicated, what="the Redis Cluster's replicas", seconds=seconds)
 

@@ -8,6 +8,7 @@ ASK in the middle of a migration), a store URL with a password, the launcher its
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,3 +210,32 @@ def test_the_launcher_promotes_a_replica_of_a_killed_primary(
     now = own_cluster.primaries()
     assert killed not in {p.port for p in now} and len(now) == 3
     assert sum(p.slots for p in now) == 16_384
+
+
+def test_tls_with_rediss_cluster_and_a_private_ca(tmp_path: Path) -> None:
+    """TLS everywhere (clients, cluster bus, replication): the store and the reader read
+    the URL's ``ssl_ca_certs`` for every node they find; plain text is refused."""
+    from tests.integration.test_redis_failures import make_certificate
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is not installed: run `make system-deps`, which installs it")
+    cluster = RedisClusterServers(tmp_path / "cluster", tls=make_certificate(tmp_path))
+    cluster.start()
+    try:
+        assert cluster.url.startswith("rediss+cluster://")
+        store = open_store(cluster.url)
+        info = store.publish("ns", bulk_version(store, "r1").version, keep=2)  # type: ignore[arg-type]
+        assert store.get_many("ns", info, encode_keys(SAMPLE)) == expected(SAMPLE)
+        store.close()
+
+        async def reads() -> None:
+            reader = RedisClusterReader(cluster.url)
+            assert await reader.get_many("ns", info, encode_keys(SAMPLE)) == expected(SAMPLE)
+            await reader.close()
+
+        asyncio.run(reads())
+        plain = cluster.url.replace("rediss+cluster", "redis+cluster").split("/?")[0] + "/"
+        with pytest.raises(StoreUnavailable):
+            open_store(plain, timeout_seconds=1).state("ns")
+    finally:
+        cluster.stop()
