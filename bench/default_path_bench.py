@@ -10,7 +10,9 @@ run as a fresh Python process. Measured side by side in interleaved rounds at ea
 - the score step against the serial limit ``rows ÷ (decode time + forward time)``, both
   measured in this process in the same round, and against the loop's load + predict time;
 - validation: the per-part checks (their share of the score step: the same step with
-  ``check_parts_in_score`` off, in the same round) plus the validate step;
+  ``check_parts_in_score`` off, in the same round) plus the validate step, plus what the
+  run waited for its Data Docs (built by a process of their own meanwhile, their own
+  time shown apart);
 - the ``batchscore`` DAG under ``airflow standalone`` (``--dag``) at the smaller sizes,
   wall clock from trigger to success, and its tasks' durations;
 - fixed and per-row cost of each step, from a least-squares line over the sizes.
@@ -131,6 +133,9 @@ def cli_run(folder: Path, uri: str, tracking: str, scratch: Path, **extra: str) 
         "rows": int(found["rows"]),
         "part_check_seconds": float(validate.get("part_check_seconds") or 0.0),
         "docs_seconds": float(validate.get("docs_seconds") or 0.0),
+        # The Data Docs are built by a process of their own while the drift gate and the
+        # export run (jobs.data_docs); what the run waited for them is on its critical path.
+        "docs_waited_seconds": float(validate.get("docs_waited_seconds") or 0.0),
     }
 
 
@@ -363,7 +368,8 @@ def render(results: dict[str, Any], args: argparse.Namespace, seconds: float) ->
         if not cli or not nochecks:
             continue
         added = max(cli["steps"]["score"] - nochecks["steps"]["score"], 0.0)
-        validation = added + cli["steps"]["validate"]
+        waited = cli["docs_waited_seconds"]
+        validation = added + cli["steps"]["validate"] + waited
         rows.append(
             [
                 f"{size:,}",
@@ -372,6 +378,7 @@ def render(results: dict[str, Any], args: argparse.Namespace, seconds: float) ->
                 f"{added:.2f}",
                 f"{cli['steps']['validate']:.2f}",
                 f"{cli['docs_seconds']:.2f}",
+                f"{waited:.2f}",
                 f"{validation:.2f}",
                 ratio(validation, cli["steps"]["score"]),
             ]
@@ -384,7 +391,8 @@ def render(results: dict[str, Any], args: argparse.Namespace, seconds: float) ->
                 "score step, part checks on (s)",
                 "checks added (s)",
                 "validate step (s)",
-                "of it Data Docs (s)",
+                "Data Docs, built aside (s)",
+                "run waited for them (s)",
                 "validation (s)",
                 "÷ score step",
             ],
@@ -485,7 +493,7 @@ def verdicts(results: dict[str, Any]) -> str:
         nochecks = best.get(f"nochecks-{size}")
         if size == 2_000_000 and nochecks:
             added = max(score - nochecks["steps"]["score"], 0.0)
-            share = (added + cli["steps"]["validate"]) / score
+            share = (added + cli["steps"]["validate"] + cli["docs_waited_seconds"]) / score
             line(f"validation ≤ 0.2× the score step at 2,000,000 rows ({share:.2f}×)", share <= 0.2)
         dag, beside = best.get(f"dag-{size}"), best.get(f"cli-beside-dag-{size}")
         if size == 2_000_000 and dag and beside:
