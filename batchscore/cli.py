@@ -376,7 +376,9 @@ NamespaceOpt = Annotated[
     str | None,
     typer.Option(help="Keyspace; default: the model's name.", callback=_namespace_value),
 ]
-RunsRootOpt = Annotated[Path | None, typer.Option("--output", help="Root of run folders.")]
+RunsRootOpt = Annotated[
+    str | None, typer.Option("--output", help="Root of run folders: a path or an s3:// URL.")
+]
 BatchSizeOpt = Annotated[
     str | None, typer.Option(help="Rows per forward pass, or 'auto' (the largest that fits).")
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from batchscore.core import storage
 from batchscore.core.settings import RunSettings
 from jobs.errors import RunError
 from jobs.manifest import Manifest
@@ -73,7 +74,7 @@ def require_scored(manifest: Manifest) -> None:
     missing = [
         s.id
         for s in manifest.shards
-        if s.state == "pending" or (s.state == "done" and not Path(s.part).exists())
+        if s.state == "pending" or (s.state == "done" and not storage.exists(s.part))
     ]
     if not manifest.shards or missing:
         raise RunError(
@@ -82,6 +83,15 @@ def require_scored(manifest: Manifest) -> None:
             found=f"shards without a part: {missing[:10]}" if missing else "no shards",
             fix="Run the score step",
         )
+
+
+def local_folder(manifest: Manifest, name: str) -> Path:
+    """A folder of the run on this machine: in the run folder when that is local; under
+    ``HOME/run-cache/NAMESPACE/RUN`` when the run folder is on an object store (the per-part
+    check results and the Data Docs, which Great Expectations writes as local files)."""
+    if not storage.is_remote(manifest.run_dir):
+        return Path(manifest.run_dir) / name
+    return load_run_settings().home / "run-cache" / manifest.namespace / manifest.run_id / name
 
 
 def skip_step(manifest: Manifest, step: str, why: str) -> Skipped:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batchscore.core.settings import RunSettings
-from jobs.context import open_run_store, quality_rules, require_scored
+from jobs.context import local_folder, open_run_store, quality_rules, require_scored
 from jobs.manifest import Manifest, load_manifest
 from jobs.results import DriftResult
 
@@ -94,8 +94,8 @@ def _judge_outputs(
 
     key = manifest.params.key_column
     samples = read_samples(
-        [Path(p.path) for p in live.parts] if compare and live is not None else [],
-        [Path(s.part) for s in manifest.shards if s.state == "done"],
+        [p.path for p in live.parts] if compare and live is not None else [],
+        [s.part for s in manifest.shards if s.state == "done"],  # paths or object URLs
         key,
         live.key_column if live is not None else key,
         manifest.model.outputs,
@@ -111,7 +111,7 @@ def _judge_outputs(
     plot = plot_distributions(
         samples.new,
         samples.live,
-        Path(manifest.run_dir) / "reports" / "distributions.png",
+        local_folder(manifest, "reports") / "distributions.png",
         f"{manifest.namespace}: live v{live.version if live else '-'} vs run {manifest.run_id}",
     )
     return results, plot

@@ -1,21 +1,21 @@
 """The run's record, ``manifest.json`` in the run folder.
 
 Every step reads it, does its work and writes it back (atomically, by rename),
-so a step needs only the run folder: that is all XCom carries between tasks.
+so a step needs only the run folder: that is all XCom carries between tasks. The run
+folder is a local path or an object-store URL (``BATCHSCORE_OUTPUT_DIR=s3://...``,
+``batchscore.core.storage``): on a store the manifest is replaced by one whole object.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from batchscore.core.durable import sync, write_durably
+from batchscore.core import storage
 from batchscore.core.urls import public_url, split_password
 from jobs.errors import RunError
 
@@ -65,6 +65,21 @@ class RunParams(BaseModel):
     # Publish as a canary answering this share (%) of the keys beside the live version
     # (``batchscore run --canary``, a job config's canary); None: publish (flip live).
     canary_percent: float | None = None
+
+    @field_validator("input_path")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        """An input URL with a key and secret in it is refused before it is written."""
+        if storage.carries_secret(value):
+            from scoring.errors import InputAccessDenied
+
+            raise InputAccessDenied(
+                f"Input URL {storage.public(value)} carries credentials",
+                expected="a URL without a key or secret",
+                fix="Give credentials as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                "AWS_PROFILE (for S3); a URL is written to the run's manifest and logs",
+            )
+        return value
 
     @field_validator("store_url")
     @classmethod
@@ -201,11 +216,18 @@ class Manifest(BaseModel):
 
     @property
     def path(self) -> Path:
+        """The manifest's local path (a run folder on an object store: see ``location``)."""
         return Path(self.run_dir) / MANIFEST
 
     @property
-    def parts_dir(self) -> Path:
-        return Path(self.run_dir) / "parts"
+    def location(self) -> str:
+        """The manifest's path or URL."""
+        return storage.join(self.run_dir, MANIFEST)
+
+    @property
+    def parts_dir(self) -> str:
+        """The folder (or prefix) of the output parts: ``storage.join`` it with a name."""
+        return storage.join(self.run_dir, "parts")
 
     @property
     def data_as_of(self) -> str:
@@ -214,11 +236,9 @@ class Manifest(BaseModel):
 
     def save(self) -> None:
         """Durably: the file is synced before the rename and the folder after it, so a
-        power loss leaves the old manifest or the new one, never an empty file."""
-        temporary = self.path.with_name(f".{MANIFEST}.{uuid.uuid4().hex}")
-        write_durably(temporary, self.model_dump_json(indent=2).encode())
-        os.replace(temporary, self.path)
-        sync(self.path.parent)
+        power loss leaves the old manifest or the new one, never an empty file; on an
+        object store the whole document is one object, replaced in one request."""
+        storage.put_bytes(self.location, self.model_dump_json(indent=2).encode())
 
     def record_step(self, step: str, **details: Any) -> None:
         self.steps[step] = {"finished_at": utcnow(), **details}
@@ -270,11 +290,24 @@ def _validation_summary(validation: dict[str, Any] | None) -> dict[str, Any] | N
 
 
 def load_manifest(run_dir: str | Path) -> Manifest:
-    path = Path(run_dir) / MANIFEST
-    if not path.exists():
+    location = storage.join(run_dir, MANIFEST)
+    try:
+        document = storage.read_bytes(location)
+    except FileNotFoundError:
+        document = None
+    except OSError as exc:
+        if storage.failure(exc) != "not_found":
+            raise RunError(
+                f"Run folder {storage.public(run_dir)} could not be read",
+                found=f"{type(exc).__name__}: {exc}",
+                fix="Check the object store's credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE) "
+                "and endpoint (AWS_ENDPOINT_URL)",
+            ) from None
+        document = None
+    if document is None:
         raise RunError(
-            f"Run folder {run_dir} has no {MANIFEST}",
+            f"Run folder {storage.public(run_dir)} has no {MANIFEST}",
             expected="a folder created by the resolve step",
             fix="Run the resolve step (or the whole pipeline) first",
         )
-    return Manifest.model_validate_json(path.read_text())
+    return Manifest.model_validate_json(document)

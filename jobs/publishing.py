@@ -54,7 +54,7 @@ def export(run_dir: str | Path, settings: RunSettings | None = None) -> ExportRe
         settings or load_run_settings(),
         manifest,
         _new_version(manifest),
-        [Path(s.part) for s in done],
+        [s.part for s in done],  # paths or object URLs
     )
     seconds = time.perf_counter() - started
     record = manifest.store_record()
@@ -150,7 +150,7 @@ def _exported_earlier(manifest: Manifest) -> ExportResult:
 
 
 def _export_version(
-    settings: RunSettings, manifest: Manifest, new: NewVersion, parts: list[Path]
+    settings: RunSettings, manifest: Manifest, new: NewVersion, parts: list[str]
 ) -> StoreExport:
     """Export from this process, or from the Dask workers when asked and a scheduler is named."""
     from kv_export.export import export_parts, export_parts_on_dask

@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from batchscore.core import storage
 from batchscore.core.names import check_namespace
 from batchscore.core.settings import RunSettings, is_running_cluster
 from jobs.context import (
     check_store,
     load_run_settings,
+    local_folder,
     open_run_store,
     quality_rules,
     require_scored,
@@ -138,8 +140,8 @@ def resolve(
     if run_id is None:
         run_id = _derived_run_id(params, pin.uri, shadow=shadow)
     run_id = safe_run_id(run_id)
-    run_dir = settings.runs_dir / namespace / run_id
-    if (run_dir / "manifest.json").exists():
+    run_dir = storage.join(settings.runs_location, namespace, run_id)  # a path or a URL
+    if storage.exists(storage.join(run_dir, "manifest.json")):
         return _resume(run_dir, params, settings)
     manifest = _new_run(registry, pin, run_dir, params, settings)
     manifest.record_step(
@@ -165,7 +167,7 @@ def _derived_run_id(params: RunParams, model_uri: str, *, shadow: bool) -> str:
     return f"{'shadow' if shadow else 'run'}-{digest}"
 
 
-def _resume(run_dir: Path, params: RunParams, settings: RunSettings) -> RunRef:
+def _resume(run_dir: str, params: RunParams, settings: RunSettings) -> RunRef:
     """A run folder that exists keeps its model pin; the parameters of now apply."""
     from scoring.model import check_trusted
 
@@ -179,22 +181,26 @@ def _resume(run_dir: Path, params: RunParams, settings: RunSettings) -> RunRef:
 
 
 def _new_run(
-    registry: MlflowRegistry, pin: ModelPin, run_dir: Path, params: RunParams, settings: RunSettings
+    registry: MlflowRegistry, pin: ModelPin, run_dir: str, params: RunParams, settings: RunSettings
 ) -> Manifest:
     """The run folder with the pinned model's local copy; nothing is kept if the model
     cannot be scored here."""
     from scoring.errors import UnsupportedModel
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = registry.download(pin, run_dir / "model")
+    # The model's copy is local: in the run folder, or beside it for one on an object store.
+    local = Path(run_dir) if not storage.is_remote(run_dir) else _run_cache(settings, run_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    model_dir = registry.download(pin, local / "model")
     try:
         spec = _model_spec(model_dir, params, pin.uri, settings.allow_pickle)
     except UnsupportedModel:
-        shutil.rmtree(run_dir, ignore_errors=True)  # no manifest: nothing of the run is kept
+        shutil.rmtree(local, ignore_errors=True)  # no manifest: nothing of the run is kept
         raise
+    if storage.is_remote(run_dir):  # for workers on other hosts, before the manifest exists
+        storage.put_tree(model_dir, storage.join(run_dir, "model"))
     assert params.namespace is not None
     return Manifest(
-        run_id=run_dir.name,
+        run_id=storage.name_of(run_dir),
         namespace=params.namespace,
         run_dir=str(run_dir),
         params=params,
@@ -215,6 +221,13 @@ def _new_run(
             outputs=list(spec.outputs),
         ),
     )
+
+
+def _run_cache(settings: RunSettings, run_dir: str) -> Path:
+    """This machine's folder for a run folder on an object store (the model's copy), where
+    ``jobs.context.local_folder`` puts its other local files."""
+    namespace, run_id = run_dir.rstrip("/").rsplit("/", 2)[-2:]
+    return settings.home / "run-cache" / namespace / run_id
 
 
 def plan(run_dir: str | Path) -> PlanResult:
@@ -311,7 +324,7 @@ def score(
     todo_ids = {s.id for s in todo}
     tally = _ScoreTally(
         results={
-            s.id: existing_result(s, manifest.parts_dir / s.part_name, job)
+            s.id: existing_result(s, storage.join(manifest.parts_dir, s.part_name), job)
             for s in shards
             if s.id not in todo_ids
         }
@@ -337,14 +350,16 @@ def _score_job(manifest: Manifest, spec: ModelSpec) -> ScoreJob:
     from scoring.engine import ScoreJob
 
     params = manifest.params
+    # Worker processes of a run folder on an object store fetch the run's copy of the model.
+    remote = storage.is_remote(manifest.run_dir) and params.cluster != "local"
     return ScoreJob(
         run_id=manifest.run_id,
-        model_dir=manifest.model.local_dir,
+        model_dir=storage.join(manifest.run_dir, "model") if remote else manifest.model.local_dir,
         model_name=manifest.model.name,
         model_version=manifest.model.version,
         spec=spec,
         key_column=params.key_column,
-        parts_dir=str(manifest.parts_dir),
+        parts_dir=manifest.parts_dir,
         batch_size=params.batch_size,
         force=params.force,
         device=params.device,
@@ -464,13 +479,13 @@ def _enforce_failed_shards(manifest: Manifest, errors: dict[int, str], total: in
         )
 
 
-def _keep_part(parts_dir: Path, shard: Shard) -> bool:
+def _keep_part(parts_dir: str, shard: Shard) -> bool:
     """Whether the shard's part exists and can be kept: a part a power loss (or a full
     disk) damaged is set aside and its shard rescored, instead of failing every retry."""
     from scoring.engine import set_aside, usable_part
 
-    part = parts_dir / shard.part_name
-    if not part.exists():
+    part = storage.join(parts_dir, shard.part_name)
+    if not storage.exists(part):
         return False
     damage = usable_part(part, shard.rows)
     if damage is None:
@@ -512,7 +527,7 @@ def validate(run_dir: str | Path, *, docs_in_background: bool = False) -> Valida
         checks,
         manifest.input.rows - missing_rows,
         recheck=lambda stale: _check_parts_on_cluster(manifest, stale, checks),
-        docs_dir=Path(manifest.run_dir) / "data_docs",
+        docs_dir=local_folder(manifest, "data_docs"),
         run_name=manifest.run_id,
         build_docs=docs_builder,
     )
@@ -554,7 +569,7 @@ def _part_checks(manifest: Manifest) -> PartChecks:
     return PartChecks(
         key_column=manifest.params.key_column,
         rules=quality_rules(manifest).outputs,
-        results_dir=str(Path(manifest.run_dir) / "validation"),
+        results_dir=str(local_folder(manifest, "validation")),
     )
 
 
@@ -586,7 +601,7 @@ def _shard_record(shard: Shard, manifest: Manifest, previous: ShardRecord | None
         id=shard.id,
         pieces=[PieceRecord(**vars(p)) for p in shard.pieces],
         rows=shard.rows,
-        part=str(manifest.parts_dir / shard.part_name),
+        part=storage.join(manifest.parts_dir, shard.part_name),
     )
     if previous is not None and previous.pieces == record.pieces:
         return previous

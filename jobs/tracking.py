@@ -27,16 +27,18 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchscore.core import storage
 from batchscore.core.errors import BatchscoreError
 from batchscore.core.names import is_namespace
 from batchscore.core.settings import RunSettings
 from batchscore.core.urls import public_url
 from jobs.context import load_run_settings
-from jobs.manifest import Manifest, RunParams, load_manifest
+from jobs.manifest import MANIFEST, Manifest, RunParams, load_manifest
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -345,7 +347,13 @@ def _log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -
 
 def _log_artifacts(client: MlflowClient, run_id: str, manifest: Manifest) -> None:
     """The manifest, and each report (Data Docs' folder, plots, the shadow comparison)."""
-    client.log_artifact(run_id, str(manifest.path))
+    if storage.is_remote(manifest.run_dir):  # a run folder on an object store: a local copy
+        with tempfile.TemporaryDirectory() as folder:
+            copy = Path(folder) / MANIFEST
+            copy.write_bytes(storage.read_bytes(manifest.location))
+            client.log_artifact(run_id, str(copy))
+    else:
+        client.log_artifact(run_id, str(manifest.path))
     for name, path in manifest.reports.items():
         report = Path(path)
         if name == "data_docs" and report.is_file():

@@ -44,7 +44,7 @@ def export_parts(
     store: PredictionStore,
     namespace: str,
     new: NewVersion,
-    parts: Sequence[Path],
+    parts: Sequence[Path | str],
     *,
     flush_rows: int = FLUSH_ROWS,
     writers: int | None = None,
@@ -134,7 +134,7 @@ def export_parts_on_dask(
     target: StoreTarget,
     namespace: str,
     new: NewVersion,
-    parts: Sequence[Path],
+    parts: Sequence[Path | str],
     *,
     flush_rows: int = FLUSH_ROWS,
 ) -> ExportResult:

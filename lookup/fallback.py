@@ -8,6 +8,10 @@ groups (sorted keys + a float32 output matrix) are kept in an LRU of
 one row group (two columns' worth of one row group, in a worker thread so the
 event loop keeps serving), once however many lookups are waiting for it.
 
+Parts are local files or objects of a store (a run folder at ``s3://...``): their footers
+and row groups are read through ``batchscore.core.storage``, ranged reads on a store, with
+the credentials and endpoint of the API's environment (``AWS_*``).
+
 Invariants: the fallback answers from exactly one version's parts (the one the
 caller passes), never mixes versions, and answers a key only if the text form
 of the stored key equals the requested key (so ``"007"`` does not match ``7``).
@@ -36,8 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from batchscore.core import storage
 from kv_export.encoding import VALUE_DTYPE
 from kv_export.store import VersionInfo
 
@@ -130,7 +134,7 @@ class RowGroupIndex:
         ranges: list[KeyRange] = []
         self.rows: dict[RowGroupId, int] = {}
         for part in info.parts:
-            meta = pq.read_metadata(part.path)
+            meta = storage.read_metadata(part.path)
             column = meta.schema.to_arrow_schema().get_field_index(info.key_column)
             for rg in range(meta.num_row_groups):
                 self.rows[(part.path, rg)] = meta.row_group(rg).num_rows
@@ -190,7 +194,7 @@ class RowGroupIndex:
         """Decode one row group's keys and outputs, a column at a time into one float32
         matrix, so that what is held at once stays near the decoded size (``size``)."""
         path, rg = group
-        file = pq.ParquetFile(path)
+        file = storage.open_parquet(path, buffer_size=0)
 
         def column(name: str) -> np.ndarray:
             table = file.read_row_group(rg, columns=[name], use_threads=False)

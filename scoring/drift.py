@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batchscore.core import storage
 from scoring.quality import DriftRules
 
 PSI_BINS = 10
@@ -113,7 +114,7 @@ class Samples:
 
 
 def read_samples(
-    live_parts: Sequence[Path], new_parts: Sequence[Path], key: str, live_key: str,
+    live_parts: Sequence[str | Path], new_parts: Sequence[str | Path], key: str, live_key: str,
     outputs: Sequence[str], sample_rows: int, seed: int = 0,
 ) -> Samples:  # fmt: skip
     """Read both runs' key and outputs; sample rows (seeded) when more than ``sample_rows``.
@@ -152,12 +153,16 @@ def _join(live: pa.Table, new: pa.Table, shared: Sequence[str]) -> pa.Table:
     )  # fmt: skip
 
 
-def _read(parts: Sequence[Path], key: str, outputs: Sequence[str]) -> pa.Table:
-    existing = [str(p) for p in parts if Path(p).exists()]
+def _read(parts: Sequence[str | Path], key: str, outputs: Sequence[str]) -> pa.Table:
+    """The key and outputs of the parts that exist (local files, or objects of one store)."""
+    existing = [str(p) for p in parts if storage.exists(p)]
     if not existing:
         return pa.table({key: pa.array([], pa.int64())})
-    names = pq.ParquetFile(existing[0]).schema_arrow.names
-    return pq.ParquetDataset(existing).read(columns=[key, *[o for o in outputs if o in names]])
+    names = storage.open_parquet(existing[0]).schema_arrow.names
+    filesystem, _ = storage.resolve(existing[0])
+    paths = [storage.resolve(p)[1] for p in existing]
+    columns = [key, *[o for o in outputs if o in names]]
+    return pq.ParquetDataset(paths, filesystem=filesystem).read(columns=columns)
 
 
 def _sample(table: pa.Table, rows: int, seed: int) -> pa.Table:

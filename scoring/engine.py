@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from distributed import Client, LocalCluster, as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from batchscore.core import storage
 from batchscore.core.durable import sync
 from scoring.errors import ShardFailed
 from scoring.model import ModelSpec, Predictor, pick_device
@@ -179,7 +180,7 @@ class ModelPlugin(WorkerPlugin):
         with self._lock:
             if self._predictor is None:
                 self._predictor = Predictor(
-                    Path(self.model_dir),
+                    local_model(self.model_dir),
                     self.spec,
                     pick_device(self.device),
                     self.precision,  # type: ignore[arg-type]
@@ -197,6 +198,19 @@ class ModelPlugin(WorkerPlugin):
             return self._batch_size
 
 
+def local_model(model_dir: str) -> Path:
+    """The model folder on this machine: the driver's copy, or, for a run folder on an
+    object store, the run's copy there fetched once per machine (workers on other hosts
+    share no folder with the driver)."""
+    if not storage.is_remote(model_dir):
+        return Path(model_dir)
+    import hashlib
+    import tempfile
+
+    name = hashlib.sha256(model_dir.encode()).hexdigest()[:16]
+    return storage.get_tree(model_dir, Path(tempfile.gettempdir()) / "batchscore-models" / name)
+
+
 def score_shard(shard: Shard, job: ScoreJob) -> ShardResult:
     """Score one shard into its part; skip it when the part already exists.
 
@@ -205,11 +219,11 @@ def score_shard(shard: Shard, job: ScoreJob) -> ShardResult:
     features plus the shard's keys and predictions, however large the input is.
     """
     started = time.perf_counter()
-    part = Path(job.parts_dir) / shard.part_name
+    part = storage.join(job.parts_dir, shard.part_name)  # a path, or an object's URL
     worker = f"{socket.gethostname()}:{os.getpid()}"
     plugin = get_worker().plugins[PLUGIN_NAME]
     assert isinstance(plugin, ModelPlugin)
-    if part.exists() and not job.force:
+    if storage.exists(part) and not job.force:
         return existing_result(shard, part, job, worker, started, model_loads=plugin.loads)
     predictor = plugin.predictor()
     batch_size = plugin.batch_size(job.batch_size)
@@ -258,7 +272,7 @@ def prefetch_depth(requested: int | None, device: str) -> int:
     return 0 if device == "cpu" else 2
 
 
-def check_written_part(output: pa.Table, part: Path, shard: Shard, job: ScoreJob) -> None:
+def check_written_part(output: pa.Table, part: str, shard: Shard, job: ScoreJob) -> None:
     """Run the per-part expectations while the part is in memory (``scoring.validation``).
 
     A failure to check never fails the shard: the validate step checks again any
@@ -329,12 +343,19 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def write_part(table: pa.Table, part: Path) -> None:
+def write_part(table: pa.Table, part: str | Path) -> None:
     """Write under a hidden temporary name, then rename: a part that exists is complete.
 
     Durably: the file is synced before the rename and the folder after it, so a power
     loss leaves no part or a whole one (``usable_part`` catches what a disk loses anyway).
+    On an object store the part is uploaded under a hidden temporary key and copied to
+    its name in one request (``batchscore.core.storage.put_bytes``): an upload cut short
+    never lands under the part's name.
     """
+    if storage.is_remote(part):
+        storage.write_parquet(table, part, row_group_size=PART_ROW_GROUP_ROWS, compression="zstd")
+        return
+    part = Path(part)
     part.parent.mkdir(parents=True, exist_ok=True)
     temporary = part.with_name(f".{part.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -346,28 +367,35 @@ def write_part(table: pa.Table, part: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def usable_part(part: Path, rows: int) -> str | None:
+def usable_part(part: str | Path, rows: int) -> str | None:
     """Why an existing part cannot be kept (its footer unreadable, or not ``rows`` rows),
-    or None when it can: a footer read, cheap whatever the part's size."""
+    or None when it can: a footer read (a ranged read on an object store), cheap whatever
+    the part's size."""
     try:
-        found = pq.read_metadata(part).num_rows
+        found = storage.read_metadata(part).num_rows
     except (OSError, pa.ArrowException) as exc:
         return f"{type(exc).__name__}: {exc}"
     return None if found == rows else f"{found} rows, the shard has {rows}"
 
 
-def set_aside(part: Path) -> Path:
+def set_aside(part: str | Path) -> str:
     """Move a damaged part out of the way (kept for inspection) so its shard is rescored."""
+    if storage.is_remote(part):
+        name = f"{storage.name_of(part)}.{uuid.uuid4().hex[:8]}"
+        moved = storage.join(storage.parent_of(part), ".damaged", name)
+        storage.move(part, moved)
+        return moved
+    part = Path(part)
     aside = part.parent / ".damaged" / f"{part.name}.{uuid.uuid4().hex[:8]}"
     aside.parent.mkdir(exist_ok=True)
     os.replace(part, aside)
     sync(part.parent)
-    return aside
+    return str(aside)
 
 
 def existing_result(
     shard: Shard,
-    part: Path,
+    part: str | Path,
     job: ScoreJob,
     worker: str = "",
     started: float | None = None,
@@ -376,7 +404,7 @@ def existing_result(
 ) -> ShardResult:
     """The result of a shard whose part is already complete, from the part's footer."""
     started = time.perf_counter() if started is None else started
-    meta = pq.ParquetFile(part).metadata
+    meta = storage.read_metadata(part)
     schema = meta.schema.to_arrow_schema()
     key_index = schema.names.index(job.key_column)
     first = meta.row_group(0).column(key_index).statistics if meta.num_row_groups else None

@@ -89,8 +89,10 @@ class _Common(BaseSettings):
 class RunSettings(_Common):
     """Settings of a pipeline run (CLI ``batchscore run`` and the Airflow tasks)."""
 
-    output_dir: Path | None = Field(
-        default=None, description="Root of run folders; default HOME/runs."
+    output_dir: str | None = Field(
+        default=None,
+        description="Root of run folders: a path, or an object-store URL (s3://bucket/runs, "
+        "reached with the AWS variables or profile); default HOME/runs.",
     )
     workers: int = Field(default=2, ge=1, le=1024, description="Dask worker processes.")
     threads_per_worker: int = Field(default=1, ge=1, le=256)
@@ -220,6 +222,14 @@ class RunSettings(_Common):
         "batchscore_<namespace>.prom there.",
     )
 
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _output_dir_value(cls, value: Any) -> Any:
+        """A path (the CLI's --output) or a URL, kept as text; a local one made absolute."""
+        if value is None or "://" in str(value):
+            return value
+        return str(Path(value).expanduser().absolute())
+
     @field_validator("cluster")
     @classmethod
     def _cluster_value(cls, value: str) -> str:
@@ -252,7 +262,17 @@ class RunSettings(_Common):
 
     @property
     def runs_dir(self) -> Path:
-        return (self.output_dir or self.home / "runs").expanduser().absolute()
+        """The local root of run folders (``runs_location`` is the one a run writes to)."""
+        if self.output_dir and "://" not in self.output_dir:
+            return Path(self.output_dir).expanduser().absolute()
+        return self.home / "runs"
+
+    @property
+    def runs_location(self) -> str:
+        """Where runs write their folders: ``output_dir``'s URL, or ``runs_dir``."""
+        if self.output_dir and "://" in self.output_dir:
+            return self.output_dir.rstrip("/")
+        return str(self.runs_dir)
 
     @property
     def tracking_uri(self) -> str:

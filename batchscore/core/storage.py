@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -67,6 +68,10 @@ def public(location: str | Path) -> str:
     text = str(location)
     if not is_remote(text):
         return text
+    credentials = _credentials(text)
+    if credentials is not None:
+        scheme, rest = text.split("://", 1)
+        return f"{scheme}://{rest[len(credentials) + 1 :]}"
     parts = urlsplit(text)
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
 
@@ -74,7 +79,22 @@ def public(location: str | Path) -> str:
 def carries_secret(location: str | Path) -> bool:
     """A URL with a key or password in it (``s3://KEY:SECRET@bucket/``): such a URL
     would be written to manifests and logs; credentials belong in the SDK's places."""
-    return is_remote(location) and urlsplit(str(location)).password is not None
+    text = str(location)
+    return is_remote(text) and (
+        _credentials(text) is not None or urlsplit(text).password is not None
+    )
+
+
+def _credentials(url: str) -> str | None:
+    """The ``KEY:SECRET`` before the bucket of an S3 or GCS URL, or None. Not by
+    ``urlsplit``: a secret may hold a ``/`` (AWS secrets do), which ends its host part
+    early, and bucket names hold neither ``:`` nor ``@``."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in ("s3", "gs", "gcs") or "@" not in rest:
+        return None
+    head = rest.split("@", 1)[0]
+    user = head.split(":", 1)[0]
+    return head if ":" in head and "/" not in user else None
 
 
 def join(location: str | Path, *names: str) -> str:
@@ -138,7 +158,28 @@ def exists(location: str | Path) -> bool:
     return file_info(location).type == pafs.FileType.File
 
 
-def open_parquet(location: str | Path) -> pq.ParquetFile:
+@dataclass(frozen=True)
+class Stat:
+    """What identifies one version of a file or object: its size and modification time."""
+
+    st_size: int
+    st_mtime_ns: int
+
+
+def stat(location: str | Path) -> Stat | os.stat_result:
+    """``os.stat`` of a local file; the size and mtime an object store lists for an object
+    (``FileNotFoundError`` when there is none)."""
+    if not is_remote(location):
+        return Path(location).stat()
+    import pyarrow.fs as pafs
+
+    info = file_info(location)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"No object at {public(location)}")
+    return Stat(info.size or 0, info.mtime_ns or 0)
+
+
+def open_parquet(location: str | Path, *, buffer_size: int = 1 << 20) -> pq.ParquetFile:
     """A Parquet file to read footers and row groups from.
 
     On an object store each read is a ranged GET: the footer is one read of the file's
@@ -148,7 +189,7 @@ def open_parquet(location: str | Path) -> pq.ParquetFile:
     import pyarrow.parquet as pq
 
     if not is_remote(location):
-        return pq.ParquetFile(str(location), memory_map=False, buffer_size=1 << 20)
+        return pq.ParquetFile(str(location), memory_map=False, buffer_size=buffer_size)
     filesystem, path = resolve(location)
     return pq.ParquetFile(filesystem.open_input_file(path), pre_buffer=True)
 
@@ -212,6 +253,44 @@ def write_parquet(table: pa.Table, location: str | Path, **options: object) -> N
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, **options)  # type: ignore[arg-type]
     put_bytes(location, sink.getvalue())
+
+
+def put_tree(folder: str | Path, location: str) -> None:
+    """Copy a local folder's files to ``location`` (an object-store prefix)."""
+    import pyarrow.fs as pafs
+
+    filesystem, path = resolve(location)
+    pafs.copy_files(
+        str(Path(folder).absolute()),
+        path,
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=filesystem,
+    )
+
+
+def get_tree(location: str, folder: Path) -> Path:
+    """The files under ``location`` in a local ``folder``, fetched once per machine: into a
+    hidden sibling first, then renamed, so that a folder that exists is complete."""
+    import pyarrow.fs as pafs
+
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staged = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}")
+    filesystem, path = resolve(location)
+    pafs.copy_files(
+        path,
+        str(staged),
+        source_filesystem=filesystem,
+        destination_filesystem=pafs.LocalFileSystem(),
+    )
+    try:
+        os.rename(staged, folder)
+    except OSError:  # another process of this machine got there first
+        import shutil
+
+        shutil.rmtree(staged, ignore_errors=True)
+    return folder
 
 
 def move(source: str | Path, target: str | Path) -> None:

@@ -95,6 +95,8 @@ def render_input_path(template: str, context: Context, home: Path) -> str:
         ) from None
     except TemplateError as exc:
         raise _refused(template, f"something unsafe ({exc})") from None
+    if "://" in rendered:  # an object-store URL (s3://bucket/dt=.../): taken as it is
+        return rendered
     path = Path(rendered).expanduser()
     return str(path if path.is_absolute() else home / path)
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from batchscore.core import storage
 from scoring.validation.arrow_checks import PARTIAL, UNIQUE
 from scoring.validation.documents import JsonScalar, plain
 from scoring.validation.suite import Key, PartReport
@@ -43,7 +42,7 @@ def duplicate_keys(reports: Sequence[PartReport], key: str, limit: int = PARTIAL
         if len(group) == 1:
             found = _own_duplicates(group[0], key)
         else:
-            found = _merge_duplicates([Path(r.part) for r in group], key, limit)
+            found = _merge_duplicates([r.part for r in group], key, limit)
             merged += len(group)
         rows += found.rows
         sample += found.sample[: max(limit - len(sample), 0)]
@@ -80,15 +79,15 @@ def _own_duplicates(report: PartReport, key: str) -> KeyDuplicates:
             count = int(result.get("unexpected_count") or 0)
             sample = sorted(set(result.get("partial_unexpected_list") or []))
             return KeyDuplicates(count, sample, {report.name: count} if count else {}, 0)
-    return _merge_duplicates([Path(report.part)], key, PARTIAL)
+    return _merge_duplicates([report.part], key, PARTIAL)
 
 
 class _KeyCursor:
     """The sorted keys of one part, read a row group at a time."""
 
-    def __init__(self, path: Path, key: str) -> None:
-        self.file = pq.ParquetFile(path)
-        self.name = path.name
+    def __init__(self, path: str, key: str) -> None:
+        self.file = storage.open_parquet(path, buffer_size=0)  # a file, or an object's
+        self.name = storage.name_of(path)
         self.key = key
         self.next_group = 0
         self.buffer: np.ndarray = np.empty(0)
@@ -108,7 +107,7 @@ class _KeyCursor:
         return taken
 
 
-def _merge_duplicates(paths: Sequence[Path], key: str, limit: int) -> KeyDuplicates:
+def _merge_duplicates(paths: Sequence[str], key: str, limit: int) -> KeyDuplicates:
     """k-way merge of sorted parts in windows: every key value falls into exactly one window.
 
     A window takes, from every part, the keys below the smallest last-loaded key of the

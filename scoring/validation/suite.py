@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Literal, TypedDict
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from batchscore.core import storage
 from scoring.quality import OutputRules, default_output_rules
 from scoring.validation import arrow_checks
 from scoring.validation.arrow_checks import BETWEEN, IN_SET, NOT_NULL, ROW_COUNT, UNIQUE
@@ -127,7 +127,7 @@ def check_part(table: pa.Table, target: PartTarget, checks: PartChecks) -> PartR
         documents = arrow_checks.evaluate(table, configs)
         result = SuiteResult(success=all(d["success"] for d in documents), results=documents)
     keys = table.column(key)
-    stat = Path(target.part).stat()
+    stat = storage.stat(target.part)
     report = PartReport(
         shard_id=target.shard_id,
         part=str(target.part),
@@ -149,7 +149,7 @@ def check_part(table: pa.Table, target: PartTarget, checks: PartChecks) -> PartR
 
 def check_part_file(target: PartTarget, checks: PartChecks) -> PartReport:
     """Read a part (key and outputs) and check it: the validate step's re-check."""
-    return check_part(pq.read_table(target.part), target, checks)
+    return check_part(storage.open_parquet(target.part).read(), target, checks)
 
 
 def check_parts_on(
@@ -171,7 +171,7 @@ def fresh_report(target: PartTarget, checks: PartChecks) -> PartReport | None:
     """The stored result of ``target``, if it was made by this suite for this very file."""
     try:
         report = PartReport(**json.loads(checks.result_path(target.part).read_text()))
-        stat = Path(target.part).stat()
+        stat = storage.stat(target.part)
     except (OSError, ValueError, TypeError):  # none, unreadable, or of another layout
         return None
     same = (

@@ -9,8 +9,13 @@ through the standard AWS variables only (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +30,7 @@ from jobs.pipeline import run_pipeline
 from kv_export.store import open_store
 from scoring.errors import CorruptInput, InputAccessDenied, InputNotFound
 from scoring.inputs import inspect_input
-from tests.conftest import KEY, N_FEATURES, Registry, run_cli
+from tests.conftest import BIN, KEY, N_FEATURES, Registry, run_cli
 from tests.integration.test_pipeline import check_run
 from tests.s3 import AWS_VARIABLES, AccessKey, CountingProxy, S3Server
 
@@ -148,11 +153,11 @@ def test_a_profile_in_the_shared_credentials_file_is_used(
 
 def attempt(input_url: str, expected: type[BatchscoreError], *secrets: str) -> str:
     settings = load_settings(RunSettings)
-    params = steps.make_params(
-        settings, input_path=input_url, model_uri="models:/churn/1", key_column=KEY,
-        namespace="bad_s3",
-    )  # fmt: skip
     with pytest.raises(BatchscoreError) as caught:
+        params = steps.make_params(
+            settings, input_path=input_url, model_uri="models:/churn/1", key_column=KEY,
+            namespace="bad_s3",
+        )  # fmt: skip
         run_pipeline(settings, params)
     message = str(caught.value)
     assert isinstance(caught.value, expected), message
@@ -202,10 +207,14 @@ def test_a_denied_object(s3: Store, aws: dict[str, str], monkeypatch: pytest.Mon
     assert f"s3://{BUCKET}/{SECRET_OBJECT}" in message  # the object, not only the prefix
 
 
-def test_credentials_in_the_url_are_refused(s3: Store, aws: dict[str, str]) -> None:
-    url = f"s3://{s3.admin.key_id}:{s3.admin.secret}@{BUCKET}/churn/"
-    message = attempt(url, InputAccessDenied, s3.admin.secret)
+@pytest.mark.parametrize("secret", ["admin's", "with/a+slash"])
+def test_credentials_in_the_url_are_refused(s3: Store, aws: dict[str, str], secret: str) -> None:
+    secret = s3.admin.secret if secret == "admin's" else "Abc/def+ghi" + s3.admin.secret[:8]
+    url = f"s3://{s3.admin.key_id}:{secret}@{BUCKET}/churn/"
+    message = attempt(url, InputAccessDenied, secret)
     assert f"s3://{BUCKET}/churn/" in message and "carries credentials" in message
+    for part in secret.split("/"):
+        assert part not in message
 
 
 def test_a_corrupt_object(s3: Store, aws: dict[str, str]) -> None:
@@ -238,3 +247,128 @@ def test_footers_are_read_with_ranged_requests(
         proxy.close()
     assert summary.rows == rows
     assert 0 < proxy.received < len(body) // 50, f"planning fetched {proxy.received} bytes"
+
+
+# Run folders on the object store (BATCHSCORE_OUTPUT_DIR=s3://...).
+
+RUNS = f"s3://{BUCKET}/runs"
+
+
+def part_keys(s3: Store, namespace: str) -> dict[str, int]:
+    """The complete parts of the namespace's run on the store: object key → size."""
+    client = s3.server.client(key=s3.admin)
+    found: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix=f"runs/{namespace}/"
+    ):
+        for item in page.get("Contents", []):
+            name = item["Key"].rsplit("/", 1)[-1]
+            # (pyarrow keeps an empty "parts/" marker object: a folder, not a part)
+            if "/parts/" in item["Key"] and name and not name.startswith("."):
+                found[item["Key"]] = item["Size"]
+    return found
+
+
+def part_rows(s3: Store, namespace: str) -> list[int]:
+    keys: list[int] = []
+    for key in part_keys(s3, namespace):
+        keys += pq.read_table(f"s3://{BUCKET}/{key}", columns=[KEY]).column(KEY).to_pylist()
+    return keys
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.redis
+def test_run_folder_on_s3_and_the_fallback_reads_its_parts(
+    s3: Store,
+    aws: dict[str, str],
+    registry: Registry,
+    dataset: Path,
+    tmp_path: Path,
+    redis_server: Any,
+    start_api: Any,
+    api_env: dict[str, str],
+) -> None:
+    summary_path = tmp_path / "summary.json"
+    run_env = aws | {"BATCHSCORE_OUTPUT_DIR": RUNS}
+    done = run_cli(
+        "run", "--input", f"s3://{BUCKET}/churn/", "--model", "models:/churn/1",
+        "--key-column", KEY, "--namespace", "remote", "--store", redis_server.url,
+        "--summary-json", str(summary_path),
+        env=run_env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["run_dir"].startswith(f"{RUNS}/remote/run-")
+    check_run(redis_server.url, summary, registry, dataset, "models:/churn/1")
+    assert "could not record" not in done.stderr, done.stderr[-4000:]  # MLflow got it all
+    manifest = load_manifest(summary["run_dir"])  # read from the store
+    from mlflow import MlflowClient
+
+    artifacts = MlflowClient(registry.tracking_uri).list_artifacts(manifest.mlflow_run_id)
+    assert "manifest.json" in {a.path for a in artifacts}
+    assert all(s.part.startswith(f"{RUNS}/remote/") and s.state == "done" for s in manifest.shards)
+    assert len(part_keys(s3, "remote")) == len(manifest.shards) == 6, part_keys(s3, "remote")
+    keys = part_rows(s3, "remote")
+    assert len(keys) == len(set(keys)) == 12_000
+
+    # Redis goes away: the API answers from the run's parts on the object store.
+    api = start_api(api_env | s3.server.env(s3.admin, tmp_path / "api-aws"), redis_server.url)
+    sample = [1_000_000, 1_005_555]
+    kv = [api.get(f"/v1/predictions/remote/{k}").json() for k in sample]
+    assert [a["source"] for a in kv] == ["kv", "kv"]
+    redis_server.stop()
+    deadline = time.monotonic() + 30
+    while True:
+        answers = [api.get(f"/v1/predictions/remote/{k}") for k in sample]
+        if all(a.status_code == 200 and a.json()["source"] == "batch" for a in answers):
+            break
+        assert time.monotonic() < deadline, [a.text for a in answers]
+        time.sleep(0.2)
+    for before, after in zip(kv, answers, strict=True):
+        assert after.json()["prediction"] == before["prediction"]
+    assert api.get("/v1/predictions/remote/42").status_code == 404
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_run_killed_while_scoring_to_s3_resumes_with_every_row_once(
+    s3: Store, aws: dict[str, str], dataset: Path, tmp_path: Path
+) -> None:
+    """SIGKILL of the whole run (its process group) once parts are on the store, then the
+    same command again: only the missing shards are scored, every key is in one part."""
+    run_env = aws | {"BATCHSCORE_OUTPUT_DIR": RUNS, "BATCHSCORE_SHARD_ROWS": "1000"}
+    command = [
+        str(BIN / "batchscore"), "run", "--input", f"s3://{BUCKET}/churn/",
+        "--model", "models:/churn/1", "--key-column", KEY, "--namespace", "killed",
+        "--cluster", "processes", "--workers", "2", "--batch-size", "64",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=run_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while len(part_keys(s3, "killed")) < 2:
+            assert process.poll() is None, process.communicate()[1][-4000:]
+            assert time.monotonic() < deadline, "no part was written in 240 s"
+            time.sleep(0.05)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.communicate(timeout=60)
+    before = part_rows(s3, "killed")
+    assert 0 < len(before) < 12_000, "the kill came too late to leave shards to score"
+    again = subprocess.run(
+        command, env=run_env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-4000:]
+    (run_dir,) = {k.split("/parts/")[0] for k in part_keys(s3, "killed")}
+    manifest = load_manifest(f"s3://{BUCKET}/{run_dir}")
+    assert len(before) + manifest.steps["score"]["rows_scored"] == 12_000
+    keys = part_rows(s3, "killed")
+    assert len(keys) == len(set(keys)) == 12_000
+    assert manifest.published

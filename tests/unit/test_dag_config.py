@@ -620,6 +620,7 @@ def trigger_context(logical: bool = True) -> dict[str, Any]:
             "/data/score_daily/score_daily/manual__2026",
         ),
         ("in/{{ ds }}", "HOME/in/2026-11-20"),
+        ("s3://bucket/churn/dt={{ ds }}/", "s3://bucket/churn/dt=2026-11-20/"),
     ],
 )
 def test_input_path_renders_date_macros(
