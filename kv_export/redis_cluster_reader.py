@@ -254,14 +254,14 @@ class RedisClusterReader:
         for i, key in enumerate(keys):
             by_bucket[bucket_of(key, info.buckets)].append(i)
         doing = f"reading '{namespace}'"
-        by_node: dict[AutoPipeline, list[tuple[int, bytes]]] = defaultdict(list)
+        by_node: dict[AutoPipeline, list[tuple[int, int, bytes]]] = defaultdict(list)
         for bucket, positions in by_bucket.items():
             slot = bucket_slot(namespace, info.version, bucket, info.encoding)
             head = hmget_head(namespace, info.version, bucket, info.encoding)
             parts = [b"*%d\r\n%s" % (len(positions) + 2, head)]
             parts += (b"$%d\r\n%s\r\n" % (len(keys[i]), keys[i]) for i in positions)
             owner = self._owner[slot] or await self._owner_of(slot, doing)
-            by_node[owner].append((bucket, b"".join(parts)))
+            by_node[owner].append((bucket, slot, b"".join(parts)))
         found: list[bytes | None] = [None] * len(keys)
         calls = [self._node_batch(p, commands, doing) for p, commands in by_node.items()]
         for node_replies in await asyncio.gather(*calls):
@@ -272,24 +272,20 @@ class RedisClusterReader:
         return found
 
     async def _node_batch(
-        self, pipeline: AutoPipeline, commands: list[tuple[int, bytes]], doing: str
+        self, pipeline: AutoPipeline, commands: list[tuple[int, int, bytes]], doing: str
     ) -> list[tuple[int, Reply]]:
-        data = b"".join(command for _, command in commands)
+        """One node's HMGETs ``(bucket, slot, command)`` in one call: ``(bucket, reply)``."""
+        data = b"".join(command for _, _, command in commands)
         try:
             replies = await pipeline.call(data, doing, len(commands))
-            return list(zip((b for b, _ in commands), cast("list[Reply]", replies), strict=True))
+            buckets = (bucket for bucket, _, _ in commands)
+            return list(zip(buckets, cast("list[Reply]", replies), strict=True))
         except StoreUnavailable as exc:
             if redirection(exc.__cause__) is None:
                 if node_lost(exc.__cause__):
                     self._refresh_soon()
                 raise
-        return [(b, await self._call(self._slot_of(c), c, doing)) for b, c in commands]
-
-    @staticmethod
-    def _slot_of(command: bytes) -> int:
-        """The slot of an HMGET's key in RESP (``*n $5 HMGET $len key ...``)."""
-        parts = command.split(b"\r\n", 5)
-        return int(key_slot(parts[4]))
+        return [(bucket, await self._call(slot, c, doing)) for bucket, slot, c in commands]
 
     async def ping(self) -> None:
         """PING every primary: the API is ready when every slot's node answers."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pytest
 from redis.crc import key_slot
 
+from kv_export import redis_cluster_reader as cluster_reader
 from kv_export.encoding import (
     bucket_of,
     encode_keys,
@@ -26,7 +28,7 @@ from kv_export.encoding import (
 )
 from kv_export.errors import StoreAuthFailed, StoreUnavailable
 from kv_export.redis_cluster import RedisClusterStore
-from kv_export.redis_cluster_reader import RedisClusterReader
+from kv_export.redis_cluster_reader import RedisClusterReader, redirection
 from kv_export.state import VersionInfo
 from kv_export.store import open_store
 from tests.conftest import RedisClusterServers, new_version
@@ -101,10 +103,19 @@ def test_a_version_spreads_over_the_primaries_and_reads_back(
 
 
 def test_the_exporter_and_the_reader_follow_a_slot_that_moved_or_is_moving(
-    own_cluster: RedisClusterServers,
+    own_cluster: RedisClusterServers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """MOVED: a slot given to another primary after the clients read the map; ASK: a slot
     half migrated (some keys on the target). Loads and lookups land where the key is."""
+    followed: Counter[str] = Counter()  # the redirections the reader met, by kind
+
+    def counted(error: BaseException | None) -> tuple[bool, int, str, int] | None:
+        found = redirection(error)
+        if found is not None:
+            followed["ASK" if found[0] else "MOVED"] += 1
+        return found
+
+    monkeypatch.setattr(cluster_reader, "redirection", counted)
     store = open_store(own_cluster.url)
     assert isinstance(store, RedisClusterStore)
     first = store.publish("ns", bulk_version(store, "r1").version, keep=3)
@@ -127,11 +138,19 @@ def test_the_exporter_and_the_reader_follow_a_slot_that_moved_or_is_moving(
         own_cluster.begin_slot_move(slot, target)
         own_cluster.migrate_keys(slot, target, [bucket_key])
         assert loop.run_until_complete(read(first, [key])) == expected([123_457])
+        every_third = list(range(0, KEYS, 3))
+        batch = encode_keys([*every_third, 123_457])
+        got = loop.run_until_complete(reader.get_many("ns", first, batch))
+        assert got == expected([*every_third, 123_457])
+        assert followed["ASK"] >= 2 and followed["MOVED"] == 0, followed
         # A load during the migration: new keys of the slot go to the target (ASK).
         second = bulk_version(store, "r2", offset=1.0)
         own_cluster.finish_slot_move(slot, target)
-        # MOVED: both clients still hold the old map.
+        # MOVED: both clients still hold the old map; a batch first, then a single key.
+        got = loop.run_until_complete(reader.get_many("ns", first, batch))
+        assert got == expected([*every_third, 123_457])
         assert loop.run_until_complete(read(first, [key])) == expected([123_457])
+        assert followed["MOVED"] >= 1, followed
         assert loop.run_until_complete(read(second, encode_keys(SAMPLE))) == expected(SAMPLE, 1.0)
         third = bulk_version(store, "r3", offset=2.0)
         got = loop.run_until_complete(reader.get_many("ns", third, encode_keys(range(KEYS))))
