@@ -62,14 +62,17 @@ T = TypeVar("T")
 def _tracked(
     run_dir: str | Path, step: str, settings: RunSettings | None, call: Callable[[], T]
 ) -> T:
-    """Run one composed step; its metrics go to the run's MLflow run, or its error does."""
+    """Run one composed step; its error goes to the run's MLflow run (its metrics wait in
+    the manifest for the run's end: ``jobs.tracking``), and a retry that succeeds after a
+    failure sets the MLflow run RUNNING again."""
     try:
         result = call()
     except BaseException as exc:
         tracking.fail(run_dir, step, exc, settings)
         _report(run_dir, settings, failed_step=step)
         raise
-    tracking.log_step(run_dir, step, settings)
+    if load_manifest(run_dir).mlflow_failed_step is not None:
+        tracking.resume(run_dir, settings)
     return result
 
 

@@ -178,6 +178,8 @@ class Manifest(BaseModel):
     stores: dict[str, StoreRecord] = Field(default_factory=dict)  # by store label
     # The MLflow run that records this scoring run (jobs.tracking); None when not recorded.
     mlflow_run_id: str | None = None
+    # The step whose failure marked the MLflow run FAILED; a retry that succeeds clears it.
+    mlflow_failed_step: str | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -7,11 +7,18 @@ not a live object, because each step may be a process of its own (an Airflow tas
 
 - ``start`` (after resolve) creates the MLflow run, logs its parameters and records its
   id in the manifest (``Manifest.mlflow_run_id``); a retried resolve keeps that run;
-- ``log_step`` (after each step) logs that step's metrics to the run, by id;
-- ``finish`` (at publish, or a publish that skips) logs the manifest and the reports as
-  artifacts and ends the run FINISHED, tagging the version it published;
-- ``fail`` (when a step raises) logs the same artifacts and marks the run FAILED with
-  the error; a retried step that then succeeds sets it RUNNING again;
+- ``log_step`` (after resolve) logs that step's metrics to the run, by id;
+- ``finish`` (at publish, or a publish that skips) logs every step's metrics from the
+  manifest, the manifest and the reports as artifacts, and ends the run FINISHED,
+  tagging the version it published;
+- ``fail`` (when a step raises) logs the same and marks the run FAILED with the error
+  (and the manifest, ``mlflow_failed_step``); ``resume``, called when a retried step
+  then succeeds, sets it RUNNING again.
+
+The steps between resolve and publish log nothing as they go: each DAG task is a process
+of its own, and importing MLflow to log a few numbers cost each of them 1.5–3 s
+(docs/benchmarks.md, the DAG's fixed costs), so their metrics wait in the manifest,
+where ``batchscore status`` shows them meanwhile, for the run's end.
 - ``fail_unresolved`` (when resolve raises: no folder, no manifest) creates the run
   FAILED with the error, so a model that is not found shows in MLflow too.
 
@@ -92,8 +99,40 @@ def log_step(run_dir: str | Path, step: str, settings: RunSettings | None = None
         _log_metrics(client, run_id, metrics)
 
 
+def resume(run_dir: str | Path, settings: RunSettings | None = None) -> None:
+    """A retried step succeeded after a failure marked the MLflow run FAILED: RUNNING again."""
+    manifest = load_manifest(run_dir)
+    if manifest.mlflow_run_id is None or manifest.mlflow_failed_step is None:
+        return
+    with _recording(manifest, "its retry"):
+        client = _client(settings or load_run_settings())
+        if client.get_run(manifest.mlflow_run_id).info.status == "FAILED":
+            client.update_run(manifest.mlflow_run_id, status="RUNNING")
+    manifest.mlflow_failed_step = None
+    manifest.save()
+
+
+# The steps jobs.flow records (its names), each with the manifest record that says it ran.
+RECORDED_STEPS = {
+    "plan": "plan",
+    "score": "score",
+    "validate_and_gate": "validate",
+    "export_and_compare": "export",
+    "publish": "publish",
+}
+
+
+def _steps_metrics(manifest: Manifest) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for step, record in RECORDED_STEPS.items():
+        if record in manifest.steps:
+            found |= step_metrics(manifest, step)
+    return found
+
+
 def finish(run_dir: str | Path, settings: RunSettings | None = None) -> None:
-    """End the MLflow run FINISHED: the manifest and reports as artifacts, what it published."""
+    """End the MLflow run FINISHED: every step's metrics, the manifest and reports as
+    artifacts, what it published."""
     manifest = load_manifest(run_dir)
     if manifest.mlflow_run_id is None:
         return
@@ -105,6 +144,7 @@ def finish(run_dir: str | Path, settings: RunSettings | None = None) -> None:
             tags[f"{TAG}published_version"] = str(manifest.version)
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
+        _log_metrics(client, run_id, _steps_metrics(manifest))
         _log_artifacts(client, run_id, manifest)
         client.set_terminated(run_id, status="FINISHED")
 
@@ -124,9 +164,11 @@ def fail(
         run_id = manifest.mlflow_run_id
         client.set_tag(run_id, f"{TAG}failed_step", step)
         client.set_tag(run_id, f"{TAG}error", f"{type(error).__name__}: {error}"[:ERROR_TAG_LIMIT])
-        _log_metrics(client, run_id, step_metrics(manifest, step))
+        _log_metrics(client, run_id, _steps_metrics(manifest) | step_metrics(manifest, step))
         _log_artifacts(client, run_id, manifest)
         client.set_terminated(run_id, status="FAILED")
+    manifest.mlflow_failed_step = step
+    manifest.save()
 
 
 def fail_unresolved(

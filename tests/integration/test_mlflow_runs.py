@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from batchscore.core.settings import RunSettings, load_settings
+from jobs import flow, steps
 from jobs.manifest import Manifest, load_manifest
 from kv_export.store import open_store
 from registry.mlflow_registry import MlflowRegistry
@@ -150,3 +151,42 @@ def test_a_run_is_recorded_by_a_tracking_server_on_postgres(
         assert "manifest.json" in artifacts(server, found.info.run_id)
         stored = list((tmp_path / "stack" / "mlartifacts").rglob("manifest.json"))
         assert stored, "the manifest is not in the server's artifact store"
+
+
+def test_step_metrics_wait_for_the_end_and_a_retry_that_succeeds_resumes_the_run(
+    env: dict[str, str], registry: Registry, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DAG's tasks in order, the score task failing once as a lost worker would."""
+    settings = load_settings(RunSettings)
+    params = steps.make_params(
+        settings,
+        input_path=str(dataset),
+        model_uri="models:/churn/1",
+        key_column=KEY,
+        namespace="retried",
+    )
+    run_dir = flow.start_run(settings, params)["run_dir"]
+    flow.plan(run_dir, settings)
+    with monkeypatch.context() as patched:
+
+        def lost_worker(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("worker tcp://127.0.0.1:1 lost")
+
+        patched.setattr(steps, "score", lost_worker)
+        with pytest.raises(RuntimeError, match="lost"):
+            flow.score(run_dir, settings)
+    failed = mlflow_run(registry.tracking_uri, load_manifest(run_dir))
+    assert failed.info.status == "FAILED" and failed.data.tags["batchscore.failed_step"] == "score"
+    assert load_manifest(run_dir).mlflow_failed_step == "score"
+
+    flow.score(run_dir, settings)  # the retry
+    manifest = load_manifest(run_dir)
+    resumed = mlflow_run(registry.tracking_uri, manifest)
+    assert resumed.info.status == "RUNNING" and manifest.mlflow_failed_step is None
+    # The step's numbers are in the manifest; MLflow gets them at the run's end.
+    assert manifest.steps["score"]["seconds"] > 0 and "score.seconds" not in resumed.data.metrics
+
+    flow.validate_and_gate(run_dir, settings)
+    flow.export_and_compare(run_dir, settings)
+    flow.publish_run(run_dir, settings)
+    check_published_run(registry.tracking_uri, load_manifest(run_dir), "batchscore/retried")
