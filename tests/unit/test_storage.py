@@ -79,3 +79,11 @@ def test_credential_source_names_places_never_values(monkeypatch: pytest.MonkeyP
     assert storage.credential_source("s3://b/") == "the profile 'team' (AWS_PROFILE)"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     assert "AKIAEXAMPLE" not in storage.credential_source("s3://b/")
+
+
+def test_object_store_input_is_read_ahead_of_the_forward_pass_on_cpu_too() -> None:
+    from scoring.engine import prefetch_depth
+
+    assert prefetch_depth(None, "cpu", remote=True) == 2  # reads wait on the network
+    assert prefetch_depth(None, "cpu", remote=False) == 0
+    assert prefetch_depth(0, "cpu", remote=True) == 0  # BATCHSCORE_PREFETCH_ROW_GROUPS wins
