@@ -285,7 +285,9 @@ def report(rows: list[Row], per_key: float, args: argparse.Namespace, wall: floa
         f"on {machine()}; redis-server {_redis_version()} started by the benchmark "
         f'(`--save "" --appendonly no`), loopback; {args.rows:,} predictions '
         f"(8-byte keys, one float32 output) from {-(-args.rows // PART_ROWS)} sorted Parquet "
-        f"parts. The whole run took {wall:.0f} s. Other work shared the 2 cores.",
+        f"parts. The whole run took {wall:.0f} s. Other work shared the 2 cores (1-minute "
+        f"load average {args.load_at_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end).",
         "",
         table(
             ["load", "keys", "seconds", "keys/s", "note"],
@@ -382,6 +384,7 @@ def main() -> None:
     parser.add_argument("--no-cluster", action="store_true", help="skip the Redis Cluster rows")
     parser.add_argument("--no-write", action="store_true", help="print, do not touch docs/")
     args = parser.parse_args()
+    args.load_at_start = os.getloadavg()[0]
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:

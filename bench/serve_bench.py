@@ -555,7 +555,7 @@ def report(
             "run with the median req/s of each reported), "
             f"random keys out of {args.keys:,}; one API worker (`batchscore serve`, default "
             "settings: access log on, metrics on, auth off), the load generator on the same "
-            f"CPUs. The whole run took {seconds:.0f} s.",
+            f"CPUs. The whole run took {seconds:.0f} s; {load_average(args.load_at_start)}.",
             "",
             *rows,
             "",
@@ -616,6 +616,12 @@ def limits(results: dict[str, Result]) -> list[str]:
     return [" ".join(lines), ""]
 
 
+def load_average(at_start: float) -> str:
+    """The 1-minute load average at the start and at the end of the run: how much other
+    work shared the CPUs (on a machine of 2 CPUs, anything near 2 or above is busy)."""
+    return f"1-minute load average {at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+
+
 def write_section(section: str) -> None:
     doc = REPO / "docs" / "benchmarks.md"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
@@ -642,6 +648,7 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (make bench-serve installs the Debian package)")
     started = time.monotonic()
+    args.load_at_start = os.getloadavg()[0]  # how busy the CPUs were, for the report
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     redis = RedisServer(tmp)
     redis.start()
