@@ -549,7 +549,7 @@ class RedisClusterServers:
         ports = {p.port for p in self.primaries()}
         for node in self.live():
             if node.port in ports:
-                with node.client(socket_timeout=5) as client:
+                with node.client(socket_timeout=300) as client:  # millions of keys
                     client.flushall()
 
     def stop(self) -> None:

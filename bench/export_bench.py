@@ -108,7 +108,7 @@ def redis_benchmark(server: RedisServer, requests: int) -> list[Row]:
         per = 10 if name.startswith("MSET") else 1
         keys = float(rps) * per
         rows.append(Row(f"redis-benchmark {name} -P 64 (-c 50, 4-byte values)", int(keys), 1.0))
-    with server.client() as client:
+    with server.client(socket_timeout=300) as client:
         client.flushall()
     return rows
 
@@ -400,7 +400,7 @@ def main() -> None:
                 if not per_key:
                     per_key = (used_memory(server) - before) / args.rows
                 print(rows[-1], flush=True)
-                with server.client() as client:
+                with server.client(socket_timeout=300) as client:
                     client.flushall()
             rows.append(export_lmdb(tmp / "lmdb", parts, args.rows))
             print(rows[-1], flush=True)
