@@ -518,7 +518,9 @@ def validate(run_dir: str | Path, *, docs_in_background: bool = False) -> Valida
     missing_rows = sum(s.rows for s in manifest.shards if s.state == "failed")
     checks = _part_checks(manifest)
     docs_builder: DocsOnCluster | DocsInBackground | None = None
-    if is_running_cluster(manifest.params.cluster):
+    if is_running_cluster(manifest.params.cluster) and not storage.is_remote(manifest.run_dir):
+        # The workers share the run's local folder (they wrote the parts there); a run
+        # folder on an object store has its Data Docs on this host, built here.
         docs_builder = DocsOnCluster(manifest.params.cluster)
     elif docs_in_background:
         docs_builder = DocsInBackground(manifest.run_dir)
@@ -569,7 +571,9 @@ def _part_checks(manifest: Manifest) -> PartChecks:
     return PartChecks(
         key_column=manifest.params.key_column,
         rules=quality_rules(manifest).outputs,
-        results_dir=str(local_folder(manifest, "validation")),
+        # Beside the parts (on the object store too): the workers that check them and the
+        # validate step may run on different hosts.
+        results_dir=storage.join(manifest.run_dir, "validation"),
     )
 
 

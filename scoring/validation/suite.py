@@ -74,8 +74,10 @@ class PartChecks:
         text = json.dumps([SUITE_VERSION, self.key_column, rules], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def result_path(self, part: str | Path) -> Path:
-        return Path(self.results_dir) / f"{Path(part).stem}.json"
+    def result_path(self, part: str | Path) -> str:
+        """Where a part's result is kept: beside the run's parts, so on the object store
+        when the run folder is there, where every host that checks or validates finds it."""
+        return storage.join(self.results_dir, f"{storage.name_of(part).rsplit('.', 1)[0]}.json")
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,11 @@ def check_part(table: pa.Table, target: PartTarget, checks: PartChecks) -> PartR
         checked_by=f"{socket.gethostname()}:{os.getpid()}",
         results=result["results"],
     )
-    write_json(checks.result_path(target.part), asdict(report))
+    path = checks.result_path(target.part)
+    if storage.is_remote(path):  # one object, whole or absent, as a local rename is
+        storage.put_bytes(path, json.dumps(asdict(report), default=plain).encode())
+    else:
+        write_json(Path(path), asdict(report))
     return report
 
 
@@ -170,7 +176,7 @@ def check_parts_on(
 def fresh_report(target: PartTarget, checks: PartChecks) -> PartReport | None:
     """The stored result of ``target``, if it was made by this suite for this very file."""
     try:
-        report = PartReport(**json.loads(checks.result_path(target.part).read_text()))
+        report = PartReport(**json.loads(storage.read_bytes(checks.result_path(target.part))))
         stat = storage.stat(target.part)
     except (OSError, ValueError, TypeError):  # none, unreadable, or of another layout
         return None

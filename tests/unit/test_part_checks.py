@@ -35,7 +35,7 @@ def both_engines(table: pa.Table, tmp_path: Path, expected_rows: int | None = No
     for engine in ("arrow", "gx"):
         checks = PartChecks(KEY, RULES, str(tmp_path / engine), engine=engine)
         report = check_part(table, target, checks)
-        stored = json.loads(checks.result_path(part).read_text())
+        stored = json.loads(Path(checks.result_path(part)).read_text())
         assert stored["success"] == report.success
         for field in ("seconds", "checked_by"):
             stored.pop(field)
