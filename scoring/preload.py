@@ -2,12 +2,12 @@
 
 A worker of a cluster that outlives the runs (docker-compose's ``dask-worker``, any
 ``dask worker`` pointed at by ``BATCHSCORE_CLUSTER=tcp://...``) would otherwise import
-torch, MLflow's PyTorch flavour and Great Expectations inside the first run that needs
-them: seconds of the worker's CPU (they are large packages), spent while that run's
-shards wait. Preloaded, the worker pays them once as it starts, and every run on it, the
-first included, begins with its model load. A LocalCluster started for one run does not
-preload: there the imports cost the same wherever they happen, and GX is not needed when
-the per-part checks are off.
+torch and MLflow's PyTorch flavour inside the first run that needs them, and Great
+Expectations inside the first run whose Data Docs it builds (``jobs.data_docs``): seconds
+of the worker's CPU (they are large packages), spent while that run waits. Preloaded, the
+worker pays them once as it starts, and every run on it, the first included, begins with
+its model load. A cluster started for one run does not preload: there the imports cost
+the same wherever they happen.
 
 What the imports leave behind lives as long as the worker, so it is frozen out of the
 garbage collector's reach (``gc.freeze``), as the model plugin does after a load.
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def preload() -> float:
-    """Import what scoring and the per-part checks need; the seconds it took."""
+    """Import what scoring and the Data Docs need; the seconds it took."""
     started = time.perf_counter()
     collecting = gc.isenabled()
     gc.disable()  # the imports' allocations would trigger full collections over all of it
