@@ -525,24 +525,7 @@ def report(
         f"| fallback p99 ≤ 2× Redis p99 | {fmt(fb)}× | "
         f"{'met' if fb is not None and fb <= 2 else 'NOT met'} |"
     )
-    clients_table: list[str] = []
-    if clients:
-        best = max(c.reads_per_second for c in clients)
-        clients_table = [
-            "Cluster client for the lookup API, chosen by measurement: single-key reads "
-            f"of the same cluster's live version in one process (uvloop), {args.seconds} s "
-            f"each after a 1 s warm-up, {CLIENT_CONCURRENCY} concurrent readers, no HTTP. "
-            "The rule: prefer a well-kept library where it is within 10 % of the best.",
-            "",
-            "| client | reads/s | p50 ms | p99 ms | client CPU µs/read | vs best |",
-            "|---|---:|---:|---:|---:|---:|",
-            *(
-                f"| {c.name} | {c.reads_per_second:,.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | "
-                f"{c.cpu_us:.1f} | {c.reads_per_second / best:.2f}× |"
-                for c in clients
-            ),
-            "",
-        ]
+    clients_table = clients_lines(clients, args) if clients else []
     return "\n".join(
         [
             SECTION,
@@ -588,6 +571,64 @@ def report(
     )
 
 
+def clients_lines(clients: list[ClientResult], args: argparse.Namespace) -> list[str]:
+    """The cluster client comparison as a table, with how it was measured."""
+    best = max(c.reads_per_second for c in clients)
+    return [
+        "Cluster client for the lookup API, chosen by measurement: single-key reads "
+        f"of the same cluster's live version ({args.keys:,} keys) in one process (uvloop), "
+        f"{args.seconds} s each after a 1 s warm-up, {CLIENT_CONCURRENCY} concurrent "
+        "readers, no HTTP, the clients one after another. The rule: prefer a well-kept "
+        "library where it is within 10 % of the best.",
+        "",
+        "| client | reads/s | p50 ms | p99 ms | client CPU µs/read | vs best |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| {c.name} | {c.reads_per_second:,.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | "
+            f"{c.cpu_us:.1f} | {c.reads_per_second / best:.2f}× |"
+            for c in clients
+        ),
+        "",
+    ]
+
+
+CLIENTS_SECTION = "## Redis Cluster clients (bench/serve_bench.py --clients-only)"
+
+
+def clients_only(args: argparse.Namespace) -> None:
+    """Only the cluster client comparison, in its own section: a short run that needs no
+    wrk and no API process."""
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-clients-"))
+    cluster = RedisClusterServers(tmp / "cluster")
+    cluster.start()
+    try:
+        paths, parts, _ = write_data(tmp / "parts", args.keys)
+        publish(cluster.url, tmp / "parts", paths, parts)
+        clients = cluster_clients(cluster.url, args.keys, args.seconds, CLIENT_CONCURRENCY)
+    finally:
+        cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    section = "\n".join(
+        [
+            CLIENTS_SECTION,
+            "",
+            f"Command: `python bench/serve_bench.py {' '.join(sys.argv[1:])}`, measured "
+            f"{time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'}: "
+            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, loopback; a Redis "
+            "Cluster of three primaries and three replicas started by the benchmark. The "
+            f"whole run took {time.monotonic() - started:.0f} s; "
+            f"{load_average(args.load_at_start)}. `make bench-serve` measures the same "
+            "beside the API's rows.",
+            "",
+            *clients_lines(clients, args),
+        ]
+    )
+    print(section)
+    if not args.no_write:
+        write_section(section, CLIENTS_SECTION)
+
+
 def limits(results: dict[str, Result]) -> list[str]:
     """Where the single-key lookups' API CPU goes, against what the 0.7× target allows."""
     empty = results["empty"]
@@ -622,14 +663,14 @@ def load_average(at_start: float) -> str:
     return f"1-minute load average {at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
 
 
-def write_section(section: str) -> None:
+def write_section(section: str, heading: str = SECTION) -> None:
     doc = REPO / "docs" / "benchmarks.md"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
-    start = text.find(SECTION)
+    start = text.find(heading)
     if start == -1:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        following = text.find("\n## ", start + len(SECTION))
+        following = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("" if following == -1 else text[following + 1 :])
     doc.write_text(text)
 
@@ -644,11 +685,19 @@ def main() -> None:
         "--repeat", type=int, default=3, help="Runs of each single-key load; the median is kept"
     )
     parser.add_argument("--no-write", action="store_true", help="Do not touch docs/")
+    parser.add_argument(
+        "--clients-only",
+        action="store_true",
+        help="Only compare the Redis Cluster clients (own section of docs/benchmarks.md)",
+    )
     args = parser.parse_args()
+    args.load_at_start = os.getloadavg()[0]  # how busy the CPUs were, for the report
+    if args.clients_only:
+        clients_only(args)
+        return
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (make bench-serve installs the Debian package)")
     started = time.monotonic()
-    args.load_at_start = os.getloadavg()[0]  # how busy the CPUs were, for the report
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     redis = RedisServer(tmp)
     redis.start()
