@@ -8,6 +8,7 @@ through the standard AWS variables only (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -372,3 +373,45 @@ def test_a_run_killed_while_scoring_to_s3_resumes_with_every_row_once(
     keys = part_rows(s3, "killed")
     assert len(keys) == len(set(keys)) == 12_000
     assert manifest.published
+
+
+def _fetched_models() -> list[str]:
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / "batchscore-models"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_running_cluster_scores_from_s3_into_s3_with_the_model_from_the_store(
+    s3: Store, aws: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers of a running cluster (``dask worker`` processes, started with the AWS
+    variables as a deployment gives them) read their row groups, write their parts and
+    fetch the model through the store, as workers on other hosts would."""
+    from batchscore.devcluster import RunningCluster
+    from tests.conftest import run_job
+
+    monkeypatch.setenv("BATCHSCORE_OUTPUT_DIR", RUNS)
+    repo = str(Path(__file__).resolve().parents[2])
+    cluster = RunningCluster(tmp_path / "cluster", 2, pythonpath=repo)
+    try:
+        manifest = run_job(
+            f"s3://{BUCKET}/churn/",  # type: ignore[arg-type]
+            "models:/churn/1",
+            "on_cluster",
+            cluster=cluster.address,
+        )
+        fetched = list(cluster.client.run(_fetched_models).values())
+    finally:
+        cluster.stop()
+    assert manifest.published and manifest.summary()["rows"] == 12_000
+    assert manifest.run_dir.startswith(f"{RUNS}/on_cluster/")
+    assert all(s.part.startswith(RUNS) for s in manifest.shards)
+    keys = part_rows(s3, "on_cluster")
+    assert len(keys) == len(set(keys)) == 12_000
+    # Each worker loaded the run's model from its copy on the store, fetched to its machine.
+    model_url = f"{manifest.run_dir}/model"
+    name = hashlib.sha256(model_url.encode()).hexdigest()[:16]
+    assert fetched and all(name in found for found in fetched), fetched
