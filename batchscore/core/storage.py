@@ -233,9 +233,10 @@ def put_bytes(location: str | Path, data: bytes | pa.Buffer) -> None:
     stream.write(data)
     stream.close()  # only after every byte was handed over: see the module's docstring
     try:
-        filesystem.move(staged, key)
-    finally:
+        filesystem.move(staged, key)  # a copy in one request, then the staged object deleted
+    except BaseException:
         _delete_quietly(filesystem, staged)
+        raise
 
 
 def _delete_quietly(filesystem: pafs.FileSystem, path: str) -> None:

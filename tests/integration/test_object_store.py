@@ -312,6 +312,9 @@ def test_run_folder_on_s3_and_the_fallback_reads_its_parts(
     assert len(part_keys(s3, "remote")) == len(manifest.shards) == 6, part_keys(s3, "remote")
     keys = part_rows(s3, "remote")
     assert len(keys) == len(set(keys)) == 12_000
+    listed = s3.server.client(key=s3.admin).list_objects_v2(Bucket=BUCKET, Prefix="runs/remote/")
+    staged = [o["Key"] for o in listed.get("Contents", []) if o["Key"].endswith(".tmp")]
+    assert not staged, f"temporary objects left behind: {staged}"
 
     # Redis goes away: the API answers from the run's parts on the object store.
     api = start_api(api_env | s3.server.env(s3.admin, tmp_path / "api-aws"), redis_server.url)
