@@ -218,6 +218,17 @@ def test_credentials_in_the_url_are_refused(s3: Store, aws: dict[str, str], secr
         assert part not in message
 
 
+def test_an_endpoint_that_does_not_answer(
+    s3: Store, aws: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchscore.testing import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    message = attempt(f"s3://{BUCKET}/churn/", InputNotFound, s3.admin.secret)
+    assert f"s3://{BUCKET}/churn/ could not be reached" in message and closed in message
+
+
 def test_a_corrupt_object(s3: Store, aws: dict[str, str]) -> None:
     client = s3.server.client(key=s3.admin)
     client.put_object(Bucket=BUCKET, Key="broken/part-0.parquet", Body=b"PAR1 not parquet")
