@@ -54,7 +54,7 @@ DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 DURATION_EXPECTED = "a duration such as 90s, 5m, 2h, 1h30m or a number of seconds"
 EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
 TIMEOUTS_EXAMPLE = "{score: 2h, validate: 20m}"
-STORE_SCHEMES = ("lmdb", "redis", "rediss", "unix")
+STORE_SCHEMES = ("lmdb", "redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -370,7 +370,10 @@ class JobConfig(BaseModel):
             return None
         parts = urlsplit(value)
         if parts.scheme not in STORE_SCHEMES:
-            raise ValueError("expected lmdb:///path, redis://host:port/db or rediss://host:port/db")
+            raise ValueError(
+                "expected lmdb:///path, redis://host:port/db, rediss://host:port/db or "
+                "redis+cluster://host:port,host:port/"
+            )
         if parts.password:
             raise ValueError(
                 "expected a URL without a password (it would show in the trigger form); "

@@ -99,3 +99,19 @@ def test_a_load_split_by_group_is_the_same_commands_one_slot_a_chunk() -> None:
     for payload, commands in split:
         names = [line for line in bytes(payload).split(b"\r\n") if line.startswith(b"bs:{")]
         assert len(names) == commands and len({key_slot(n) for n in names}) == 1
+
+
+def test_a_job_config_takes_every_store_url_scheme_the_backends_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The DAG's job config checks store URLs without importing the store modules (DAG
+    files stay light), so it keeps its own list of schemes: it must not fall behind."""
+    from pathlib import Path
+
+    from kv_export.backends import BACKENDS
+
+    # batchscore_dags imported as Airflow imports it: from the DAGs folder on sys.path.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "dags"))
+    from batchscore_dags.config import STORE_SCHEMES
+
+    assert {scheme for scheme in BACKENDS if scheme} <= set(STORE_SCHEMES)
