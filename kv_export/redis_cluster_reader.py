@@ -106,11 +106,14 @@ class RedisClusterReader:
         self._owner: list[AutoPipeline | None] = [None] * SLOTS
         self._refreshing: asyncio.Task[bool] | None = None
         self._refreshed_at = float("-inf")
+        self._refresh_failure: BaseException | None = None  # why no node gave a map
 
     def _unavailable(self, doing: str, exc: BaseException) -> StoreUnavailable:
+        # A Redis error reply says what is wrong (no cluster support, no slot served).
+        said = f": {exc}" if isinstance(exc, ResponseError) else ""
         return StoreUnavailable(
             f"Redis Cluster at {redact_url(self.url)} did not answer while {doing}",
-            found=type(exc).__name__,
+            found=type(exc).__name__ + said,
             fix="Check that the nodes run, every slot has a primary (redis-cli --cluster "
             "check), and the URL, password and TLS settings are right",
         )
@@ -134,7 +137,8 @@ class RedisClusterReader:
         for host, port in candidates:
             try:
                 reply = await self._pipeline(host, port).call(CLUSTER_SLOTS, "reading slots")
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
+                self._refresh_failure = exc.__cause__ or exc
                 continue
             self._apply(cast("list[list[Reply]]", reply), host)
             return True
@@ -170,7 +174,8 @@ class RedisClusterReader:
             await asyncio.shield(self._refresh_task())
             pipeline = self._owner[slot]
         if pipeline is None:
-            raise self._unavailable(doing, RedisConnectionError("no node serves the slot"))
+            failure = self._refresh_failure or RedisConnectionError("no node serves the slot")
+            raise self._unavailable(doing, failure)
         return pipeline
 
     # Commands.

@@ -31,7 +31,7 @@ from kv_export.redis_cluster import RedisClusterStore
 from kv_export.redis_cluster_reader import RedisClusterReader, redirection
 from kv_export.state import VersionInfo
 from kv_export.store import open_store
-from tests.conftest import RedisClusterServers, new_version
+from tests.conftest import RedisClusterServers, RedisServer, new_version
 
 pytestmark = pytest.mark.redis
 KEYS = 200_000  # 3,125 buckets in 4 groups: four slots, on more than one primary
@@ -258,3 +258,24 @@ def test_tls_with_rediss_cluster_and_a_private_ca(tmp_path: Path) -> None:
             open_store(plain, timeout_seconds=1).state("ns")
     finally:
         cluster.stop()
+
+
+def test_a_cluster_url_naming_a_plain_server_says_so(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    url = f"redis+cluster://127.0.0.1:{server.port}/"
+    try:
+        with pytest.raises(StoreUnavailable) as refused:
+            open_store(url)
+        assert "Cluster mode is not enabled" in str(refused.value)
+
+        async def read() -> None:
+            reader = RedisClusterReader(url)
+            with pytest.raises(StoreUnavailable) as unread:
+                await reader.state("ns")
+            assert "cluster support disabled" in str(unread.value)
+            await reader.close()
+
+        asyncio.run(read())
+    finally:
+        server.stop()
