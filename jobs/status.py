@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
+from batchscore.core import storage
 from batchscore.core.settings import RunSettings
 from jobs.manifest import MANIFEST, Manifest
 from kv_export.connect import store_target
@@ -48,7 +47,7 @@ def namespace_status(
         "kept": state.history,
         "versions": versions,
         **_canary(namespace, state, api_url),
-        "last_run": _last_run(settings.runs_dir / namespace, label),
+        "last_run": _last_run(storage.join(settings.runs_location, namespace), label),
     }
 
 
@@ -84,10 +83,11 @@ def _canary(namespace: str, state: NamespaceState, api_url: str | None) -> dict[
     return found
 
 
-def _last_run(folder: Path, store: str) -> dict[str, Any] | None:
+def _last_run(folder: str, store: str) -> dict[str, Any] | None:
     """The summary of the namespace's newest run that met this store (exported or
-    published there); the newest run of all when none did."""
-    manifests = sorted(folder.glob(f"*/{MANIFEST}"), key=lambda p: p.stat().st_mtime)
-    loaded = [Manifest.model_validate(json.loads(p.read_text())) for p in manifests]
+    published there); the newest run of all when none did. Run folders on an object store
+    (``BATCHSCORE_OUTPUT_DIR=s3://...``) are listed there."""
+    manifests = storage.run_files(folder, MANIFEST)
+    loaded = [Manifest.model_validate_json(storage.read_bytes(m)) for m in manifests]
     here = [m for m in loaded if store in m.stores] or loaded
     return here[-1].summary() if here else None

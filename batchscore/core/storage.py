@@ -179,6 +179,27 @@ def stat(location: str | Path) -> Stat | os.stat_result:
     return Stat(info.size or 0, info.mtime_ns or 0)
 
 
+def run_files(root: str | Path, name: str) -> list[str]:
+    """Every ``root/*/name`` (a file in each folder of ``root``: each run's manifest),
+    oldest first by modification time; none when ``root`` does not exist."""
+    if not is_remote(root):
+        found = [(p.stat().st_mtime_ns, str(p)) for p in Path(root).glob(f"*/{name}")]
+        return [location for _, location in sorted(found)]
+    import pyarrow.fs as pafs
+
+    filesystem, path = resolve(root)
+    listed = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    base = str(root).rstrip("/")
+    found = [
+        (info.mtime_ns or 0, f"{base}/{info.path[len(path) :].lstrip('/')}")
+        for info in listed
+        if info.type == pafs.FileType.File
+        and info.path[len(path) :].lstrip("/").count("/") == 1
+        and info.base_name == name
+    ]
+    return [location for _, location in sorted(found)]
+
+
 def open_parquet(location: str | Path, *, buffer_size: int = 1 << 20) -> pq.ParquetFile:
     """A Parquet file to read footers and row groups from.
 

@@ -327,6 +327,10 @@ def test_run_folder_on_s3_and_the_fallback_reads_its_parts(
     staged = [o["Key"] for o in listed.get("Contents", []) if o["Key"].endswith(".tmp")]
     assert not staged, f"temporary objects left behind: {staged}"
 
+    status = run_cli("status", "remote", "--store", redis_server.url, "--json", env=run_env)
+    assert status.returncode == 0, status.stderr[-4000:]
+    assert json.loads(status.stdout)["last_run"]["run_id"] == summary["run_id"]
+
     # Redis goes away: the API answers from the run's parts on the object store.
     api = start_api(api_env | s3.server.env(s3.admin, tmp_path / "api-aws"), redis_server.url)
     sample = [1_000_000, 1_005_555]

@@ -87,3 +87,15 @@ def test_object_store_input_is_read_ahead_of_the_forward_pass_on_cpu_too() -> No
     assert prefetch_depth(None, "cpu", remote=True) == 2  # reads wait on the network
     assert prefetch_depth(None, "cpu", remote=False) == 0
     assert prefetch_depth(0, "cpu", remote=True) == 0  # BATCHSCORE_PREFETCH_ROW_GROUPS wins
+
+
+def test_run_files_lists_one_file_per_run_folder_oldest_first(tmp_path: Path) -> None:
+    import os
+
+    for index, run in enumerate(["b", "a", "c"]):
+        storage.put_bytes(tmp_path / run / "manifest.json", b"{}")
+        os.utime(tmp_path / run / "manifest.json", ns=(index * 10**9, index * 10**9))
+    storage.put_bytes(tmp_path / "a" / "parts" / "manifest.json", b"{}")  # not a run's
+    found = storage.run_files(tmp_path, "manifest.json")
+    assert found == [str(tmp_path / r / "manifest.json") for r in ("b", "a", "c")]
+    assert storage.run_files(tmp_path / "none", "manifest.json") == []
