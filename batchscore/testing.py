@@ -279,6 +279,7 @@ class RedisServer:
 
 CLUSTER_SLOTS = 16_384
 CLUSTER_NODE_TIMEOUT_MS = 1000  # failure detection: a replica is promoted ~1-3 s after a kill
+CLUSTER_NODE_START_SECONDS = 30.0  # six servers (TLS ones too) on a busy machine
 
 
 @dataclass(frozen=True)
@@ -374,9 +375,22 @@ class RedisClusterServers:
 
     def _start_node(self, node: RedisServer) -> None:
         ca = None if self.tls is None else str(self.tls[0])
-        node.start(password=self.password, ssl=self.tls is not None, ssl_ca_certs=ca)
+        node.start(
+            password=self.password,
+            ssl=self.tls is not None,
+            ssl_ca_certs=ca,
+            seconds=CLUSTER_NODE_START_SECONDS,
+        )
 
     def start(self, seconds: float = 60) -> None:
+        """Start the nodes and make the cluster; a failure stops every node started."""
+        try:
+            self._create(seconds)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _create(self, seconds: float) -> None:
         for node in self.nodes:
             self._start_node(node)
         binary = shutil.which("redis-cli")
