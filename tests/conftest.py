@@ -62,6 +62,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
             tracking_uri=found.tracking_uri,
             artifact_root=found.artifact_root,
             name=name,
+            # Named, not left to the process: an earlier test's MlflowRegistry may have
+            # pointed MLflow's process-wide registry URI at a server that is gone since.
+            registry_uri=found.tracking_uri,
             n_features=N_FEATURES,
             serialization=serialization,  # type: ignore[arg-type]
             alias="champion",
@@ -79,6 +82,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
         for parameter in broken.parameters():  # type: ignore[attr-defined]
             parameter.fill_(float("nan"))
     register(broken, "broken")
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set by MLflow above; it follows tracking
     return found
 
 
