@@ -227,7 +227,9 @@ def _complete_cluster(incomplete: str) -> list[str]:
 StoreOpt = Annotated[
     str | None,
     typer.Option(
-        "--store", help="KV store URL: lmdb:///path or redis://host:port/db (default: setting)."
+        "--store",
+        help="KV store URL: lmdb:///path, redis://host:port/db or "
+        "redis+cluster://host:port,host:port (default: setting).",
     ),
 ]
 OutputOpt = Annotated[

@@ -17,7 +17,8 @@ from kv_export.state import NamespaceState, NewVersion, PartInfo, VersionInfo, V
 def open_store(
     url: str, *, timeout_seconds: float = 5.0, password: str | None = None
 ) -> PredictionStore:
-    """Open the store a URL names: ``lmdb://PATH`` (or a bare path) or ``redis[s]://``.
+    """Open the store a URL names: ``lmdb://PATH`` (or a bare path), ``redis[s]://`` or
+    ``redis[s]+cluster://``.
 
     ``password`` (``BATCHSCORE_STORE_PASSWORD``) is used for Redis when the URL
     carries none; a password in the URL wins.

@@ -38,7 +38,8 @@ class _Common(BaseSettings):
     )
     store_url: str | None = Field(
         default=None,
-        description="KV store: lmdb:///path (embedded, the default) or redis://host:port/db.",
+        description="KV store: lmdb:///path (embedded, the default), redis://host:port/db or "
+        "redis+cluster://host:port,host:port/ (rediss:// and rediss+cluster:// for TLS).",
     )
     store_password: str | None = Field(
         default=None,

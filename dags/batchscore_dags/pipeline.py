@@ -207,7 +207,8 @@ def form_params(d: FormDefaults) -> dict[str, Param]:
             type=["null", "string"],
             pattern=OPTIONAL_STORE_PATTERN,
             title="Store URL",
-            description="lmdb:///path or redis://host:port/db; empty means BATCHSCORE_STORE_URL.",
+            description="lmdb:///path, redis://host:port/db or redis+cluster://host:port,...; "
+            "empty means BATCHSCORE_STORE_URL.",
         ),
         "features": Param(
             ",".join(d.features) if d.features else None,
