@@ -116,6 +116,8 @@ class ModelRecord(BaseModel):
     serialization: str | None
     signature_kind: str
     features: list[str]
+    # None: resolved before the types were recorded (the plan step reads the MLmodel)
+    feature_types: dict[str, str] | None = None
     outputs: list[str] = Field(default_factory=list)
 
 

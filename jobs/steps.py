@@ -218,6 +218,7 @@ def _new_run(
             serialization=spec.serialization,
             signature_kind=spec.signature_kind,
             features=list(spec.features),
+            feature_types=dict(spec.feature_types),
             outputs=list(spec.outputs),
         ),
     )
@@ -237,18 +238,16 @@ def plan(run_dir: str | Path) -> PlanResult:
     within ``max_feature_null_rate``, values castable without loss to the model's dtype.
     """
     from scoring.inputs import inspect_input
-    from scoring.model import read_model_spec
     from scoring.shards import plan_shards
 
     manifest = load_manifest(run_dir)
     started = time.perf_counter()
     params = manifest.params
-    spec = read_model_spec(Path(manifest.model.local_dir), tuple(manifest.model.features))
     summary = inspect_input(
         params.input_path,
         manifest.model.features,
         params.key_column,
-        feature_types=spec.feature_types,
+        feature_types=_feature_types(manifest),
         max_null_rate=params.max_feature_null_rate,
     )
     shards = plan_shards(summary.files, params.shard_rows)
@@ -598,6 +597,18 @@ def _model_spec(
     spec = read_model_spec(model_dir, tuple(params.features) if params.features else None)
     check_loadable(spec, uri, allow_pickle)
     return spec
+
+
+def _feature_types(manifest: Manifest) -> dict[str, str]:
+    """The model's feature types, as the resolve step recorded them; a run resolved before
+    they were recorded reads them from the model's MLmodel (which imports MLflow: seconds
+    that a DAG's plan task otherwise does without)."""
+    if manifest.model.feature_types is not None:
+        return manifest.model.feature_types
+    from scoring.model import read_model_spec
+
+    model = manifest.model
+    return read_model_spec(Path(model.local_dir), tuple(model.features)).feature_types
 
 
 def _shard_record(shard: Shard, manifest: Manifest, previous: ShardRecord | None) -> ShardRecord:
