@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 
+from batchscore.core import storage
 from batchscore.core.settings import RunSettings, is_running_cluster
 from jobs.context import is_shadow, load_run_settings, open_run_store, skip_step
 from jobs.errors import RunError
@@ -339,7 +340,7 @@ def collect_garbage(store: PredictionStore, manifest: Manifest, settings: RunSet
             budget_seconds=settings.gc_seconds,
         )
         folders = collect_run_folders(
-            Path(manifest.run_dir),
+            manifest.run_dir,
             store.state(manifest.namespace),
             manifest.store,
             settings.keep_run_days,
@@ -351,54 +352,127 @@ def collect_garbage(store: PredictionStore, manifest: Manifest, settings: RunSet
         log.info("collected versions %s and run folders %s", [i.version for i in deleted], folders)
     return {
         "collected_versions": [info.version for info in deleted],
-        "collected_run_folders": [str(f) for f in folders],
+        "collected_run_folders": folders,
     }
 
 
+#: A hidden temporary file or object (``storage.put_bytes``) older than this is what a
+#: writer killed between its upload and its copy left: its writer is gone for good (an
+#: upload is listed only once complete, and copied to its name at once).
+STAGED_GRACE_SECONDS = 3600.0
+
+
 def collect_run_folders(
-    run_dir: Path,
+    run_dir: str | Path,
     state: NamespaceState,
     store_label: str,
     keep_days: float,
     now: float | None = None,
-) -> list[Path]:
-    """Delete the namespace's run folders that nothing needs; return them.
+    *,
+    staged_grace_seconds: float = STAGED_GRACE_SECONDS,
+) -> list[str]:
+    """Delete the namespace's run folders that nothing needs; return them (paths or URLs).
 
-    A folder goes when all hold: unchanged for ``keep_days`` days; no version record
-    of this store (live, kept, in flight or being deleted) names its run or lies in
-    it (the lookup API's batch fallback reads the parts of the live and kept
-    versions); and its manifest records no version in another store (whose retention
-    this store cannot see: such folders are left alone). The current run's never goes.
+    A folder goes when all hold: unchanged for ``keep_days`` days (its newest file or
+    object); no version record of this store (live, kept, in flight or being deleted)
+    names its run or lies in it (the lookup API's batch fallback reads the parts of the
+    live and kept versions); and its manifest records no version in another store (whose
+    retention this store cannot see: such folders are left alone). The current run's
+    never goes. In the folders that stay, hidden temporary files older than
+    ``staged_grace_seconds`` (left by a writer killed before its rename or copy) go.
+
+    Nothing looks complete that is not: a local folder is renamed out of sight in one
+    step before it is deleted; on an object store, where a prefix is deleted object by
+    object, the manifest goes first, so a folder cut short is no run (no step, lookup or
+    ``status`` takes it for one) and the next collection deletes what is left of it.
     """
     infos = [*state.versions.values(), *state.deleting.values()]
     runs = {info.run_id for info in infos}
-    paths = [
-        Path(p) for info in infos for p in (info.output_dir, *(x.path for x in info.parts)) if p
-    ]
-    cutoff = (now or time.time()) - keep_days * 86400
-    gone: list[Path] = []
+    needed = [p for info in infos for p in (info.output_dir, *(x.path for x in info.parts)) if p]
+    now = now or time.time()
+    cutoff = now - keep_days * 86400
+    root = storage.parent_of(run_dir)
+    listed = storage.files_under(root)  # before any deletion: one listing on a store
+    if storage.is_remote(run_dir):
+        gone = _collect_on_store(str(run_dir), listed, runs, needed, store_label, cutoff)
+    else:
+        gone = _collect_local(Path(run_dir), runs, needed, store_label, cutoff)
+    _delete_staged(root, listed, {storage.name_of(f) for f in gone}, now - staged_grace_seconds)
+    return gone
+
+
+def _collect_local(
+    run_dir: Path, runs: set[str], needed: list[str], store_label: str, cutoff: float
+) -> list[str]:
+    gone: list[str] = []
     for folder in sorted(run_dir.parent.iterdir()):
         if folder == run_dir or not folder.is_dir() or folder.name.startswith("."):
             continue
         changed = max(p.stat().st_mtime for p in (folder, folder / MANIFEST) if p.exists())
-        if changed > cutoff or folder.name in runs or any(p.is_relative_to(folder) for p in paths):
-            continue
-        if _in_another_store(folder / MANIFEST, store_label):
+        if changed > cutoff or _needed(str(folder), runs, needed, store_label):
             continue
         trash = folder.with_name(f".deleting-{folder.name}")
         folder.rename(trash)  # one step out of sight; a crash leaves only the trash
         shutil.rmtree(trash, ignore_errors=True)
-        gone.append(folder)
+        gone.append(str(folder))
     for trash in run_dir.parent.glob(".deleting-*"):
         shutil.rmtree(trash, ignore_errors=True)
     return gone
 
 
-def _in_another_store(path: Path, store_label: str) -> bool:
-    if not path.exists():
+def _collect_on_store(
+    run_dir: str,
+    listed: list[storage.Entry],
+    runs: set[str],
+    needed: list[str],
+    store_label: str,
+    cutoff: float,
+) -> list[str]:
+    """Each folder's age is its newest object's (a prefix has no time of its own)."""
+    root = storage.parent_of(run_dir)
+    newest: dict[str, int] = {}
+    for entry in listed:
+        name, _, rest = entry.name.partition("/")
+        if rest:  # an object of a run folder, not one beside the folders
+            newest[name] = max(newest.get(name, 0), entry.mtime_ns)
+    gone: list[str] = []
+    for name, changed_ns in sorted(newest.items()):
+        folder = storage.join(root, name)
+        if name == storage.name_of(run_dir) or name.startswith("."):
+            continue
+        if changed_ns / 1e9 > cutoff or _needed(folder, runs, needed, store_label):
+            continue
+        storage.delete(storage.join(folder, MANIFEST))  # first: what is left is no run
+        storage.delete_tree(folder)
+        gone.append(folder)
+    return gone
+
+
+def _needed(folder: str, runs: set[str], needed: list[str], store_label: str) -> bool:
+    """Whether a version of this store, or a record of another store, keeps ``folder``."""
+    if storage.name_of(folder) in runs or any(storage.is_within(p, folder) for p in needed):
+        return True
+    return _in_another_store(folder, store_label)
+
+
+def _delete_staged(root: str, listed: list[storage.Entry], gone: set[str], cutoff: float) -> None:
+    """Delete the hidden temporary files of the run folders that stay, written before
+    ``cutoff`` (the current run's too: a killed attempt of it may have left some)."""
+    for entry in listed:
+        folder, _, rest = entry.name.partition("/")
+        if not rest or folder in gone or folder.startswith("."):
+            continue
+        if storage.is_temporary(entry.name) and entry.mtime_ns / 1e9 < cutoff:
+            location = storage.join(root, entry.name)
+            storage.delete(location)
+            log.info("deleted %s, left by a writer killed before it finished", location)
+
+
+def _in_another_store(folder: str, store_label: str) -> bool:
+    if not storage.exists(storage.join(folder, MANIFEST)):
         return False
     try:
-        manifest = load_manifest(path.parent)
+        manifest = load_manifest(folder)
     except (RunError, ValueError, OSError):
         return True  # unreadable: keep it, someone should look at it
     return any(

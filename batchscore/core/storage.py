@@ -22,6 +22,7 @@ Light at its top (DAG files import the settings): pyarrow is imported where it i
 from __future__ import annotations
 
 import os
+import re
 import threading
 import uuid
 from dataclasses import dataclass
@@ -198,6 +199,110 @@ def run_files(root: str | Path, name: str) -> list[str]:
         and info.base_name == name
     ]
     return [location for _, location in sorted(found)]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file or object under a folder: its path relative to the folder ("/"-separated)
+    and when it was last written."""
+
+    name: str
+    mtime_ns: int
+
+
+def files_under(root: str | Path) -> list[Entry]:
+    """Every file (object) under ``root`` at any depth, in one listing on a store; none
+    when ``root`` does not exist. A store's empty folder markers are folders, not files."""
+    if not is_remote(root):
+        return _local_files_under(Path(root))
+    import pyarrow.fs as pafs
+
+    filesystem, path = resolve(root)
+    listed = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return [
+        Entry(info.path[len(path) :].lstrip("/"), info.mtime_ns or 0)
+        for info in listed
+        if info.type == pafs.FileType.File
+    ]
+
+
+def _local_files_under(base: Path) -> list[Entry]:
+    found = []
+    for path in base.rglob("*") if base.is_dir() else ():
+        try:
+            if path.is_file():
+                found.append(Entry(path.relative_to(base).as_posix(), path.stat().st_mtime_ns))
+        except FileNotFoundError:  # deleted while listed
+            continue
+    return found
+
+
+def folders(root: str | Path) -> list[str]:
+    """The folders (on a store: the prefixes) directly in ``root``, as paths or URLs, by
+    name; none when ``root`` does not exist. One delimited listing on a store."""
+    if not is_remote(root):
+        base = Path(root)
+        return sorted(str(p) for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    import pyarrow.fs as pafs
+
+    filesystem, path = resolve(root)
+    listed = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(join(root, i.base_name) for i in listed if i.type == pafs.FileType.Directory)
+
+
+def is_within(location: str | Path, folder: str | Path) -> bool:
+    """Whether ``location`` is ``folder`` or lies under it: two paths, or two URLs of one
+    bucket (a path is never within a URL, nor the other way round)."""
+    if is_remote(location) != is_remote(folder):
+        return False
+    if not is_remote(folder):
+        return Path(location).is_relative_to(folder)
+    inner, outer = _comparable(str(location)), _comparable(str(folder))
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def _comparable(url: str) -> str:
+    parts = urlsplit(public(url))
+    path = "/".join(p for p in parts.path.split("/") if p)
+    return f"{parts.scheme.lower()}://{parts.netloc}/{path}"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file's name is that of a staged upload or write (``put_bytes``): what a
+    writer killed before its rename or copy leaves behind."""
+    return _TEMPORARY.fullmatch(name_of(name)) is not None
+
+
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
+
+
+def delete(location: str | Path) -> None:
+    """Delete one file or object; one that is gone already is no error."""
+    if not is_remote(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    filesystem, path = resolve(location)
+    try:
+        filesystem.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def delete_tree(location: str | Path) -> None:
+    """Delete a folder (on a store: every object under the prefix) and all it holds; one
+    that is gone already is no error. Not one step on a store: a caller deletes first
+    what makes the folder count (a run's manifest), so a crash leaves no folder that
+    looks complete, and deletes the rest again later."""
+    if not is_remote(location):
+        import shutil
+
+        shutil.rmtree(location, ignore_errors=True)
+        return
+    filesystem, path = resolve(location)
+    try:
+        filesystem.delete_dir(path)
+    except FileNotFoundError:
+        pass
 
 
 def open_parquet(location: str | Path, *, buffer_size: int = 1 << 20) -> pq.ParquetFile:
