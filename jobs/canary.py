@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import logging
 import urllib.request
-from pathlib import Path
 from typing import TypedDict
 
+from batchscore.core import storage
 from batchscore.core.settings import RunSettings
 from kv_export.connect import store_target
 from kv_export.store import NamespaceState, VersionInfo
@@ -105,14 +105,34 @@ def abort(settings: RunSettings, namespace: str, store_url: str | None = None) -
 
 
 def _record_in_run(info: VersionInfo, store_label: str, *, published: bool) -> None:
-    """Tell the run whose version it is (its manifest, beside the version's parts) that its
-    canary was promoted (the run is then published, once) or aborted; a run folder that
-    is gone, or that names another store or version, is left alone."""
+    """Tell the run whose version it is (its manifest, beside the version's parts, on
+    disk or on an object store) that its canary was promoted (the run is then published,
+    once) or aborted; a run folder that is gone, or that names another store or version,
+    is left alone. The store's change is made already: a manifest that cannot be read or
+    written is a warning, not a failed command (a later publish of the run finds its
+    version live and publishes nothing twice)."""
+    from jobs.errors import RunError
+
+    if info.output_dir is None:
+        return
+    run_dir = storage.parent_of(info.output_dir)
+    try:
+        _update_run(run_dir, info, store_label, published=published)
+    except (OSError, RunError, ValueError) as exc:
+        log.warning(
+            "the canary's run folder %s was not updated (%s: %s)",
+            storage.public(run_dir),
+            type(exc).__name__,
+            exc,
+        )
+
+
+def _update_run(run_dir: str, info: VersionInfo, store_label: str, *, published: bool) -> None:
     from jobs.manifest import MANIFEST, load_manifest, utcnow
 
-    if info.output_dir is None or not (Path(info.output_dir).parent / MANIFEST).is_file():
+    if not storage.exists(storage.join(run_dir, MANIFEST)):
         return
-    manifest = load_manifest(Path(info.output_dir).parent)
+    manifest = load_manifest(run_dir)
     record = manifest.stores.get(store_label)
     if record is None or record.version != info.version:
         return
@@ -207,7 +227,6 @@ def canary_drift(
     """How far the canary's predictions are from the live version's on the canary's keys
     (at most ``sample`` of them, read from the canary version's parts in order)."""
     import numpy as np
-    import pyarrow.parquet as pq
 
     from kv_export.encoding import text_keys, unpack_value
 
@@ -216,7 +235,8 @@ def canary_drift(
     assert live is not None and canary is not None and state.canary is not None
     keys: list[bytes] = []
     for part in canary.parts:
-        column = pq.read_table(part.path, columns=[canary.key_column]).column(0)
+        # a path or an object URL: through the storage layer, as every reader of parts
+        column = storage.open_parquet(part.path).read(columns=[canary.key_column]).column(0)
         keys += [k for k in text_keys(column).to_pylist() if state.canary.takes(k)]
         if len(keys) >= sample:
             break
