@@ -175,16 +175,33 @@ def _error(what: str, *, expected: str, fix: str) -> Exception:
     return RunError(what, expected=expected, fix=fix)
 
 
-def find_run_dir(runs_dir: Path, key: str) -> Path | None:
-    """The run folder of a run key in any namespace (the most recently written one)."""
+def find_run_dir(runs_dir: str | Path, key: str) -> str | None:
+    """The run folder of a run key in any namespace (the one whose manifest was written
+    last), as a path or, under an object-store root (``RunSettings.runs_location``,
+    ``s3://bucket/runs``), a URL; None when no run of the key has a manifest yet."""
+    from batchscore.core import storage
     from jobs.manifest import MANIFEST, safe_run_id
 
-    found = list(runs_dir.glob(f"*/{safe_run_id(key)}*/{MANIFEST}"))
-    return max(found, key=lambda p: p.stat().st_mtime).parent if found else None
+    prefix = safe_run_id(key)
+    if not storage.is_remote(runs_dir):
+        found = list(Path(runs_dir).glob(f"*/{prefix}*/{MANIFEST}"))
+        return str(max(found, key=lambda p: p.stat().st_mtime).parent) if found else None
+    written: list[tuple[int, str]] = []
+    for namespace in storage.folders(runs_dir):  # delimited listings: no part is listed
+        for folder in storage.folders(namespace):
+            if storage.name_of(folder).startswith(prefix):
+                try:
+                    written.append(
+                        (storage.stat(storage.join(folder, MANIFEST)).st_mtime_ns, folder)
+                    )
+                except FileNotFoundError:  # not a run (yet, or any more)
+                    continue
+    return max(written)[1] if written else None
 
 
-def current_step(run_dir: Path | None) -> tuple[str, list[str]]:
-    """The first task whose step the manifest has not recorded, and the steps it has."""
+def current_step(run_dir: str | Path | None) -> tuple[str, list[str]]:
+    """The first task whose step the manifest has not recorded, and the steps it has
+    (the manifest read where the run folder is: on disk or on an object store)."""
     if run_dir is None:
         return STEPS[0], []
     from jobs.manifest import load_manifest
