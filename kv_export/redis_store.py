@@ -94,6 +94,13 @@ class RedisStore(StateBackedStore):
                 found=type(exc).__name__ + ": " + str(exc),
                 fix="Check that the server runs and the URL, password and TLS settings are right",
             ) from exc
+        except redis.exceptions.NoPermissionError as exc:
+            raise StoreError(
+                f"Redis at {redact_url(self.url)} refused a command to this ACL user while {doing}",
+                found=str(exc),
+                fix="Grant the user the rights docs/stores.md lists (An ACL user), or name "
+                "another user in the store URL",
+            ) from exc
         except RedisError as exc:
             raise StoreError(
                 f"Redis at {redact_url(self.url)} refused a command while {doing}",
