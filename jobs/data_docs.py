@@ -90,6 +90,25 @@ _builds: dict[str, _Build] = {}  # run folder → its Data Docs being built
 _prepared: _Build | None = None  # a builder importing GX, waiting for a job
 
 
+def on_cluster(cluster: str, run_location: str | Path) -> bool:
+    """Whether a worker of the run's cluster builds its Data Docs: a running cluster and
+    a run folder the workers share (they wrote the parts there). A run folder on an
+    object store has its Data Docs on the host of the validate step."""
+    from batchscore.core import storage
+    from batchscore.core.settings import is_running_cluster
+
+    return is_running_cluster(cluster) and not storage.is_remote(run_location)
+
+
+def prepare_for(run_dir: str | Path) -> None:
+    """``prepare`` for a run whose validate step is about to run in this process (a DAG
+    task, as it starts: GX is imported meanwhile), unless the step will not build its
+    Data Docs here (a published run is not validated again) or a worker builds them."""
+    manifest = load_manifest(run_dir)
+    if not manifest.published and not on_cluster(manifest.params.cluster, manifest.run_dir):
+        prepare()
+
+
 def prepare() -> None:
     """Start a builder now, so that it imports GX while the run resolves its model (the
     MLflow import and the download use one core; the builder takes another) and waits
@@ -231,7 +250,15 @@ def build_from_job(job: Path) -> Path | None:
     )
 
 
-__all__ = ["DocsInBackground", "DocsOnCluster", "build_from_job", "finish"]
+__all__ = [
+    "DocsInBackground",
+    "DocsOnCluster",
+    "build_from_job",
+    "finish",
+    "on_cluster",
+    "prepare",
+    "prepare_for",
+]
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from batchscore.core.settings import RunSettings, is_running_cluster
+from batchscore.core.settings import RunSettings
 from jobs import data_docs, pipeline_metrics, steps, tracking
 from jobs.canary import CanaryRules
 from jobs.context import is_shadow, load_run_settings
@@ -250,8 +250,8 @@ def run_flow(
     ``settings`` is passed to every step that opens the store: the caller's settings,
     not the environment's (a password given in ``--store``'s URL is only there).
     """
-    if not is_running_cluster(params.cluster):  # a running cluster's workers build them
-        data_docs.prepare()
+    if not data_docs.on_cluster(params.cluster, settings.runs_location):
+        data_docs.prepare()  # a builder importing GX while the model is resolved
     run_dir = start_run(settings, params, run_id=run_id, shadow=shadow)["run_dir"]
     plan(run_dir, settings)
     score(run_dir, settings, on_progress=on_progress, on_dashboard=on_dashboard)

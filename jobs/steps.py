@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from batchscore.core import storage
 from batchscore.core.names import check_namespace
-from batchscore.core.settings import RunSettings, is_running_cluster
+from batchscore.core.settings import RunSettings
 from jobs.context import (
     check_store,
     load_run_settings,
@@ -32,7 +32,7 @@ from jobs.context import (
     quality_rules,
     require_scored,
 )
-from jobs.data_docs import DocsInBackground, DocsOnCluster
+from jobs.data_docs import DocsInBackground, DocsOnCluster, on_cluster
 from jobs.drift_gate import check_drift, run_reports
 from jobs.errors import RunError
 from jobs.manifest import (
@@ -517,9 +517,7 @@ def validate(run_dir: str | Path, *, docs_in_background: bool = False) -> Valida
     missing_rows = sum(s.rows for s in manifest.shards if s.state == "failed")
     checks = _part_checks(manifest)
     docs_builder: DocsOnCluster | DocsInBackground | None = None
-    if is_running_cluster(manifest.params.cluster) and not storage.is_remote(manifest.run_dir):
-        # The workers share the run's local folder (they wrote the parts there); a run
-        # folder on an object store has its Data Docs on this host, built here.
+    if on_cluster(manifest.params.cluster, manifest.run_dir):
         docs_builder = DocsOnCluster(manifest.params.cluster)
     elif docs_in_background:
         docs_builder = DocsInBackground(manifest.run_dir)

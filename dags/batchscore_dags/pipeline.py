@@ -383,6 +383,11 @@ def _wire_tasks(
 
     @task(multiple_outputs=True, **limits("validate"))
     def validate(scored: ScoreResult) -> GateResult:
+        from jobs import data_docs
+
+        # The Data Docs builder starts first: it imports GX while this task imports the
+        # steps, checks the output and runs the drift gate.
+        data_docs.prepare_for(scored["run_dir"])
         from jobs import flow
 
         return flow.validate_and_gate(scored["run_dir"])

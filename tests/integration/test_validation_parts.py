@@ -211,3 +211,32 @@ def test_data_docs_that_fail_to_build_leave_the_verdict_and_the_run_alone(
     assert "data_docs" not in checked.reports
     flow.export_and_compare(manifest.run_dir)
     assert flow.publish_run(manifest.run_dir)["version"] == 1
+
+
+def test_the_dag_validate_tasks_builder_starts_first_and_takes_the_runs_job(
+    one_file_per_shard: None, tmp_path: Path
+) -> None:
+    """The DAG's validate task starts the Data Docs builder before it imports the steps
+    (``prepare_for``); the builder it started is the one given the job. A run published
+    earlier, or one whose Data Docs a running cluster's worker builds, starts none."""
+    from jobs import data_docs
+
+    for i, name in enumerate(("a", "b")):
+        write(tmp_path / "in", f"{name}.parquet", **{KEY: np.arange(ROWS) + i * ROWS})
+    manifest = score(tmp_path / "in", "docs-first")
+    data_docs.prepare_for(manifest.run_dir)
+    prepared = data_docs._prepared
+    assert prepared is not None and prepared.process.poll() is None
+    gate = flow.validate_and_gate(manifest.run_dir)
+    assert gate["success"] and data_docs._prepared is None
+    step = load_manifest(manifest.run_dir).steps["validate"]
+    assert step["docs_built_on"] == f"background process {prepared.process.pid}"
+    assert prepared.process.returncode == 0 and "docs_error" not in step
+
+    flow.export_and_compare(manifest.run_dir)
+    flow.publish_run(manifest.run_dir)
+    data_docs.prepare_for(manifest.run_dir)  # published: validate is not run again
+    assert data_docs._prepared is None
+    assert data_docs.on_cluster("tcp://127.0.0.1:8786", manifest.run_dir)
+    assert not data_docs.on_cluster("tcp://127.0.0.1:8786", "s3://bucket/runs/ns/run-1")
+    assert not data_docs.on_cluster("local", manifest.run_dir)
