@@ -44,7 +44,7 @@ def deadline_missed(context: dict[str, Any], job: str) -> None:
     deadline = (context.get("deadline") or {}).get("deadline_time")
     dag_id, dag_run_id = run.get("dag_id", job), run.get("dag_run_id", "?")
     key = run_key(dag_id, dag_run_id, run.get("logical_date"), None)
-    run_dir = find_run_dir(load_settings(RunSettings).runs_dir, key)
+    run_dir = find_run_dir(load_settings(RunSettings).runs_location, key)
     step, done = current_step(run_dir)
     log.warning(
         "batchscore: run %s of DAG %s is late: its deadline %s passed while it is in step "

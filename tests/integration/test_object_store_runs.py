@@ -7,6 +7,7 @@ request's signature, reached through the standard AWS variables only.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from types import ModuleType
@@ -91,6 +92,7 @@ def test_the_dag_finds_a_run_folder_on_the_store_and_its_step(
     dataset: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings = load_settings(RunSettings)
     key = dag_runs.run_key("finder", "manual__1", D1, None)
@@ -107,6 +109,17 @@ def test_the_dag_finds_a_run_folder_on_the_store_and_its_step(
         "plan",
         ["resolve"],
     )
+    # The DAG's deadline callback names the run folder on the store and its step.
+    from batchscore_dags import callbacks
+
+    context = {
+        "dag_run": {"dag_id": "finder", "dag_run_id": "manual__1", "logical_date": D1},
+        "deadline": {"id": "d1", "deadline_time": "2026-11-01T02:00:00Z"},
+    }
+    with caplog.at_level(logging.WARNING, logger="batchscore.dag"):
+        callbacks.deadline_missed(context, job="finder")
+    [late] = [r.getMessage() for r in caplog.records if r.name == "batchscore.dag"]
+    assert "while it is in step 'plan' (steps done: resolve" in late and started in late, late
 
     # Another date's folder whose manifest is gone (a collection cut short) is no run.
     other = dag_runs.run_key("finder", "manual__2", D2, None)
