@@ -68,6 +68,7 @@ def export(run_dir: str | Path, settings: RunSettings | None = None) -> ExportRe
         store=manifest.store,
         reused=result.reused,
         keys_per_second=result.keys / seconds if seconds and not result.reused else None,
+        loaded_on=list(result.loaded_on) or "this process",  # or the Dask workers' names
     )
     manifest.save()
     log.info("exported version %s to %s", result.info.version, manifest.store)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +38,7 @@ class ExportResult:
     info: VersionInfo
     keys: int
     reused: bool  # the run's version was already complete (a retried export)
+    loaded_on: tuple[str, ...] = ()  # the Dask workers that loaded parts; none: this process
 
 
 def export_parts(
@@ -158,17 +159,22 @@ def export_parts_on_dask(
             flush_rows=flush_rows,
             pure=False,
         )
-        total = sum(client.gather(futures))
-        return _complete(store, namespace, info, total)
+        loaded = client.gather(futures)
+        done = _complete(store, namespace, info, sum(rows for rows, _ in loaded))
+        return replace(done, loaded_on=tuple(sorted({worker for _, worker in loaded})))
     finally:
         store.close()
 
 
 def _load_on_worker(
     part: str, *, target: StoreTarget, namespace: str, info: VersionInfo, flush_rows: int
-) -> int:
+) -> tuple[int, str]:
+    """Load one part on this worker: the rows loaded, and the worker's name."""
+    from distributed import get_worker
+
     store = target.open()
     try:
-        return load_parts(store, namespace, info, [part], flush_rows=flush_rows)
+        rows = load_parts(store, namespace, info, [part], flush_rows=flush_rows)
     finally:
         store.close()
+    return rows, str(get_worker().name)

@@ -11,8 +11,9 @@ Cluster, and the network (loopback: one network namespace; the services listen t
 
 The run reads its input from ``s3://``, writes its run folder there, scores on the two
 workers (they fetch the model from the run folder), keeps the per-part check results
-beside the parts, exports to the cluster and publishes; the driver's Data Docs and
-MLflow record are on the driver. The API answers from the cluster, then, with the
+beside the parts, exports to the cluster (from the driver, or, with
+``BATCHSCORE_EXPORT_ON_WORKERS``, each worker its own parts) and publishes; the driver's
+Data Docs and MLflow record are on the driver. The API answers from the cluster, then, with the
 cluster gone, from the run's parts on the object store.
 """
 
@@ -119,7 +120,11 @@ def own_cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
 
 
 @needs_unshare
+@pytest.mark.parametrize(
+    "export_on_workers", [False, True], ids=["driver-exports", "workers-export"]
+)
 def test_scheduler_workers_driver_and_api_share_only_the_object_store_and_redis(
+    export_on_workers: bool,
     registry: Registry,
     dataset: Path,
     tmp_path: Path,
@@ -178,6 +183,7 @@ def test_scheduler_workers_driver_and_api_share_only_the_object_store_and_redis(
                     "MLFLOW_TRACKING_URI": registry.tracking_uri,
                     "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true",
                     "BATCHSCORE_SHARD_ROWS": "2000",
+                    "BATCHSCORE_EXPORT_ON_WORKERS": str(export_on_workers).lower(),
                 }
             ),
             capture_output=True,
@@ -200,6 +206,8 @@ def test_scheduler_workers_driver_and_api_share_only_the_object_store_and_redis(
         validate = manifest.steps["validate"]
         # The workers' per-part results were found by the driver: beside the parts.
         assert (validate["parts_reused"], validate["parts_rechecked"]) == (6, 0), validate
+        loaded_on = manifest.steps["export"]["loaded_on"]
+        assert loaded_on == (["worker-a", "worker-b"] if export_on_workers else "this process")
         # Data Docs and the MLflow record are the driver's own.
         docs = Path(manifest.reports["data_docs"])
         assert docs.is_relative_to(driver.folder) and docs.is_file()

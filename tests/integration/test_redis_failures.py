@@ -236,7 +236,9 @@ def test_dask_workers_export_their_own_parts(tmp_path: Path, servers: list[Serve
         Client(cluster) as client,
     ):
         result = export_parts_on_dask(client, StoreTarget(url), "ns", new("r1"), parts)
+        workers = {str(w["name"]) for w in client.scheduler_info()["workers"].values()}
     assert result.keys == ROWS and not result.reused
+    assert result.loaded_on and set(result.loaded_on) <= workers, (result.loaded_on, workers)
     store = open_store(url)
     store.publish("ns", result.info.version, keep=2)
     assert served(store, list(range(ROWS))) == {3.0}
