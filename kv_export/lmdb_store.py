@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
 
@@ -196,6 +197,12 @@ class LmdbStore(StateBackedStore):
         """Environments are shared per process and closed at exit."""
 
 
+@lru_cache(maxsize=4096)
+def _version_prefix(namespace: str, version: int) -> bytes:
+    """``lmdb_version_prefix``, kept for the versions being read."""
+    return lmdb_version_prefix(namespace, version)
+
+
 class LmdbReader:
     """The async read interface over an ``LmdbStore`` opened read-only (``read_only``): the
     API never writes the store, and a mistyped path fails at start instead of serving an
@@ -210,6 +217,7 @@ class LmdbReader:
     def __init__(self, path: str | Path) -> None:
         self._store = LmdbStore.read_only(path)
         self.url = self._store.url
+        self._env, self._data_db = self._store._env, self._store._data_db  # for get_one
 
     def _unavailable(self, exc: lmdb.Error) -> StoreUnavailable:
         return StoreUnavailable(
@@ -240,9 +248,13 @@ class LmdbReader:
         """``kv_export.interface.SingleKeyReader``'s read: one coroutine that never suspends, the
         cheapest awaitable for a value that is there at once (cheaper than a done future),
         and a lookup skips ``get_many``'s lists and the wrapper coroutine of
-        ``lookup.readers.single_key_read``."""
+        ``lookup.readers.single_key_read``. The read of ``LmdbStore.get_one`` done here
+        directly, with the version's key prefix built once per version, not per lookup."""
+        if info.expires_at is not None and info.expired():
+            return None
         try:
-            return self._store.get_one(namespace, info, key)
+            with self._env.begin(db=self._data_db) as txn:
+                return txn.get(_version_prefix(namespace, info.version) + key)  # type: ignore[no-any-return]
         except lmdb.Error as exc:
             raise self._unavailable(exc) from exc
 

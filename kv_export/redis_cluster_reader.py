@@ -243,8 +243,8 @@ class RedisClusterReader:
         prefix = hget_prefix(namespace, info.version, bucket, info.encoding)
         slot = bucket_slot(namespace, info.version, bucket, info.encoding)
         command = b"%s$%d\r\n%s\r\n" % (prefix, len(key), key)
-        reply = self._call(slot, command, f"reading '{namespace}'")
-        return cast("Awaitable[bytes | None]", reply)  # HGET: a bulk string or nil
+        # HGET: a bulk string or nil (no ``cast``: a function call on every lookup)
+        return self._call(slot, command, f"reading '{namespace}'")  # type: ignore[return-value]
 
     async def get_many(
         self, namespace: str, info: VersionInfo, keys: Sequence[bytes]

@@ -427,8 +427,8 @@ class RedisReader:
             return done_future(None)
         prefix = hget_prefix(namespace, info.version, bucket_of(key, info.buckets), info.encoding)
         command = b"%s$%d\r\n%s\r\n" % (prefix, len(key), key)  # = resp(b"HGET", name, key)
-        reply = self._pipeline.call(command, f"reading '{namespace}'")
-        return cast("asyncio.Future[bytes | None]", reply)  # HGET: a bulk string or nil
+        # HGET: a bulk string or nil (no ``cast``: a function call on every lookup)
+        return self._pipeline.call(command, f"reading '{namespace}'")  # type: ignore[return-value]
 
     async def get_many(
         self, namespace: str, info: VersionInfo, keys: Sequence[bytes]

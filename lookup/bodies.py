@@ -12,15 +12,35 @@ import orjson
 from fastapi.responses import Response
 
 from kv_export.encoding import VALUE_DTYPE, unpack_value
-from kv_export.store import NamespaceState
-from lookup.schemas import ItemBody, NamespaceBody
+from kv_export.store import NamespaceState, VersionInfo
+from lookup.schemas import ItemBody, NamespaceBody, Source
 from lookup.service import Answer
+
+JSON = "application/json"
+JSON_HEADER = (b"content-type", JSON.encode("latin-1"))
+TAILS_KEPT = 256  # answer tails cached (a few per live version and canary of each namespace)
+
+
+class JsonOk(Response):
+    """A 200 answer of JSON bytes, as ``Response(body, media_type=JSON)`` makes it (the same
+    status, body and headers in the same order) without Starlette's general constructor:
+    no rendering of the content and no header mapping to look through, on every lookup."""
+
+    media_type = JSON
+
+    def __init__(self, body: bytes) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body = body
+        self.raw_headers = [(b"content-length", b"%d" % len(body)), JSON_HEADER]
 
 
 def json_response(
     body: object, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+    if status == 200 and headers is None:
+        return JsonOk(orjson.dumps(body))
+    return Response(orjson.dumps(body), status, headers, media_type=JSON)
 
 
 def error_response(
@@ -62,6 +82,47 @@ def answer_body(key: str, answer: Answer) -> ItemBody:
         "version": info.version,
         "canary": answer.canary,
     }
+
+
+def answer_json(key: str, answer: Answer) -> bytes:
+    """``orjson.dumps(answer_body(key, answer))``, byte for byte, for the single-key route:
+    only the key and the prediction are encoded per request; the rest of the body is the
+    same for every key answered from one version record with one source, staleness and
+    canary flag, so it is encoded once (``_answer_tail``)."""
+    head = orjson.dumps({"key": key, "prediction": prediction(answer.value, answer.info.outputs)})
+    return head[:-1] + _answer_tail(answer.info, answer.source, answer.stale, answer.canary)
+
+
+_tails: dict[tuple[int, Source, bool, bool], tuple[VersionInfo, bytes]] = {}
+
+
+def _answer_tail(info: VersionInfo, source: Source, stale: bool, canary: bool) -> bytes:
+    """``answer_body`` after the prediction, encoded: ``,"model":...,"canary":...}``.
+
+    Cached by the identity of ``info``, which the entry holds (so that identity cannot be
+    reused while cached). A version record read from the store is never changed in place:
+    the live cache replaces whole namespace states, so a new read is a new object and a
+    new entry; the oldest entries go first once ``TAILS_KEPT`` are held."""
+    found = _tails.get((id(info), source, stale, canary))
+    if found is not None and found[0] is info:
+        return found[1]
+    body = orjson.dumps(
+        {
+            "model": {"name": info.model_name, "version": info.model_version},
+            "run_id": info.run_id,
+            "mlflow_run_id": info.mlflow_run_id,
+            "scored_at": info.scored_at,
+            "source": source,
+            "stale": stale,
+            "version": info.version,
+            "canary": canary,
+        }
+    )
+    tail = b"," + body[1:]
+    if len(_tails) >= TAILS_KEPT:
+        del _tails[next(iter(_tails))]
+    _tails[(id(info), source, stale, canary)] = (info, tail)
+    return tail
 
 
 def found_item(key: str, answer: Answer) -> ItemBody:

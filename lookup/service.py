@@ -228,7 +228,8 @@ class Lookup:
                     self.breaker.failed()
                     value, source = await self._one_from_batch(namespace, info, key, "store_error")
                 else:
-                    self.breaker.succeeded()
+                    if self.breaker.circuit.failures:  # as ``breaker.call`` does
+                        self.breaker.succeeded()
         except ApiError:
             self.metrics.answered(namespace, info.version, is_canary, "error")
             raise

@@ -8,7 +8,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from batchscore.core.settings import ApiSettings
-from lookup.bodies import answer_body, found_item, json_response
+from lookup.bodies import JsonOk, answer_json, found_item, json_response
 from lookup.errors import ApiError
 from lookup.guard import Guard
 from lookup.routing import LeanRoute
@@ -50,7 +50,7 @@ def prediction_routes(settings: ApiSettings, guard: Guard, lookup: Lookup) -> AP
                 f"Key '{key}' is not in the {role} version {info.version} of namespace "
                 f"'{namespace}'",
             )
-        return json_response(answer_body(key, answer))
+        return JsonOk(answer_json(key, answer))
 
     @router.post(
         "/v1/predictions/{namespace}/batch",
