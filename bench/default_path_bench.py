@@ -308,7 +308,7 @@ def render(results: dict[str, Any], args: argparse.Namespace, seconds: float) ->
         "once, then `predict(pd.read_parquet(f))` and a Parquet write per file.",
         "",
         "The serial limit: Parquet decode to a float32 matrix (Arrow's threads) and the "
-        "forward pass on decoded tensors (torch on every core, the best of four batch "
+        "forward pass on decoded tensors (torch on every core, the best of six batch "
         "sizes), measured in the bench's process in each round at that size (the best "
         "kept); limit seconds = rows ÷ decode rate + rows ÷ forward rate. The DAG ran "
         "after the other rounds (an idle `airflow standalone` takes CPU), each DAG run "

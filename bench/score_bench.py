@@ -118,7 +118,7 @@ def compute_limit(model_dir: Path, device: str, rows: int = 1_000_000) -> float:
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = mlflow.pytorch.load_model(str(model_dir)).to(device).eval()
-    batches = (4_096, 8_192, 16_384, 32_768) if device == "cpu" else (262_144,)
+    batches = (1_024, 2_048, 4_096, 8_192, 16_384, 32_768) if device == "cpu" else (262_144,)
     data = torch.randn(rows, N_FEATURES, device=device)
     best = 0.0
     with torch.inference_mode():
