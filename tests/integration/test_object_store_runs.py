@@ -17,6 +17,7 @@ import pytest
 
 from batchscore.core import storage
 from batchscore.core.settings import RunSettings, load_settings
+from batchscore.testing import wait_until
 from jobs import canary, steps
 from jobs.errors import RunError
 from jobs.flow import start_run
@@ -213,13 +214,13 @@ def test_a_publish_collects_the_run_folders_nothing_needs_from_the_store(
         third.version
     }
     redis_server.stop()
-    deadline = time.monotonic() + 30
-    while True:
-        answers = [api.get(f"/v1/predictions/{ns}/{k}") for k in sample]
-        if all(a.status_code == 200 and a.json()["source"] == "batch" for a in answers):
-            break
-        assert time.monotonic() < deadline, [a.text for a in answers]
-        time.sleep(0.2)
+
+    def from_the_parts() -> bool:
+        found = [api.get(f"/v1/predictions/{ns}/{k}") for k in sample]
+        return all(a.status_code == 200 and a.json()["source"] == "batch" for a in found)
+
+    wait_until(from_the_parts, seconds=30, what="answers from the batch fallback", interval=0.2)
+    answers = [api.get(f"/v1/predictions/{ns}/{k}") for k in sample]
     assert [a.json()["prediction"] for a in answers] == [a["prediction"] for a in kv]
 
 
