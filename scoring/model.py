@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pyarrow as pa
 
-from scoring.core import as_matrix, score_batch, score_in_batches
+from scoring.core import as_matrix, gather_rows, score_batch, score_gathered, score_in_batches
 from scoring.errors import UnsupportedModel
 
 if TYPE_CHECKING:
@@ -245,12 +245,25 @@ class Predictor:
                 batch_size,
             )
         if self.device == "cpu" and self.precision == "fp32":
-            features = self._buffer("matrix", (table.num_rows, len(self.spec.features)))
-            feature_matrix(table, self.spec.features, out=features, scratch=self._scratch(table))
-            result = score_in_batches(lambda x: score_batch(self._torch, x), features, batch_size)
-            # the buffer is reused by the next call: never hand out a view of it
-            return result.copy() if np.may_share_memory(result, features) else result
+            return self._predict_on_cpu(table, batch_size)
         return self._predict_on_device(table, batch_size)
+
+    def _predict_on_cpu(self, table: pa.Table, batch_size: int) -> np.ndarray:
+        """Each batch's rows are gathered from the Arrow columns just before its forward
+        pass, into buffers that stay in the core's cache: building the whole table's
+        matrix first would take one more pass over memory, on the cores the forward
+        passes use."""
+        columns = feature_columns(table, self.spec.features)
+        width = len(self.spec.features)
+        step = max(1, min(batch_size, table.num_rows))
+        batch = self._buffer("batch", (step, width))
+        scratch = self._buffer("scratch", (width, step))
+        return score_gathered(
+            lambda rows: score_batch(self._torch, rows),
+            lambda start, stop: gather_rows(columns, start, stop, batch, scratch),
+            table.num_rows,
+            step,
+        )
 
     def _predict_on_device(self, table: pa.Table, batch_size: int) -> np.ndarray:
         import torch
@@ -327,11 +340,17 @@ def feature_matrix(
     rows = table.num_rows
     matrix = np.empty((rows, len(features)), dtype=np.float32) if out is None else out
     columns = np.empty((len(features), rows), dtype=np.float32) if scratch is None else scratch
-    for j, name in enumerate(features):
+    return gather_rows(feature_columns(table, features), 0, rows, matrix, columns)
+
+
+def feature_columns(table: pa.Table, features: tuple[str, ...]) -> list[np.ndarray]:
+    """Each feature column as one 1-D array, in ``features`` order: Arrow's own buffer
+    where it can be (one chunk, no nulls), else a copy with NaN for nulls."""
+    found = []
+    for name in features:
         column = table.column(name)
-        columns[j] = column.to_numpy() if column.null_count == 0 else _with_nan(column)
-    np.copyto(matrix, columns.T)
-    return matrix
+        found.append(column.to_numpy() if column.null_count == 0 else _with_nan(column))
+    return found
 
 
 def _with_nan(column: pa.ChunkedArray) -> np.ndarray:
