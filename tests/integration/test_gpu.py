@@ -156,3 +156,15 @@ def test_dask_cuda_cluster_scores_every_row_once(tmp_path: Path) -> None:
     assert {r.path for r in results} == {"torch-cuda"}
     keys = pq.ParquetDataset(str(tmp_path / "parts")).read(columns=["k"]).column("k").to_pylist()
     assert sorted(keys) == list(range(12_000))
+
+
+def test_preload_warms_cuda_only_where_there_is_a_gpu() -> None:
+    """``dask worker --preload scoring.preload`` creates the CUDA context and loads cuBLAS
+    on a GPU worker before any run; on a CPU worker it leaves CUDA alone."""
+    from scoring.preload import warm_cuda
+
+    assert warm_cuda() is torch.cuda.is_available()
+    if torch.cuda.is_available():
+        assert torch.cuda.is_initialized()
+    else:
+        assert not torch.cuda.is_initialized()
