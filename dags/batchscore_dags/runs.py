@@ -176,27 +176,42 @@ def _error(what: str, *, expected: str, fix: str) -> Exception:
 
 
 def find_run_dir(runs_dir: str | Path, key: str) -> str | None:
-    """The run folder of a run key in any namespace (the one whose manifest was written
-    last), as a path or, under an object-store root (``RunSettings.runs_location``,
-    ``s3://bucket/runs``), a URL; None when no run of the key has a manifest yet."""
+    """The run folder of a run key in any namespace, as a path or, under an object-store
+    root (``RunSettings.runs_location``, ``s3://bucket/runs``), a URL; None when no run of
+    the key has a manifest yet.
+
+    The folder named for the key itself comes first; else the key's shadow run
+    (``<key>__shadow_<candidate>``, what a DAG run with a shadow candidate scores). Another
+    key that merely starts with this one (``manual__1`` and ``manual__10``) is another run.
+    Where several namespaces hold one, the manifest written last wins.
+    """
     from batchscore.core import storage
     from jobs.manifest import MANIFEST, safe_run_id
 
-    prefix = safe_run_id(key)
+    exact = safe_run_id(key)
+    shadow = safe_run_id(f"{key}__shadow_x")[:-1]  # as its folder begins, whatever the key
+
+    def rank(name: str) -> int | None:  # 1: the key's own run, 0: its shadow run
+        return 1 if name == exact else 0 if name.startswith(shadow) else None
+
+    written: list[tuple[int, int, str]] = []
     if not storage.is_remote(runs_dir):
-        found = list(Path(runs_dir).glob(f"*/{prefix}*/{MANIFEST}"))
-        return str(max(found, key=lambda p: p.stat().st_mtime).parent) if found else None
-    written: list[tuple[int, str]] = []
+        for manifest in Path(runs_dir).glob(f"*/{exact}*/{MANIFEST}"):
+            found = rank(manifest.parent.name)
+            if found is not None:
+                written.append((found, manifest.stat().st_mtime_ns, str(manifest.parent)))
+        return max(written)[2] if written else None
     for namespace in storage.folders(runs_dir):  # delimited listings: no part is listed
         for folder in storage.folders(namespace):
-            if storage.name_of(folder).startswith(prefix):
-                try:
-                    written.append(
-                        (storage.stat(storage.join(folder, MANIFEST)).st_mtime_ns, folder)
-                    )
-                except FileNotFoundError:  # not a run (yet, or any more)
-                    continue
-    return max(written)[1] if written else None
+            found = rank(storage.name_of(folder))
+            if found is None:
+                continue
+            try:
+                modified = storage.stat(storage.join(folder, MANIFEST)).st_mtime_ns
+            except FileNotFoundError:  # not a run (yet, or any more)
+                continue
+            written.append((found, modified, folder))
+    return max(written)[2] if written else None
 
 
 def current_step(run_dir: str | Path | None) -> tuple[str, list[str]]:
