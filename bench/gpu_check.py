@@ -39,6 +39,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import machine  # noqa: E402
 from bench.score_bench import (  # noqa: E402
     KEY,
     N_FEATURES,
@@ -186,7 +187,7 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
     rate = whole["rows_per_second"]
     return {
         "device": device_name(args.device),
-        "cores": os.cpu_count(),
+        "machine": machine(),
         "rows": args.rows,
         "shard_rows": args.shard_rows,
         "threads_per_worker": args.threads,
@@ -207,13 +208,11 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def device_name(device: str) -> str:
-    import platform
-
     if device == "cuda":
         import torch
 
-        return torch.cuda.get_device_name(0)
-    return platform.processor() or platform.machine()
+        return str(torch.cuda.get_device_name(0))
+    return "cpu"
 
 
 def main() -> None:

@@ -327,15 +327,10 @@ def feature_matrix(
     out: np.ndarray | None = None,
     scratch: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Arrow columns -> one C-contiguous, writable (rows, features) float32 matrix.
-
-    pandas 3 and Arrow hand out read-only column buffers. Writing them one by
-    one into a row-major matrix is a strided write per column, several times
-    slower than decoding; instead each column is copied contiguously into a
-    column-major ``scratch`` (features, rows) and the whole block is transposed
-    into ``out`` in one blocked copy. Callers that score many tables pass
-    reused ``out`` and ``scratch`` buffers (``out`` is a pinned host buffer on
-    CUDA), so no page is faulted in twice.
+    """Arrow columns -> one C-contiguous, writable (rows, features) float32 matrix
+    (``gather_rows`` over the whole table; pandas 3 and Arrow hand out read-only column
+    buffers). Callers that score many tables pass reused ``out`` and ``scratch`` buffers
+    (``out`` is a pinned host buffer on CUDA), so no page is faulted in twice.
     """
     rows = table.num_rows
     matrix = np.empty((rows, len(features)), dtype=np.float32) if out is None else out
