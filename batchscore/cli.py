@@ -396,6 +396,14 @@ ClusterOpt = Annotated[
         "or a running scheduler's tcp:// address.",
     ),
 ]
+DashboardOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--dashboard/--no-dashboard",
+        help="The Dask dashboard of the cluster started for the run (default: setting; "
+        "unset: off for local, on for processes and cuda).",
+    ),
+]
 DeviceOpt = Annotated[
     Device | None, typer.Option(help="Where workers run the model (auto: their GPU if any).")
 ]
@@ -637,6 +645,7 @@ def run(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     cluster: ClusterOpt = None,
+    dashboard: DashboardOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     max_failed_shards: MaxFailedOpt = None,
@@ -678,6 +687,7 @@ def run(
             "output_dir": output,
             "batch_size": batch_size,
             "cluster": cluster,
+            "dashboard": dashboard,
             "device": device.value if device else None,
             "precision": precision.value if precision else None,
             "max_failed_shards": max_failed_shards,
@@ -1318,6 +1328,7 @@ def step_resolve(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     cluster: ClusterOpt = None,
+    dashboard: DashboardOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     max_failed_shards: MaxFailedOpt = None,
@@ -1354,6 +1365,7 @@ def step_resolve(
             "output_dir": output,
             "batch_size": batch_size,
             "cluster": cluster,
+            "dashboard": dashboard,
             "device": device.value if device else None,
             "precision": precision.value if precision else None,
             "max_failed_shards": max_failed_shards,

@@ -46,6 +46,7 @@ class RunParams(BaseModel):
     threads_per_worker: int = 1
     shard_rows: int
     cluster: str = "local"
+    dashboard: bool | None = None  # None: scoring.engine.dashboard_address decides
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     prefetch_row_groups: int | None = None  # None: scoring.engine.prefetch_depth decides

@@ -91,6 +91,7 @@ def make_params(settings: RunSettings, **given: object) -> RunParams:
         "threads_per_worker": settings.threads_per_worker,
         "shard_rows": settings.shard_rows,
         "cluster": settings.cluster,
+        "dashboard": settings.dashboard,
         "keep_versions": settings.keep_versions,
         "max_feature_null_rate": settings.max_feature_null_rate,
         "check_parts_in_score": settings.check_parts_in_score,
@@ -385,7 +386,7 @@ def _score_on_dask(
 ) -> None:
     """Score ``todo`` on the run's cluster: the results and the errors of failed shards,
     and the cluster's dashboard, go to ``tally``."""
-    from scoring.engine import dask_client, run_shards
+    from scoring.engine import dashboard_link, dask_client, run_shards
 
     params = manifest.params
     kept = total - len(todo)
@@ -397,16 +398,18 @@ def _score_on_dask(
         if on_progress:
             on_progress(kept + done, total, rows_done)
 
-    with dask_client(params.cluster, params.workers, params.threads_per_worker) as client:
+    with dask_client(
+        params.cluster, params.workers, params.threads_per_worker, dashboard=params.dashboard
+    ) as client:
+        tally.dashboard = dashboard_link(client, params.cluster, params.dashboard)
         log.info(
             "scoring %d of %d shards on %s (%d workers; dashboard: %s)",
             len(todo),
             total,
             client.scheduler.address,
             len(client.scheduler_info()["workers"]),
-            client.dashboard_link or "off",
+            tally.dashboard or "off",
         )
-        tally.dashboard = client.dashboard_link or None
         if tally.dashboard and on_dashboard:
             on_dashboard(tally.dashboard)
         tally.add(
@@ -583,7 +586,9 @@ def _check_parts_on_cluster(
     params = manifest.params
     workers = max(1, min(params.workers, len(targets)))
     log.info("checking %d parts without a fresh per-part result on Dask", len(targets))
-    with dask_client(params.cluster, workers, params.threads_per_worker) as client:
+    with dask_client(
+        params.cluster, workers, params.threads_per_worker, dashboard=params.dashboard
+    ) as client:
         return check_parts_on(client, targets, checks)
 
 

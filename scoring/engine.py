@@ -454,27 +454,30 @@ def resolve_cluster(cluster: str) -> str:
 
 
 @contextmanager
-def dask_client(cluster: str, workers: int, threads_per_worker: int) -> Iterator[Client]:
+def dask_client(
+    cluster: str, workers: int, threads_per_worker: int, *, dashboard: bool | None = None
+) -> Iterator[Client]:
     """A client on a LocalCluster, a dask-cuda LocalCUDACluster, or an existing scheduler.
 
-    ``local`` and ``cuda`` are started for the run; any other value is the address of a
-    scheduler that is already running (which addresses a run may name is the settings'
-    rule, checked before a run starts). ``cuda`` starts one worker per visible GPU
-    (``CUDA_VISIBLE_DEVICES`` is respected) and imports dask-cuda only then: the CPU
-    path never needs it.
+    ``local``, ``processes`` and ``cuda`` are started for the run, with a dashboard as
+    ``dashboard_address`` decides; any other value is the address of a scheduler that is
+    already running (which addresses a run may name is the settings' rule, checked before
+    a run starts). ``cuda`` starts one worker per visible GPU (``CUDA_VISIBLE_DEVICES`` is
+    respected) and imports dask-cuda only then: the CPU path never needs it.
     """
     cluster = resolve_cluster(cluster)
     if cluster not in STARTED_HERE:
         with Client(cluster) as client:
             yield client
         return
+    address = dashboard_address(cluster, dashboard)
     if cluster == "local":
-        with _in_process_cluster(workers * threads_per_worker) as in_process:
+        with _in_process_cluster(workers * threads_per_worker, address) as in_process:
             with Client(in_process) as client:
                 yield client
         return
     with _spawned_workers_skip_main_script():
-        with _local_cluster(cluster, workers, threads_per_worker) as local_cluster:
+        with _local_cluster(cluster, workers, threads_per_worker, address) as local_cluster:
             with Client(local_cluster) as client:
                 client.register_plugin(QuickExit(), name=QUICK_EXIT_PLUGIN)
                 yield client
@@ -518,12 +521,38 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _dashboard() -> str | None:
-    return ":0" if importlib.util.find_spec("bokeh") else None
+def serves_dashboard(cluster: str, wanted: bool | None) -> bool:
+    """Whether a cluster started for the run serves a dashboard.
+
+    ``wanted`` is ``BATCHSCORE_DASHBOARD``; unset, a cluster of worker processes has one
+    and the in-process ``local`` cluster has none: importing bokeh and setting up its
+    pages takes about 0.7 s of CPU, a tenth of a few-million-row run's score step on two
+    cores. Without bokeh there is none either.
+    """
+    wants = wanted if wanted is not None else resolve_cluster(cluster) != "local"
+    return wants and importlib.util.find_spec("bokeh") is not None
+
+
+def dashboard_address(cluster: str, wanted: bool | None) -> str | None:
+    """Where a cluster started for the run serves its dashboard (a free port), or None."""
+    if serves_dashboard(cluster, wanted):
+        return ":0"
+    if wanted:
+        log.warning("no Dask dashboard: it needs bokeh (pip install 'bokeh>=3.1')")
+    return None
+
+
+def dashboard_link(client: Client, cluster: str, wanted: bool | None) -> str | None:
+    """The dashboard's link, or None where there is none. A scheduler without a dashboard
+    still answers /health and /metrics over HTTP, and its client reports that server as
+    the dashboard; a running cluster's dashboard is whatever its scheduler serves."""
+    if resolve_cluster(cluster) in STARTED_HERE and not serves_dashboard(cluster, wanted):
+        return None
+    return client.dashboard_link or None
 
 
 @contextmanager
-def _in_process_cluster(threads: int) -> Iterator[LocalCluster]:
+def _in_process_cluster(threads: int, dashboard: str | None) -> Iterator[LocalCluster]:
     """One worker in this process, ``threads`` shards scored at once (``--workers`` ×
     ``--threads-per-worker``), each forward pass on its own thread."""
     _use_jemalloc()
@@ -531,7 +560,10 @@ def _in_process_cluster(threads: int) -> Iterator[LocalCluster]:
         n_workers=1,
         threads_per_worker=threads,
         processes=False,
-        dashboard_address=_dashboard(),
+        dashboard_address=dashboard,
+        # Without a dashboard, the scheduler's HTTP server (/health, /metrics) takes a free
+        # loopback port rather than 8787, which another Dask on the host may hold.
+        scheduler_kwargs=None if dashboard else {"dashboard_address": "127.0.0.1:0"},
         silence_logs=logging.ERROR,
     ) as cluster:
         yield cluster
@@ -549,8 +581,9 @@ def _use_jemalloc() -> None:
 
 
 @contextmanager
-def _local_cluster(cluster: str, workers: int, threads_per_worker: int) -> Iterator[LocalCluster]:
-    dashboard = _dashboard()
+def _local_cluster(
+    cluster: str, workers: int, threads_per_worker: int, dashboard: str | None
+) -> Iterator[LocalCluster]:
     if cluster == "cuda":
         try:
             from dask_cuda import LocalCUDACluster

@@ -125,6 +125,13 @@ class RunSettings(_Common):
         "LocalCluster of worker processes), cuda (dask-cuda), auto (cuda with a GPU, else "
         "local), or a running scheduler's tcp:// address.",
     )
+    dashboard: bool | None = Field(
+        default=None,
+        description="The Dask dashboard of a cluster started for the run. Unset: on for "
+        "worker processes (processes, cuda), off for the in-process local cluster, whose "
+        "dashboard costs about 0.7 s of a run's score step (bokeh's import and set-up). A "
+        "running cluster's dashboard is its own.",
+    )
     keep_versions: int = Field(
         default=2, ge=1, description="Published versions kept per namespace."
     )

@@ -105,11 +105,13 @@ def test_json_logs_read_commands_and_the_drift_step(
     dataset: Path,
     variants: dict[str, str],  # noqa: F811
 ) -> None:
-    """A whole run with JSON logs; then every read command in both formats; then a
-    candidate that moved far, run step by step: resolve, plan, score, drift (exit 4)."""
+    """A whole run with JSON logs and the in-process cluster's dashboard asked for
+    (``--dashboard``); then every read command in both formats; then a candidate that
+    moved far, run step by step with the default (no dashboard): resolve, plan, score,
+    drift (exit 4)."""
     done = run_cli(
         *("run", "--input", str(dataset), "--model", "models:/churn/1", "--key-column", KEY),
-        *("--namespace", "conv"),
+        *("--namespace", "conv", "--dashboard"),
         env=env | {"BATCHSCORE_LOG_FORMAT": "json"},
     )
     assert done.returncode == 0, done.stderr
@@ -151,13 +153,17 @@ def test_json_logs_read_commands_and_the_drift_step(
     )
     run_dir = str(started["run_dir"])
     assert Path(run_dir, "manifest.json").is_file() and started["shadow"] is None
-    for step in ("plan", "score"):
-        assert run_cli("step", step, run_dir, env=env).returncode == 0
+    assert run_cli("step", "plan", run_dir, env=env).returncode == 0
+    scored = run_cli("step", "score", run_dir, env=env)
+    assert scored.returncode == 0, scored.stderr
+    assert "dashboard: off" in " ".join(scored.stderr.split()), scored.stderr
     drifted = run_cli("step", "drift", run_dir, env=env)
     assert drifted.returncode == 4, drifted.stderr
     assert "drifted from live version 1 of namespace 'conv'" in " ".join(drifted.stderr.split())
     manifest = load_manifest(run_dir)
     assert manifest.drift is not None and not manifest.drift["passed"] and not manifest.published
+    # The in-process cluster has no dashboard unless asked for: none logged, none recorded.
+    assert manifest.params.dashboard is None and manifest.summary()["dashboard"] is None
 
 
 def test_run_replays_a_job_config_for_a_date(
@@ -173,7 +179,10 @@ def test_run_replays_a_job_config_for_a_date(
         f"key_column: {KEY}\n"
         "schedule: null\n"
     )
-    done = run_cli("run", "-f", str(job), "--date", "2026-11-20", env=env)
+    # The dashboard by setting (BATCHSCORE_DASHBOARD), for the in-process cluster.
+    done = run_cli(
+        "run", "-f", str(job), "--date", "2026-11-20", env=env | {"BATCHSCORE_DASHBOARD": "true"}
+    )
     assert done.returncode == 0, done.stderr
     run_dir = Path(env["BATCHSCORE_HOME"]) / "runs" / "conv_job"
     (folder,) = run_dir.iterdir()
@@ -183,6 +192,7 @@ def test_run_replays_a_job_config_for_a_date(
     assert manifest.params.data_as_of == "2026-11-20T00:00:00+00:00"
     assert manifest.published and manifest.summary()["rows"] == 4_000
     # The Dask dashboard, on a line of its own as soon as the cluster is up, and recorded.
+    assert manifest.params.dashboard is True
     dashboard = manifest.summary()["dashboard"]
     assert dashboard and dashboard.startswith("http://")
     assert f"Dask dashboard: {dashboard}" in done.stderr.splitlines()
