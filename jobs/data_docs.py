@@ -8,12 +8,19 @@ Data Docs, GX's HTML pages of that verdict, do, and importing GX costs seconds o
   has GX imported already (``scoring.preload``). If the cluster cannot take the job,
   they are built in the validate step's process (``DocsOnCluster``);
 - **otherwise** (the default path: ``batchscore run``, each DAG task): a process of
-  their own builds them while the run goes on (``DocsInBackground``): the drift gate
-  in the same task, and for ``batchscore run`` the export too. ``batchscore run``
-  starts that process as the run starts (``prepare``), so that GX is imported while
-  the model is resolved, on the core that resolving leaves idle. ``finish`` waits for
-  it before the run's reports are recorded (the MLflow run logs the pages) and notes
-  in the validate step's record how long it took and how long the run waited;
+  their own builds them while the run goes on (``DocsInBackground``).
+  ``batchscore run`` starts that process as the run starts (``prepare``), so that GX
+  is imported while the model is resolved, on the core that resolving leaves idle, and
+  it builds them while the drift gate and the export run. The DAG's validate task
+  leaves them to the export task (``later``: the job is written, nothing started), which
+  starts the builder first thing (``build_later``), so that GX is imported and the pages
+  built while the export runs, rather than the validate task waiting seconds for GX's
+  import; a run folder on an object store keeps them in the validate task (its local
+  Data Docs folder is on that task's host), and a validate task that fails after a
+  passing verdict (the drift gate) builds them before it ends, since no export follows.
+  ``finish`` waits for the builder before the run's reports are recorded (the MLflow
+  run logs the pages) and notes in the validate step's record how long it took and how
+  long the run waited;
 - **a failing verdict**: built before the validate step raises, whatever the cluster:
   the error message names the page, which must exist when it is read.
 
@@ -42,6 +49,7 @@ if TYPE_CHECKING:  # Arrow and numpy come with the validation package: every DAG
 
 log = logging.getLogger(__name__)
 
+LATER = "export task"  # docs_built_on of a passing run whose Data Docs the export task builds
 CLUSTER_TIMEOUT = 60  # seconds to connect to a running cluster, and for its Data Docs
 BUILD_TIMEOUT = 300  # seconds a build may take, from its job, before it is stopped
 JOB_FILE = "docs-job.json"  # in the run's validation folder: what the builder is given
@@ -100,15 +108,6 @@ def on_cluster(cluster: str, run_location: str | Path) -> bool:
     return is_running_cluster(cluster) and not storage.is_remote(run_location)
 
 
-def prepare_for(run_dir: str | Path) -> None:
-    """``prepare`` for a run whose validate step is about to run in this process (a DAG
-    task, as it starts: GX is imported meanwhile), unless the step will not build its
-    Data Docs here (a published run is not validated again) or a worker builds them."""
-    manifest = load_manifest(run_dir)
-    if not manifest.published and not on_cluster(manifest.params.cluster, manifest.run_dir):
-        prepare()
-
-
 def prepare() -> None:
     """Start a builder now, so that it imports GX while the run resolves its model (the
     MLflow import and the download use one core; the builder takes another) and waits
@@ -153,12 +152,15 @@ def _give(job: Path) -> _Build:
 class DocsInBackground:
     """Builds the run's Data Docs in a process of their own (``python -m jobs.data_docs``,
     started earlier by ``prepare`` where the caller could): a passing run's while the
-    caller goes on, to be waited for by ``finish(run_dir)``; a failing run's at once (its
-    error message names the page). The index's path is returned before the pages exist."""
+    caller goes on, to be waited for by ``finish(run_dir)``, or with ``later`` by the
+    export task (``build_later``); a failing run's at once (its error message names the
+    page). The index's path is returned before the pages exist."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, *, later: bool = False) -> None:
         self.run_dir = str(run_dir)
+        self.later = later
         self.built_on = ""
+        self.job: Path | None = None  # the job written, for build_later
 
     def __call__(
         self,
@@ -183,13 +185,32 @@ class DocsInBackground:
                 "failing": [asdict(r) for r in failing],
             },
         )
+        self.job = job
+        index = docs_dir / "index.html"
+        if self.later and success:
+            self.built_on = LATER
+            return index
         build = _builds[self.run_dir] = _give(job)
         self.built_on = f"background process {build.process.pid}"
-        index = docs_dir / "index.html"
         if not success:
             finish(self.run_dir, record=False)
             return index if index.is_file() else None
         return index
+
+
+def build_later(run_dir: str | Path, by: str = "export step") -> None:
+    """Start building the Data Docs that the run's validate step left for later (the
+    DAG's export task calls this first thing; ``finish`` waits for them); nothing to do
+    for any other run, or when they are being built already. ``by`` names the step in
+    the record (``docs_built_on``)."""
+    manifest = load_manifest(run_dir)
+    step = manifest.steps.get("validate") or {}
+    job = step.get("docs_job")
+    if step.get("docs_built_on") != LATER or not job or manifest.run_dir in _builds:
+        return
+    build = _builds[manifest.run_dir] = _give(Path(job))
+    step["docs_built_on"] = f"background process {build.process.pid} of the {by}"
+    manifest.save()
 
 
 def finish(run_dir: str | Path, timeout: float = BUILD_TIMEOUT, *, record: bool = True) -> None:
@@ -251,13 +272,14 @@ def build_from_job(job: Path) -> Path | None:
 
 
 __all__ = [
+    "LATER",
     "DocsInBackground",
     "DocsOnCluster",
     "build_from_job",
+    "build_later",
     "finish",
     "on_cluster",
     "prepare",
-    "prepare_for",
 ]
 
 

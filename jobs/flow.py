@@ -154,7 +154,11 @@ def score(
 
 
 def validate_and_gate(
-    run_dir: str | Path, settings: RunSettings | None = None, *, wait_for_docs: bool = True
+    run_dir: str | Path,
+    settings: RunSettings | None = None,
+    *,
+    wait_for_docs: bool = True,
+    docs_later: bool = False,
 ) -> GateResult:
     """The GX suite, then the drift gate; a shadow run is compared after its export instead.
 
@@ -162,11 +166,19 @@ def validate_and_gate(
     passing run's Data Docs are built by a process of their own meanwhile
     (``jobs.data_docs``), waited for before this returns, or with ``wait_for_docs``
     off, by the caller's ``jobs.data_docs.finish`` (``run_flow``'s, after the export).
+    With ``docs_later`` (the DAG's validate task), the export step builds them
+    (``export_run``); if the drift gate then blocks the run, no export follows, so they
+    are built here before the error is raised.
     """
 
     def validate_then_gate() -> GateResult:
         try:
-            return _validate_and_gate(run_dir, settings)
+            return _validate_and_gate(run_dir, settings, docs_later)
+        except BaseException:
+            if docs_later:  # no export step follows to build them
+                data_docs.build_later(run_dir, by="validate step")
+                data_docs.finish(run_dir)
+            raise
         finally:
             if wait_for_docs:
                 data_docs.finish(run_dir)
@@ -174,7 +186,9 @@ def validate_and_gate(
     return _tracked(run_dir, "validate_and_gate", settings, validate_then_gate)
 
 
-def _validate_and_gate(run_dir: str | Path, settings: RunSettings | None) -> GateResult:
+def _validate_and_gate(
+    run_dir: str | Path, settings: RunSettings | None, docs_later: bool = False
+) -> GateResult:
     manifest = load_manifest(run_dir)
     if manifest.published:
         log.info(
@@ -183,7 +197,7 @@ def _validate_and_gate(run_dir: str | Path, settings: RunSettings | None) -> Gat
             manifest.version,
         )
         return _gate(manifest.run_dir, None, published_earlier=True)
-    validated = steps.validate(run_dir, docs_in_background=True)
+    validated = steps.validate(run_dir, docs_in_background=True, docs_later=docs_later)
     if is_shadow(manifest):
         log.info("shadow run: no drift gate; the export step compares it with the live version")
         return _gate(manifest.run_dir, validated["rows"])
@@ -214,13 +228,24 @@ def _gate(
 
 
 def export_and_compare(
-    run_dir: str | Path, settings: RunSettings | None = None
+    run_dir: str | Path, settings: RunSettings | None = None, *, docs_later: bool = False
 ) -> ExportResult | Skipped:
     """Load the version (not live yet); for a shadow run, then write its comparison
-    with the live version (also for a dry run, whose export is skipped)."""
-    return _tracked(
-        run_dir, "export_and_compare", settings, lambda: _export_and_compare(run_dir, settings)
-    )
+    with the live version (also for a dry run, whose export is skipped). With
+    ``docs_later`` (the DAG's export task), build the Data Docs that the validate step
+    left for this one meanwhile, and wait for them."""
+    if docs_later:
+        data_docs.build_later(run_dir)
+    try:
+        return _tracked(
+            run_dir,
+            "export_and_compare",
+            settings,
+            lambda: _export_and_compare(run_dir, settings),
+        )
+    finally:
+        if docs_later:
+            data_docs.finish(run_dir)
 
 
 def _export_and_compare(

@@ -499,7 +499,9 @@ def _keep_part(parts_dir: str, shard: Shard) -> bool:
     return False
 
 
-def validate(run_dir: str | Path, *, docs_in_background: bool = False) -> ValidateResult:
+def validate(
+    run_dir: str | Path, *, docs_in_background: bool = False, docs_later: bool = False
+) -> ValidateResult:
     """Gate the run on its Great Expectations suite; a failure stops it before export.
 
     The per-part expectations ran on the workers as each part was written (results in
@@ -508,7 +510,9 @@ def validate(run_dir: str | Path, *, docs_in_background: bool = False) -> Valida
     with the run's settings. Row count and key uniqueness are checked here, across parts.
     The Data Docs are built where ``jobs.data_docs`` says; ``docs_in_background`` lets a
     passing run's be built by a process of their own while the caller goes on (it calls
-    ``jobs.data_docs.finish`` before the run's reports are recorded).
+    ``jobs.data_docs.finish`` before the run's reports are recorded); with ``docs_later``
+    too, a later step starts that process (``jobs.data_docs.build_later``), where the run
+    folder is one that every step's host shares (not an object store).
     """
     from scoring.errors import ValidationFailed
     from scoring.validation import PartTarget, validate_parts
@@ -523,7 +527,8 @@ def validate(run_dir: str | Path, *, docs_in_background: bool = False) -> Valida
     if on_cluster(manifest.params.cluster, manifest.run_dir):
         docs_builder = DocsOnCluster(manifest.params.cluster)
     elif docs_in_background:
-        docs_builder = DocsInBackground(manifest.run_dir)
+        later = docs_later and not storage.is_remote(manifest.run_dir)
+        docs_builder = DocsInBackground(manifest.run_dir, later=later)
     report = validate_parts(
         [PartTarget(s.id, s.part, s.rows) for s in done],
         checks,
@@ -551,6 +556,7 @@ def validate(run_dir: str | Path, *, docs_in_background: bool = False) -> Valida
         global_seconds=round(report.global_seconds, 3),
         docs_seconds=round(report.docs_seconds, 3),
         docs_built_on=docs_builder.built_on if docs_builder else "validate task",
+        **_docs_job(docs_builder),
     )
     manifest.save()
     if not report.success:
@@ -562,6 +568,13 @@ def validate(run_dir: str | Path, *, docs_in_background: bool = False) -> Valida
             + (f". Report: file://{report.docs_index}" if report.docs_index else ""),
         )
     return {"run_dir": manifest.run_dir, "success": True, "rows": report.rows}
+
+
+def _docs_job(builder: DocsOnCluster | DocsInBackground | None) -> dict[str, str]:
+    """The Data Docs job left for a later step to build (``docs_job``), if any."""
+    if isinstance(builder, DocsInBackground) and builder.later and builder.job is not None:
+        return {"docs_job": str(builder.job)}
+    return {}
 
 
 def _part_checks(manifest: Manifest) -> PartChecks:

@@ -383,14 +383,11 @@ def _wire_tasks(
 
     @task(multiple_outputs=True, **limits("validate"))
     def validate(scored: ScoreResult) -> GateResult:
-        from jobs import data_docs
-
-        # The Data Docs builder starts first: it imports GX while this task imports the
-        # steps, checks the output and runs the drift gate.
-        data_docs.prepare_for(scored["run_dir"])
         from jobs import flow
 
-        return flow.validate_and_gate(scored["run_dir"])
+        # A passing run's Data Docs are built while the export task runs (docs_later),
+        # rather than this task waiting seconds for GX's import.
+        return flow.validate_and_gate(scored["run_dir"], docs_later=True)
 
     @task(multiple_outputs=True, **limits("export"))
     def export(validated: GateResult) -> ExportResult:
@@ -459,12 +456,17 @@ def resolve_run(context: Context, workers: int | None) -> StartedRun:
 
 
 def export_run(run_dir: str) -> ExportResult:
-    """``jobs.flow.export_and_compare``; a skipped export (a dry run) skips the task."""
+    """``jobs.flow.export_and_compare``, with the Data Docs the validate task left for it;
+    a skipped export (a dry run) skips the task."""
     from airflow.sdk.exceptions import AirflowSkipException
 
+    from jobs import data_docs
+
+    # The Data Docs builder starts first: it imports GX while this task imports the steps.
+    data_docs.build_later(run_dir)
     from jobs import flow
 
-    result = flow.export_and_compare(run_dir)
+    result = flow.export_and_compare(run_dir, docs_later=True)
     if "skipped" in result:
         raise AirflowSkipException(f"export skipped: {result['skipped']}")
     return result

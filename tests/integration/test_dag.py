@@ -125,6 +125,13 @@ def test_airflow_dags_test_runs_the_pipeline(
     assert live is not None and live.run_id.startswith("batchscore__20")
     assert live.model_version == "1" and live.key_count == 12_000
     assert store.get_many("dagged", live, [b"1000000"])[0] is not None
+    # The validate task left the Data Docs to the export task, which built them.
+    (ran,) = (Path(env["BATCHSCORE_HOME"]) / "runs" / "dagged").glob("*/manifest.json")
+    manifest = json.loads(ran.read_text())
+    validate = manifest["steps"]["validate"]
+    assert validate["docs_built_on"].endswith(" of the export step"), validate
+    assert validate["docs_seconds"] > 0 and "docs_error" not in validate
+    assert Path(manifest["reports"]["data_docs"]).is_file()
 
     dry = dags_test(airflow_home, env, conf | {"namespace": "dry", "dry_run": True})
     assert dry.returncode == 0, (dry.stdout + dry.stderr)[-5000:]
@@ -132,6 +139,9 @@ def test_airflow_dags_test_runs_the_pipeline(
     manifests = list((Path(env["BATCHSCORE_HOME"]) / "runs" / "dry").glob("*/manifest.json"))
     steps = json.loads(manifests[0].read_text())["steps"]
     assert steps["validate"]["success"] is True and steps["export"]["skipped"] == "dry run"
+    # A dry run's export is skipped; its task still builds the Data Docs.
+    assert steps["validate"]["docs_built_on"].endswith(" of the export step")
+    assert "docs_error" not in steps["validate"]
 
 
 def task_instances(home: Path, env: dict[str, str]) -> list[list[str]]:

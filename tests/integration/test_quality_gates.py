@@ -248,3 +248,33 @@ def test_a_hard_shift_is_blocked_and_force_publishes_it(
     manifest = load_manifest(summary["run_dir"])
     assert manifest.drift is not None and manifest.drift["overridden"]
     assert Path(manifest.reports["data_docs"]).exists()
+
+
+def test_a_dag_run_blocked_by_the_drift_gate_still_gets_its_data_docs(
+    env: dict[str, str], dataset: Path, variants: dict[str, str]
+) -> None:
+    """The DAG's validate task leaves a passing verdict's Data Docs to the export task;
+    when its drift gate then blocks the run, no export follows, so it builds them itself
+    before it fails."""
+    from jobs import data_docs, flow
+
+    run(dataset, "models:/churn/1", namespace="drift-docs")
+    settings = load_settings(RunSettings)
+    params = steps.make_params(
+        settings,
+        input_path=str(dataset),
+        model_uri=variants["churn_shifted"],
+        key_column=KEY,
+        namespace="drift-docs",
+    )
+    run_dir = flow.start_run(settings, params)["run_dir"]
+    flow.plan(run_dir)
+    flow.score(run_dir)
+    with pytest.raises(DriftDetected):
+        flow.validate_and_gate(run_dir, docs_later=True)
+    blocked = load_manifest(run_dir)
+    step = blocked.steps["validate"]
+    assert step["success"] and step["docs_built_on"].endswith("of the validate step")
+    assert step["docs_seconds"] > 0 and "docs_error" not in step
+    assert Path(blocked.reports["data_docs"]).is_file() and run_dir not in data_docs._builds
+    assert blocked.drift is not None and not blocked.drift["passed"] and not blocked.published

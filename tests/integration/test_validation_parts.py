@@ -213,30 +213,38 @@ def test_data_docs_that_fail_to_build_leave_the_verdict_and_the_run_alone(
     assert flow.publish_run(manifest.run_dir)["version"] == 1
 
 
-def test_the_dag_validate_tasks_builder_starts_first_and_takes_the_runs_job(
+def test_the_dag_validate_task_leaves_its_data_docs_to_the_export_task(
     one_file_per_shard: None, tmp_path: Path
 ) -> None:
-    """The DAG's validate task starts the Data Docs builder before it imports the steps
-    (``prepare_for``); the builder it started is the one given the job. A run published
-    earlier, or one whose Data Docs a running cluster's worker builds, starts none."""
+    """The DAG's validate task writes the Data Docs job and starts nothing (``docs_later``);
+    its export task starts the builder first thing (``build_later``), exports meanwhile
+    and waits for the pages before it ends. A run published earlier builds nothing."""
     from jobs import data_docs
 
     for i, name in enumerate(("a", "b")):
         write(tmp_path / "in", f"{name}.parquet", **{KEY: np.arange(ROWS) + i * ROWS})
-    manifest = score(tmp_path / "in", "docs-first")
-    data_docs.prepare_for(manifest.run_dir)
-    prepared = data_docs._prepared
-    assert prepared is not None and prepared.process.poll() is None
-    gate = flow.validate_and_gate(manifest.run_dir)
-    assert gate["success"] and data_docs._prepared is None
-    step = load_manifest(manifest.run_dir).steps["validate"]
-    assert step["docs_built_on"] == f"background process {prepared.process.pid}"
-    assert prepared.process.returncode == 0 and "docs_error" not in step
+    manifest = score(tmp_path / "in", "docs-later")
+    gate = flow.validate_and_gate(manifest.run_dir, docs_later=True)
+    assert gate["success"] and manifest.run_dir not in data_docs._builds
+    validated = load_manifest(manifest.run_dir)
+    step = validated.steps["validate"]
+    assert step["docs_built_on"] == data_docs.LATER and Path(step["docs_job"]).is_file()
+    index = Path(validated.reports["data_docs"])
+    assert not index.exists(), "built by the validate task after all"
 
-    flow.export_and_compare(manifest.run_dir)
+    data_docs.build_later(manifest.run_dir)  # as the export task does, before its imports
+    (build,) = data_docs._builds.values()
+    flow.export_and_compare(manifest.run_dir, docs_later=True)
+    assert manifest.run_dir not in data_docs._builds and build.process.returncode == 0
+    step = load_manifest(manifest.run_dir).steps["validate"]
+    assert step["docs_built_on"] == f"background process {build.process.pid} of the export step"
+    assert step["docs_seconds"] > 0 and "docs_error" not in step
+    assert index.is_file() and next(index.parent.glob("validations/**/all-parts.html"))
+
     flow.publish_run(manifest.run_dir)
-    data_docs.prepare_for(manifest.run_dir)  # published: validate is not run again
-    assert data_docs._prepared is None
+    assert flow.validate_and_gate(manifest.run_dir, docs_later=True)["published_earlier"]
+    data_docs.build_later(manifest.run_dir)  # published: validate did not run, nothing left
+    assert manifest.run_dir not in data_docs._builds
     assert data_docs.on_cluster("tcp://127.0.0.1:8786", manifest.run_dir)
     assert not data_docs.on_cluster("tcp://127.0.0.1:8786", "s3://bucket/runs/ns/run-1")
     assert not data_docs.on_cluster("local", manifest.run_dir)
