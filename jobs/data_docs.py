@@ -92,6 +92,7 @@ class _Build:
     process: subprocess.Popen[bytes]
     started: float  # when the builder was given its job
     log_path: Path
+    built_on: str = ""  # recorded by finish as docs_built_on (build_later's builds)
 
 
 _builds: dict[str, _Build] = {}  # run folder → its Data Docs being built
@@ -202,15 +203,15 @@ def build_later(run_dir: str | Path, by: str = "export step") -> None:
     """Start building the Data Docs that the run's validate step left for later (the
     DAG's export task calls this first thing; ``finish`` waits for them); nothing to do
     for any other run, or when they are being built already. ``by`` names the step in
-    the record (``docs_built_on``)."""
+    the record (``docs_built_on``), which ``finish`` writes: until then the record says
+    they are left for later, so a retry of a task killed meanwhile builds them again."""
     manifest = load_manifest(run_dir)
     step = manifest.steps.get("validate") or {}
     job = step.get("docs_job")
     if step.get("docs_built_on") != LATER or not job or manifest.run_dir in _builds:
         return
     build = _builds[manifest.run_dir] = _give(Path(job))
-    step["docs_built_on"] = f"background process {build.process.pid} of the {by}"
-    manifest.save()
+    build.built_on = f"background process {build.process.pid} of the {by}"
 
 
 def finish(run_dir: str | Path, timeout: float = BUILD_TIMEOUT, *, record: bool = True) -> None:
@@ -240,6 +241,8 @@ def finish(run_dir: str | Path, timeout: float = BUILD_TIMEOUT, *, record: bool 
     manifest = load_manifest(run_dir)
     step = manifest.steps.get("validate")
     if step is not None:
+        if build.built_on:
+            step["docs_built_on"] = build.built_on
         step["docs_seconds"] = round(done - build.started, 3)
         step["docs_waited_seconds"] = round(done - waiting, 3)
     if error is not None:

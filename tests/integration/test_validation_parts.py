@@ -218,7 +218,8 @@ def test_the_dag_validate_task_leaves_its_data_docs_to_the_export_task(
 ) -> None:
     """The DAG's validate task writes the Data Docs job and starts nothing (``docs_later``);
     its export task starts the builder first thing (``build_later``), exports meanwhile
-    and waits for the pages before it ends. A run published earlier builds nothing."""
+    and waits for the pages before it ends; a retry of an export task killed meanwhile
+    builds them again. A run published earlier builds nothing."""
     from jobs import data_docs
 
     for i, name in enumerate(("a", "b")):
@@ -231,6 +232,14 @@ def test_the_dag_validate_task_leaves_its_data_docs_to_the_export_task(
     assert step["docs_built_on"] == data_docs.LATER and Path(step["docs_job"]).is_file()
     index = Path(validated.reports["data_docs"])
     assert not index.exists(), "built by the validate task after all"
+
+    # An export task killed while its builder ran leaves them for later: its retry builds.
+    data_docs.build_later(manifest.run_dir)
+    killed = data_docs._builds.pop(manifest.run_dir)
+    killed.process.kill()
+    killed.process.wait()
+    killed.log_path.unlink(missing_ok=True)
+    assert load_manifest(manifest.run_dir).steps["validate"]["docs_built_on"] == data_docs.LATER
 
     data_docs.build_later(manifest.run_dir)  # as the export task does, before its imports
     (build,) = data_docs._builds.values()
