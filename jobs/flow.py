@@ -175,12 +175,11 @@ def validate_and_gate(
         try:
             return _validate_and_gate(run_dir, settings, docs_later)
         except BaseException:
-            if docs_later:  # no export step follows to build them
+            if docs_later:  # no export step follows to build them; finish waits below
                 data_docs.build_later(run_dir, by="validate step")
-                data_docs.finish(run_dir)
             raise
         finally:
-            if wait_for_docs:
+            if wait_for_docs or docs_later:
                 data_docs.finish(run_dir)
 
     return _tracked(run_dir, "validate_and_gate", settings, validate_then_gate)
