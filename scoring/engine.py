@@ -56,7 +56,6 @@ STARTED_HERE = ("local", "processes", "cuda")  # started for the run; others are
 QUICK_EXIT_PLUGIN = "batchscore-quick-exit"
 PRE_SPAWN_ENV = "distributed.nanny.pre-spawn-environ"
 PART_ROW_GROUP_ROWS = 32_768
-SHARE_ROWS = 32_768  # rows scored between two looks at the worker's idle cores (share_cores)
 # Arrow's memory pool: its default (mimalloc) keeps growing a worker's peak RSS over the
 # first shards, so a small run's peak says little about a big one's; jemalloc's peak levels
 # off after the first shards, at the same decoding speed. (The system allocator is flatter
@@ -208,12 +207,13 @@ class ModelPlugin(WorkerPlugin):
 
     def share_cores(self) -> int:
         """Set the calling thread's forward passes to its share of the worker's cores, and
-        return it: ``threads`` while every thread of the worker scores a shard, more when
-        fewer do. A run's last shards otherwise leave cores idle: with 7 shards on the
-        in-process cluster's 2 threads, the last one ran alone on one core for a third of
-        a second of a 2M-row score step. torch's intra-op thread count is the calling
-        thread's own (OpenMP's and MKL's per-thread settings), so each thread sets its own.
-        On a GPU the forward pass is not on these cores: nothing changes."""
+        return it (called before each batch's forward pass on CPU): ``threads`` while every
+        thread of the worker scores a shard, more when fewer do. A run's last shards
+        otherwise leave cores idle: with 7 shards on the in-process cluster's 2 threads,
+        the last one ran alone on one core for a third of a second of a 2M-row score step.
+        torch's intra-op thread count is the calling thread's own (OpenMP's and MKL's
+        per-thread settings), so each thread sets its own. On a GPU the forward pass is not
+        on these cores: nothing changes."""
         if self._predictor is None or self._predictor.device != "cpu":
             return self.threads
         import torch
@@ -274,14 +274,17 @@ def _score_into_part(
     keys: list[pa.ChunkedArray] = []
     predictions: list[np.ndarray] = []
     threads = 0
+
+    def share() -> None:
+        nonlocal threads
+        threads = max(threads, plugin.share_cores())
+
     try:
         remote = any(storage.is_remote(p.path) for p in shard.pieces)
         depth = prefetch_depth(job.prefetch, predictor.device, remote=remote)
         for table in prefetch(read_row_groups(shard.pieces, columns), depth):
             keys.append(table.column(job.key_column))
-            for piece in _pieces_between_shares(table, predictor.device):
-                threads = max(threads, plugin.share_cores())
-                predictions.append(predictor.predict(piece, batch_size))
+            predictions.append(predictor.predict(table, batch_size, share))
     except (OSError, pa.ArrowException) as exc:
         raise ShardFailed(
             f"Shard {shard.id} ({shard.describe()}) could not be read",
@@ -308,18 +311,6 @@ def _score_into_part(
         peak_rss_bytes=peak_rss_bytes(),
         threads=threads,
     )
-
-
-def _pieces_between_shares(table: pa.Table, device: str) -> Iterator[pa.Table]:
-    """A decoded row group in slices (zero-copy) of ``SHARE_ROWS`` rows on CPU, each scored
-    after ``ModelPlugin.share_cores``: a thread left alone with a run's last shard takes the
-    idle cores within a slice's time (about 0.1 s at 2 cores), not a whole row group's. A
-    GPU gets the row group whole."""
-    if device != "cpu" or table.num_rows <= SHARE_ROWS:
-        yield table
-        return
-    for offset in range(0, table.num_rows, SHARE_ROWS):
-        yield table.slice(offset, SHARE_ROWS)
 
 
 def prefetch_depth(requested: int | None, device: str, *, remote: bool = False) -> int:

@@ -7,7 +7,7 @@ per run); nothing talks to a tracking server, so Dask workers can load it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +236,14 @@ class Predictor:
         fits = int(free * 0.5 / per_row)
         return max(1024, min(AUTO_BATCH_CAP, 1 << (fits.bit_length() - 1)))
 
-    def predict(self, table: pa.Table, batch_size: int) -> np.ndarray:
+    def predict(
+        self,
+        table: pa.Table,
+        batch_size: int,
+        before_batch: Callable[[], object] | None = None,
+    ) -> np.ndarray:
+        """``before_batch`` is called before each forward pass of the CPU path (the worker
+        sets the thread's share of its cores there: ``scoring.engine.ModelPlugin``)."""
         if self.spec.flavor != "pytorch":
             frame = table.select(list(self.spec.features)).to_pandas()
             return score_in_batches(
@@ -245,10 +252,12 @@ class Predictor:
                 batch_size,
             )
         if self.device == "cpu" and self.precision == "fp32":
-            return self._predict_on_cpu(table, batch_size)
+            return self._predict_on_cpu(table, batch_size, before_batch)
         return self._predict_on_device(table, batch_size)
 
-    def _predict_on_cpu(self, table: pa.Table, batch_size: int) -> np.ndarray:
+    def _predict_on_cpu(
+        self, table: pa.Table, batch_size: int, before_batch: Callable[[], object] | None
+    ) -> np.ndarray:
         """Each batch's rows are gathered from the Arrow columns just before its forward
         pass, into buffers that stay in the core's cache: building the whole table's
         matrix first would take one more pass over memory, on the cores the forward
@@ -258,9 +267,15 @@ class Predictor:
         step = max(1, min(batch_size, table.num_rows))
         batch = self._buffer("batch", (step, width))
         scratch = self._buffer("scratch", (width, step))
+
+        def gather(start: int, stop: int) -> np.ndarray:
+            if before_batch is not None:
+                before_batch()
+            return gather_rows(columns, start, stop, batch, scratch)
+
         return score_gathered(
             lambda rows: score_batch(self._torch, rows),
-            lambda start, stop: gather_rows(columns, start, stop, batch, scratch),
+            gather,
             table.num_rows,
             step,
         )

@@ -76,6 +76,15 @@ def test_predictions_are_the_forward_pass_over_the_whole_matrix(
     np.testing.assert_allclose(again, expected[5:], rtol=1e-5, atol=1e-6)
 
 
+def test_the_worker_is_called_before_each_forward_pass(saved_model: Path) -> None:
+    """Where the worker sets the thread's share of its cores (ModelPlugin.share_cores)."""
+    predictor = Predictor(saved_model, read_model_spec(saved_model, FEATURES))
+    calls: list[int] = []
+    got = predictor.predict(odd_table(1001), 64, lambda: calls.append(1))
+    assert len(calls) == 16  # ceil(1001 / 64)
+    np.testing.assert_array_equal(got, predictor.predict(odd_table(1001), 64))
+
+
 def test_an_empty_table_gives_no_rows(saved_model: Path) -> None:
     predictor = Predictor(saved_model, read_model_spec(saved_model, FEATURES))
     assert predictor.predict(odd_table(0), 64).shape == (0, 2)

@@ -1,5 +1,5 @@
 """A shard scored while the worker's other threads have nothing left takes their cores
-(``scoring.engine.ModelPlugin.share_cores``), a slice of rows at a time."""
+(``scoring.engine.ModelPlugin.share_cores``, before each batch's forward pass)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ from contextlib import ExitStack
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pytest
 
-from scoring.engine import SHARE_ROWS, ModelPlugin, _pieces_between_shares
+from scoring.engine import ModelPlugin
 from scoring.model import ModelSpec
 
 
@@ -87,14 +85,3 @@ def test_a_copy_sent_to_a_worker_starts_with_nothing_scored() -> None:
     made._scoring = 2
     copy = pickle.loads(pickle.dumps(made))
     assert (copy._scoring, copy._slots, copy.threads) == (0, 1, 1)
-
-
-def test_a_row_group_is_scored_in_slices_on_cpu_and_whole_on_a_gpu() -> None:
-    rows = 2 * SHARE_ROWS + 123
-    table = pa.table({"f": np.arange(rows, dtype=np.float32)})
-    slices = list(_pieces_between_shares(table, "cpu"))
-    assert [s.num_rows for s in slices] == [SHARE_ROWS, SHARE_ROWS, 123]
-    assert pa.concat_tables(slices).equals(table)  # every row once, in order
-    assert list(_pieces_between_shares(table, "cuda")) == [table]
-    small = table.slice(0, SHARE_ROWS)
-    assert list(_pieces_between_shares(small, "cpu")) == [small]
