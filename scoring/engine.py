@@ -611,12 +611,17 @@ def _in_process_cluster(threads: int, dashboard: str | None) -> Iterator[LocalCl
         threads_per_worker=threads,
         processes=False,
         dashboard_address=dashboard,
-        # Without a dashboard, the scheduler's HTTP server (/health, /metrics) takes a free
-        # loopback port rather than 8787, which another Dask on the host may hold.
-        scheduler_kwargs=None if dashboard else {"dashboard_address": "127.0.0.1:0"},
+        scheduler_kwargs=_bare_http_server(dashboard),
         silence_logs=logging.ERROR,
     ) as cluster:
         yield cluster
+
+
+def _bare_http_server(dashboard: str | None) -> dict[str, str] | None:
+    """Without a dashboard, the scheduler still serves /health and /metrics over HTTP:
+    on a free loopback port rather than Dask's 8787, which another Dask on the host (or
+    another run's cluster) may hold, and which the run does not report."""
+    return None if dashboard else {"dashboard_address": "127.0.0.1:0"}
 
 
 def _use_jemalloc() -> None:
@@ -646,6 +651,7 @@ def _local_cluster(
         local_cluster = LocalCUDACluster(  # sets each worker's env itself (its GPU)
             threads_per_worker=threads_per_worker,
             dashboard_address=dashboard,
+            scheduler_kwargs=_bare_http_server(dashboard),
             silence_logs=logging.ERROR,
         )
     else:
@@ -661,6 +667,7 @@ def _local_cluster(
                 processes=True,
                 env=WORKER_ENV,
                 dashboard_address=dashboard,
+                scheduler_kwargs=_bare_http_server(dashboard),
                 silence_logs=logging.ERROR,
             )
     with local_cluster:

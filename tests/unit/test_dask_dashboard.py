@@ -65,3 +65,21 @@ def test_the_in_process_cluster_serves_a_dashboard_only_when_asked() -> None:
         assert link is not None and link.startswith("http://")
         with urllib.request.urlopen(link, timeout=30) as page:  # noqa: S310  (loopback)
             assert page.status == 200 and b"bokeh" in page.read().lower()
+
+
+def bare_http_server(client: object) -> tuple[str, int]:
+    """Where the scheduler's HTTP server (/health, /metrics) listens."""
+    server = client.cluster.scheduler.http_server  # type: ignore[attr-defined]
+    (sockets,) = [list(server._sockets.values())]
+    return sockets[0].getsockname()[:2]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("cluster", ["local", "processes"])
+def test_without_a_dashboard_the_http_server_is_on_a_free_loopback_port(cluster: str) -> None:
+    """Not Dask's 8787, which another Dask on the host may hold; not on every interface."""
+    with engine.dask_client(cluster, 1, 1, dashboard=False) as client:
+        host, port = bare_http_server(client)
+        assert host == "127.0.0.1" and port != 8787
+        assert engine.dashboard_link(client, cluster, False) is None
+        with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=30) as answer:  # noqa: S310
+            assert answer.read() == b"ok"
