@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pyarrow as pa
 
-from scoring.core import as_matrix, gather_rows, score_gathered, score_in_batches
+from scoring.core import as_matrix, gather_rows, score_batch, score_gathered, score_in_batches
 from scoring.errors import UnsupportedModel
 
 if TYPE_CHECKING:
@@ -262,8 +262,6 @@ class Predictor:
         pass, into buffers that stay in the core's cache: building the whole table's
         matrix first would take one more pass over memory, on the cores the forward
         passes use."""
-        import torch
-
         columns = feature_columns(table, self.spec.features)
         width = len(self.spec.features)
         step = max(1, min(batch_size, table.num_rows))
@@ -275,12 +273,9 @@ class Predictor:
                 before_batch()
             return gather_rows(columns, start, stop, batch, scratch)
 
-        def forward(rows: np.ndarray) -> np.ndarray:
-            return as_matrix(self._torch(torch.from_numpy(rows)))  # rows: C-contiguous float32
-
-        # One inference_mode for the whole table rather than one per batch (score_batch).
-        with torch.inference_mode():
-            return score_gathered(forward, gather, table.num_rows, step)
+        return score_gathered(
+            lambda rows: score_batch(self._torch, rows), gather, table.num_rows, step
+        )
 
     def _predict_on_device(self, table: pa.Table, batch_size: int) -> np.ndarray:
         import torch
