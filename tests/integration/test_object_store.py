@@ -214,7 +214,7 @@ def test_credentials_in_the_url_are_refused(s3: Store, aws: dict[str, str], secr
     url = f"s3://{s3.admin.key_id}:{secret}@{BUCKET}/churn/"
     message = attempt(url, InputAccessDenied, secret)
     assert f"s3://{BUCKET}/churn/" in message and "carries credentials" in message
-    for part in secret.split("/"):
+    for part in filter(None, secret.split("/")):  # a generated secret may start with "/"
         assert part not in message
 
 
