@@ -12,15 +12,20 @@ Data Docs, GX's HTML pages of that verdict, do, and importing GX costs seconds o
   ``batchscore run`` starts that process as the run starts (``prepare``), so that GX
   is imported while the model is resolved, on the core that resolving leaves idle, and
   it builds them while the drift gate and the export run. The DAG's validate task
-  leaves them to the export task (``later``: the job is written, nothing started), which
-  starts the builder first thing (``build_later``), so that GX is imported and the pages
-  built while the export runs, rather than the validate task waiting seconds for GX's
-  import; a run folder on an object store keeps them in the validate task (its local
-  Data Docs folder is on that task's host), and a validate task that fails after a
-  passing verdict (the drift gate) builds them before it ends, since no export follows.
-  ``finish`` waits for the builder before the run's reports are recorded (the MLflow
-  run logs the pages) and notes in the validate step's record how long it took and how
-  long the run waited;
+  leaves them to a task of their own (``later``: the job is written, nothing started):
+  ``data_docs``, beside the export and publish tasks, which imports GX and builds them
+  (``build_left``) while the version is exported and published, so that no task of the
+  run's critical path waits for GX's import. That task records the build in a file of
+  its own (``jobs.manifest.DOCS_RECORD``), which ``load_manifest`` merges into the
+  validate step: it runs beside the export task, and both rewriting the manifest would
+  lose one's update. The run's MLflow run logs the pages when they are there as it ends
+  (``jobs.tracking``); when they come later, the data_docs task logs them itself. A run
+  folder on an object store keeps them in the validate task (its local Data Docs folder
+  is on that task's host), and a validate task that fails after a passing verdict (the
+  drift gate) builds them before it ends, since no export follows. ``finish`` waits for
+  a background builder before the run's reports are recorded (the MLflow run logs the
+  pages) and notes in the validate step's record how long it took and how long the run
+  waited;
 - **a failing verdict**: built before the validate step raises, whatever the cluster:
   the error message names the page, which must exist when it is read.
 
@@ -42,14 +47,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobs.manifest import load_manifest
+from jobs.manifest import DOCS_LATER, DOCS_RECORD, DOCS_RUN_ENDED, load_manifest
 
-if TYPE_CHECKING:  # Arrow and numpy come with the validation package: every DAG task
-    from scoring.validation.documents import ResultDocument  # imports this module
+if TYPE_CHECKING:
+    from jobs.results import DocsBuilt
+
+    # Arrow and numpy come with the validation package: every DAG task imports this module
+    from scoring.validation.documents import ResultDocument
 
 log = logging.getLogger(__name__)
 
-LATER = "export task"  # docs_built_on of a passing run whose Data Docs the export task builds
+LATER = DOCS_LATER  # docs_built_on of a passing run whose Data Docs that DAG task builds
 CLUSTER_TIMEOUT = 60  # seconds to connect to a running cluster, and for its Data Docs
 BUILD_TIMEOUT = 300  # seconds a build may take, from its job, before it is stopped
 JOB_FILE = "docs-job.json"  # in the run's validation folder: what the builder is given
@@ -154,14 +162,14 @@ class DocsInBackground:
     """Builds the run's Data Docs in a process of their own (``python -m jobs.data_docs``,
     started earlier by ``prepare`` where the caller could): a passing run's while the
     caller goes on, to be waited for by ``finish(run_dir)``, or with ``later`` by the
-    export task (``build_later``); a failing run's at once (its error message names the
-    page). The index's path is returned before the pages exist."""
+    DAG's data_docs task (``build_left``); a failing run's at once (its error message
+    names the page). The index's path is returned before the pages exist."""
 
     def __init__(self, run_dir: str | Path, *, later: bool = False) -> None:
         self.run_dir = str(run_dir)
         self.later = later
         self.built_on = ""
-        self.job: Path | None = None  # the job written, for build_later
+        self.job: Path | None = None  # the job written, for build_left
 
     def __call__(
         self,
@@ -199,12 +207,13 @@ class DocsInBackground:
         return index
 
 
-def build_later(run_dir: str | Path, by: str = "export step") -> None:
-    """Start building the Data Docs that the run's validate step left for later (the
-    DAG's export task calls this first thing; ``finish`` waits for them); nothing to do
-    for any other run, or when they are being built already. ``by`` names the step in
-    the record (``docs_built_on``), which ``finish`` writes: until then the record says
-    they are left for later, so a retry of a task killed meanwhile builds them again."""
+def build_later(run_dir: str | Path, by: str = "validate step") -> None:
+    """Start building the Data Docs that the run's validate step left for later, in a
+    process of their own (the DAG's validate task, when the drift gate blocks a passing
+    run: no data_docs task follows; ``finish`` waits for them); nothing to do for any
+    other run, or when they are being built already. ``by`` names the step in the record
+    (``docs_built_on``), which ``finish`` writes: until then the record says they are left
+    for later."""
     manifest = load_manifest(run_dir)
     step = manifest.steps.get("validate") or {}
     job = step.get("docs_job")
@@ -212,6 +221,55 @@ def build_later(run_dir: str | Path, by: str = "export step") -> None:
         return
     build = _builds[manifest.run_dir] = _give(Path(job))
     build.built_on = f"background process {build.process.pid} of the {by}"
+
+
+def build_left(run_dir: str | Path) -> DocsBuilt | None:
+    """The DAG's data_docs task: build, in this process, the Data Docs that the run's
+    validate step left for it, and record them (``DOCS_RECORD``: where they were built,
+    how long it took, or why they were not); None when nothing was left (the validate
+    step built them, or a run published earlier was not validated again). A build that
+    fails is a warning and ``docs_error`` in the record, as on every path: the verdict
+    stands and the run goes on. When the run's MLflow run ended before the pages were
+    there (``jobs.tracking``), they are logged to it here."""
+    manifest = load_manifest(run_dir)
+    step = manifest.steps.get("validate") or {}
+    job = step.get("docs_job")
+    if step.get("docs_built_on") != LATER or not job:
+        return None
+    from scoring.validation import import_gx
+    from scoring.validation.documents import write_json
+
+    started = time.perf_counter()
+    error = None
+    index: Path | None = None
+    try:
+        import_gx()
+        index = build_from_job(Path(job))
+        if index is None:
+            error = "GX wrote no index page"
+    except Exception as exc:  # noqa: BLE001 - the verdict stands without its pages
+        error = f"{type(exc).__name__}: {exc}"
+    seconds = round(time.perf_counter() - started, 3)
+    built: DocsBuilt = {
+        "run_dir": manifest.run_dir,
+        "index": str(index) if index and error is None else None,
+        "docs_built_on": f"{LATER}, process {os.getpid()}",
+        "docs_seconds": seconds,
+        "docs_waited_seconds": 0.0,  # no step of the run waited for them
+    }
+    if error is not None:
+        log.warning("the Data Docs of run %s were not built: %s", manifest.run_id, error)
+        built["docs_error"] = error
+    record = {k: v for k, v in built.items() if k.startswith("docs_")}
+    folder = Path(job).parent
+    write_json(folder / DOCS_RECORD, record)
+    # Written, then looked for: the run's end in MLflow marks itself, then looks for this
+    # record (jobs.tracking), so of two that pass each other one at least sees the other.
+    if error is None and (folder / DOCS_RUN_ENDED).exists():
+        from jobs import tracking
+
+        tracking.log_data_docs(run_dir)
+    return built
 
 
 def finish(run_dir: str | Path, timeout: float = BUILD_TIMEOUT, *, record: bool = True) -> None:
@@ -280,6 +338,7 @@ __all__ = [
     "DocsOnCluster",
     "build_from_job",
     "build_later",
+    "build_left",
     "finish",
     "on_cluster",
     "prepare",

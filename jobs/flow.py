@@ -166,16 +166,16 @@ def validate_and_gate(
     passing run's Data Docs are built by a process of their own meanwhile
     (``jobs.data_docs``), waited for before this returns, or with ``wait_for_docs``
     off, by the caller's ``jobs.data_docs.finish`` (``run_flow``'s, after the export).
-    With ``docs_later`` (the DAG's validate task), the export step builds them
-    (``export_run``); if the drift gate then blocks the run, no export follows, so they
-    are built here before the error is raised.
+    With ``docs_later`` (the DAG's validate task), the DAG's data_docs task builds them
+    (``jobs.data_docs.build_left``) beside the export; if the drift gate then blocks the
+    run, no task follows, so they are built here before the error is raised.
     """
 
     def validate_then_gate() -> GateResult:
         try:
             return _validate_and_gate(run_dir, settings, docs_later)
         except BaseException:
-            if docs_later:  # no export step follows to build them; finish waits below
+            if docs_later:  # no data_docs task follows to build them; finish waits below
                 data_docs.build_later(run_dir, by="validate step")
             raise
         finally:
@@ -227,24 +227,13 @@ def _gate(
 
 
 def export_and_compare(
-    run_dir: str | Path, settings: RunSettings | None = None, *, docs_later: bool = False
+    run_dir: str | Path, settings: RunSettings | None = None
 ) -> ExportResult | Skipped:
     """Load the version (not live yet); for a shadow run, then write its comparison
-    with the live version (also for a dry run, whose export is skipped). With
-    ``docs_later`` (the DAG's export task), build the Data Docs that the validate step
-    left for this one meanwhile, and wait for them."""
-    if docs_later:
-        data_docs.build_later(run_dir)
-    try:
-        return _tracked(
-            run_dir,
-            "export_and_compare",
-            settings,
-            lambda: _export_and_compare(run_dir, settings),
-        )
-    finally:
-        if docs_later:
-            data_docs.finish(run_dir)
+    with the live version (also for a dry run, whose export is skipped)."""
+    return _tracked(
+        run_dir, "export_and_compare", settings, lambda: _export_and_compare(run_dir, settings)
+    )
 
 
 def _export_and_compare(

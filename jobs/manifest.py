@@ -8,6 +8,7 @@ folder is a local path or an object-store URL (``BATCHSCORE_OUTPUT_DIR=s3://...`
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,14 @@ from batchscore.core.urls import public_url, split_password
 from jobs.errors import RunError
 
 MANIFEST = "manifest.json"
+# A passing run's Data Docs left by the DAG's validate task to its data_docs task
+# (``jobs.data_docs``): the validate step's ``docs_built_on`` until they are built. That
+# task records them beside the step's job for them (``docs_job``), not in the manifest
+# (see ``_read_docs_record``); the run's end in MLflow marks itself there too, so that
+# one of the two logs the pages (``jobs.tracking``).
+DOCS_LATER = "data_docs task"
+DOCS_RECORD = "docs-record.json"
+DOCS_RUN_ENDED = "docs-run-ended"
 
 
 def utcnow() -> str:
@@ -315,4 +324,28 @@ def load_manifest(run_dir: str | Path) -> Manifest:
             expected="a folder created by the resolve step",
             fix="Run the resolve step (or the whole pipeline) first",
         )
-    return Manifest.model_validate_json(document)
+    manifest = Manifest.model_validate_json(document)
+    _read_docs_record(manifest)
+    return manifest
+
+
+def _read_docs_record(manifest: Manifest) -> None:
+    """Merge the DAG's data_docs task's record into the validate step, where every
+    reader looks for it (``docs_built_on``, ``docs_seconds``, ``docs_error``; a failed
+    build drops the report). That task runs beside the export task, and both rewriting
+    this one document would lose one of their updates, so it writes its record to a file
+    of its own beside the Data Docs job (a run folder on this host: a run folder on an
+    object store has its Data Docs built by the validate step). Only a step that left a
+    job has one to look for."""
+    step = manifest.steps.get("validate")
+    job = step.get("docs_job") if step else None
+    if not job:
+        return
+    try:
+        record = json.loads(Path(job).with_name(DOCS_RECORD).read_text())
+    except FileNotFoundError:
+        return
+    assert step is not None
+    step.update(record)
+    if "docs_error" in record:
+        manifest.reports.pop("data_docs", None)

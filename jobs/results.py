@@ -61,6 +61,20 @@ class DriftResult(TypedDict):
 
 
 @final
+class DocsBuilt(TypedDict):
+    """The DAG's data_docs task's result (``jobs.data_docs.build_left``): the run's Data
+    Docs index (None when they were not built, ``docs_error`` says why), where and how
+    long they took."""
+
+    run_dir: str
+    index: str | None
+    docs_built_on: str
+    docs_seconds: float
+    docs_waited_seconds: float
+    docs_error: NotRequired[str]
+
+
+@final
 class GateResult(TypedDict):
     """The validate task's result: the GX suite, then the drift gate (``jobs.flow``).
 

@@ -45,7 +45,15 @@ from batchscore.core.names import is_namespace
 from batchscore.core.settings import RunSettings
 from batchscore.core.urls import public_url
 from jobs.context import load_run_settings
-from jobs.manifest import MANIFEST, Manifest, RunParams, load_manifest
+from jobs.manifest import (
+    DOCS_LATER,
+    DOCS_RECORD,
+    DOCS_RUN_ENDED,
+    MANIFEST,
+    Manifest,
+    RunParams,
+    load_manifest,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -387,8 +395,23 @@ def _log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -
         client.log_batch(run_id, metrics=batch[first : first + 1000])
 
 
+def log_data_docs(run_dir: str | Path, settings: RunSettings | None = None) -> None:
+    """Log the run's Data Docs to its MLflow run: the DAG's data_docs task, when the run
+    ended before the pages were there (``jobs.data_docs.build_left``)."""
+    manifest = load_manifest(run_dir)
+    index = manifest.reports.get("data_docs")
+    if manifest.mlflow_run_id is None or not index or not Path(index).is_file():
+        return
+    with _recording(manifest, "its Data Docs"):
+        client = _client(settings or load_run_settings())
+        client.log_artifacts(
+            manifest.mlflow_run_id, str(Path(index).parent), artifact_path="data_docs"
+        )
+
+
 def _log_artifacts(client: MlflowClient, run_id: str, manifest: Manifest) -> None:
-    """The manifest, and each report (Data Docs' folder, plots, the shadow comparison)."""
+    """The manifest, and each report (Data Docs' folder, plots, the shadow comparison).
+    Data Docs that the DAG's data_docs task is still building are its to log."""
     if storage.is_remote(manifest.run_dir):  # a run folder on an object store: a local copy
         with tempfile.TemporaryDirectory() as folder:
             copy = Path(folder) / MANIFEST
@@ -398,10 +421,29 @@ def _log_artifacts(client: MlflowClient, run_id: str, manifest: Manifest) -> Non
         client.log_artifact(run_id, str(manifest.path))
     for name, path in manifest.reports.items():
         report = Path(path)
-        if name == "data_docs" and report.is_file():
-            client.log_artifacts(run_id, str(report.parent), artifact_path="data_docs")
+        if name == "data_docs":
+            # Asked first, whether the index is there or not: it marks the run's end.
+            left = _docs_left_to_task(manifest.steps.get("validate"))
+            if not left and report.is_file():
+                client.log_artifacts(run_id, str(report.parent), artifact_path="data_docs")
         elif report.is_file():
             client.log_artifact(run_id, str(report), artifact_path="reports")
+
+
+def _docs_left_to_task(step: dict[str, Any] | None) -> bool:
+    """Whether the Data Docs are still the DAG's data_docs task's to build, which then
+    logs them itself (``jobs.data_docs.build_left``). Marks the run's end first, then
+    looks for the task's record: each of the two writes its file and then looks for the
+    other's, so of two that pass each other one at least logs the pages. ``step`` is the
+    validate step's record."""
+    job = (step or {}).get("docs_job")
+    if not job or not str((step or {}).get("docs_built_on", "")).startswith(DOCS_LATER):
+        return False
+    folder = Path(job).parent
+    if not folder.is_dir():  # another host's folder: nothing to mark or to log here
+        return False
+    (folder / DOCS_RUN_ENDED).touch()
+    return not (folder / DOCS_RECORD).exists()
 
 
 class _recording:

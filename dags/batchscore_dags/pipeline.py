@@ -1,12 +1,14 @@
 """The scoring pipeline as a DAG, built by one function for the ad-hoc DAG and every job.
 
-resolve → plan → score → validate (GX suite, then the drift gate) → export → publish; a
-shadow run skips the drift gate, writes its comparison with the live version after its
-export, and skips publish. Those rules live in ``jobs.flow``, which ``batchscore run``
-runs too: each task is one call into it (or into ``jobs.steps``), and this module only
-translates (a skipped step → ``AirflowSkipException``, an out-of-order publish →
-``AirflowFailException``, a new live version → an asset event). XCom carries the step's
-result (``jobs.results``): the run folder, ids and counts.
+resolve → plan → score → validate (GX suite, then the drift gate) → export → publish, and
+beside export and publish, data_docs (the validate step's GX Data Docs, built off the
+run's critical path: ``jobs.data_docs``); a shadow run skips the drift gate, writes its
+comparison with the live version after its export, and skips publish. Those rules live
+in ``jobs.flow``, which ``batchscore run`` runs too: each task is one call into it (or
+into ``jobs.steps``, ``jobs.data_docs``), and this module only translates (a skipped step
+→ ``AirflowSkipException``, an out-of-order publish → ``AirflowFailException``, a new
+live version → an asset event). XCom carries the step's result (``jobs.results``): the
+run folder, ids and counts.
 
 What every DAG built here has:
 
@@ -78,6 +80,7 @@ if TYPE_CHECKING:
 
     from jobs.results import (
         CanarySettled,
+        DocsBuilt,
         ExportResult,
         GateResult,
         PlanResult,
@@ -385,20 +388,27 @@ def _wire_tasks(
     def validate(scored: ScoreResult) -> GateResult:
         from jobs import flow
 
-        # A passing run's Data Docs are built while the export task runs (docs_later),
-        # rather than this task waiting seconds for GX's import.
+        # A passing run's Data Docs are built by the data_docs task (docs_later), beside
+        # the export and the publish, rather than this task waiting seconds for GX.
         return flow.validate_and_gate(scored["run_dir"], docs_later=True)
 
     @task(multiple_outputs=True, **limits("export"))
     def export(validated: GateResult) -> ExportResult:
         return export_run(validated["run_dir"])
 
+    # Part of the validate step (its pages), so under its timeout.
+    @task(multiple_outputs=True, **limits("validate"))
+    def data_docs(validated: GateResult) -> DocsBuilt:
+        return docs_run(validated["run_dir"])
+
     @task(outlets=[PUBLISHED], multiple_outputs=True, **limits("publish"))
     def publish(exported: ExportResult) -> PublishResult:
         return publish_run(exported["run_dir"], get_current_context(), canary)
 
     # Each task receives the upstream task's XCom value; here the calls wire XComArgs.
-    published = publish(export(validate(score(plan(resolve())))))  # type: ignore[arg-type]
+    validated = validate(score(plan(resolve())))  # type: ignore[arg-type]
+    published = publish(export(validated))  # type: ignore[arg-type]
+    data_docs(validated)  # type: ignore[arg-type]
     if canary is not None:
         _wire_canary(published, canary, limits("publish"))
 
@@ -456,20 +466,30 @@ def resolve_run(context: Context, workers: int | None) -> StartedRun:
 
 
 def export_run(run_dir: str) -> ExportResult:
-    """``jobs.flow.export_and_compare``, with the Data Docs the validate task left for it;
-    a skipped export (a dry run) skips the task."""
+    """``jobs.flow.export_and_compare``; a skipped export (a dry run) skips the task."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from jobs import flow
+
+    result = flow.export_and_compare(run_dir)
+    if "skipped" in result:
+        raise AirflowSkipException(f"export skipped: {result['skipped']}")
+    return result
+
+
+def docs_run(run_dir: str) -> DocsBuilt:
+    """``jobs.data_docs.build_left``: the Data Docs the validate task left for this task;
+    none left (the validate task built them) skips it. A build that failed is a warning
+    in the log and ``docs_error`` in the result, not a failed task: the verdict stands,
+    and the version is published either way."""
     from airflow.sdk.exceptions import AirflowSkipException
 
     from jobs import data_docs
 
-    # The Data Docs builder starts first: it imports GX while this task imports the steps.
-    data_docs.build_later(run_dir)
-    from jobs import flow
-
-    result = flow.export_and_compare(run_dir, docs_later=True)
-    if "skipped" in result:
-        raise AirflowSkipException(f"export skipped: {result['skipped']}")
-    return result
+    built = data_docs.build_left(run_dir)
+    if built is None:
+        raise AirflowSkipException("no Data Docs left to build: the validate task built them")
+    return built
 
 
 def publish_run(

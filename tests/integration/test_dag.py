@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.manifest import load_manifest
 from kv_export.store import open_store
 from tests.conftest import BIN, KEY, REPO, Registry
 
@@ -60,7 +61,15 @@ def test_dagbag_has_no_import_errors(airflow_home: Path) -> None:
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["errors"] == {}
-    assert found["tasks"] == ["resolve", "plan", "score", "validate", "export", "publish"]
+    assert found["tasks"] == [
+        "resolve",
+        "plan",
+        "score",
+        "validate",
+        "export",
+        "publish",
+        "data_docs",
+    ]
     assert {
         "input_path",
         "model_uri",
@@ -125,22 +134,22 @@ def test_airflow_dags_test_runs_the_pipeline(
     assert live is not None and live.run_id.startswith("batchscore__20")
     assert live.model_version == "1" and live.key_count == 12_000
     assert store.get_many("dagged", live, [b"1000000"])[0] is not None
-    # The validate task left the Data Docs to the export task, which built them.
+    # The validate task left the Data Docs to the data_docs task, which built them.
     (ran,) = (Path(env["BATCHSCORE_HOME"]) / "runs" / "dagged").glob("*/manifest.json")
-    manifest = json.loads(ran.read_text())
-    validate = manifest["steps"]["validate"]
-    assert validate["docs_built_on"].endswith(" of the export step"), validate
+    manifest = load_manifest(ran.parent)
+    validate = manifest.steps["validate"]
+    assert validate["docs_built_on"].startswith("data_docs task, process "), validate
     assert validate["docs_seconds"] > 0 and "docs_error" not in validate
-    assert Path(manifest["reports"]["data_docs"]).is_file()
+    assert Path(manifest.reports["data_docs"]).is_file()
 
     dry = dags_test(airflow_home, env, conf | {"namespace": "dry", "dry_run": True})
     assert dry.returncode == 0, (dry.stdout + dry.stderr)[-5000:]
     assert store.state("dry").versions == {}
     manifests = list((Path(env["BATCHSCORE_HOME"]) / "runs" / "dry").glob("*/manifest.json"))
-    steps = json.loads(manifests[0].read_text())["steps"]
+    steps = load_manifest(manifests[0].parent).steps
     assert steps["validate"]["success"] is True and steps["export"]["skipped"] == "dry run"
-    # A dry run's export is skipped; its task still builds the Data Docs.
-    assert steps["validate"]["docs_built_on"].endswith(" of the export step")
+    # A dry run's export is skipped; the data_docs task still builds the Data Docs.
+    assert steps["validate"]["docs_built_on"].startswith("data_docs task, process ")
     assert "docs_error" not in steps["validate"]
 
 

@@ -253,8 +253,8 @@ def test_a_hard_shift_is_blocked_and_force_publishes_it(
 def test_a_dag_run_blocked_by_the_drift_gate_still_gets_its_data_docs(
     env: dict[str, str], dataset: Path, variants: dict[str, str]
 ) -> None:
-    """The DAG's validate task leaves a passing verdict's Data Docs to the export task;
-    when its drift gate then blocks the run, no export follows, so it builds them itself
+    """The DAG's validate task leaves a passing verdict's Data Docs to the data_docs task;
+    when its drift gate then blocks the run, no task follows, so it builds them itself
     before it fails."""
     from jobs import data_docs, flow
 

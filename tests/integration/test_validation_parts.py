@@ -9,6 +9,7 @@ key uniqueness across all parts.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -213,14 +214,15 @@ def test_data_docs_that_fail_to_build_leave_the_verdict_and_the_run_alone(
     assert flow.publish_run(manifest.run_dir)["version"] == 1
 
 
-def test_the_dag_validate_task_leaves_its_data_docs_to_the_export_task(
+def test_the_dag_validate_task_leaves_its_data_docs_to_the_data_docs_task(
     one_file_per_shard: None, tmp_path: Path
 ) -> None:
     """The DAG's validate task writes the Data Docs job and starts nothing (``docs_later``);
-    its export task starts the builder first thing (``build_later``), exports meanwhile
-    and waits for the pages before it ends; a retry of an export task killed meanwhile
-    builds them again. A run published earlier builds nothing."""
+    the data_docs task builds them beside the export (``build_left``) and records that in
+    a file of its own, which every reader of the manifest sees in the validate step, while
+    the manifest itself is the export's to write. A run published earlier builds nothing."""
     from jobs import data_docs
+    from jobs.manifest import DOCS_RECORD
 
     for i, name in enumerate(("a", "b")):
         write(tmp_path / "in", f"{name}.parquet", **{KEY: np.arange(ROWS) + i * ROWS})
@@ -233,27 +235,43 @@ def test_the_dag_validate_task_leaves_its_data_docs_to_the_export_task(
     index = Path(validated.reports["data_docs"])
     assert not index.exists(), "built by the validate task after all"
 
-    # An export task killed while its builder ran leaves them for later: its retry builds.
-    data_docs.build_later(manifest.run_dir)
-    killed = data_docs._builds.pop(manifest.run_dir)
-    killed.process.kill()
-    killed.process.wait()
-    killed.log_path.unlink(missing_ok=True)
-    assert load_manifest(manifest.run_dir).steps["validate"]["docs_built_on"] == data_docs.LATER
-
-    data_docs.build_later(manifest.run_dir)  # as the export task does, before its imports
-    (build,) = data_docs._builds.values()
-    flow.export_and_compare(manifest.run_dir, docs_later=True)
-    assert manifest.run_dir not in data_docs._builds and build.process.returncode == 0
-    step = load_manifest(manifest.run_dir).steps["validate"]
-    assert step["docs_built_on"] == f"background process {build.process.pid} of the export step"
-    assert step["docs_seconds"] > 0 and "docs_error" not in step
+    flow.export_and_compare(manifest.run_dir)
+    assert not index.exists(), "the export built or waited for them"
+    written = Path(validated.path).read_bytes()
+    built = data_docs.build_left(manifest.run_dir)
+    assert built is not None and built["index"] == str(index) and "docs_error" not in built
     assert index.is_file() and next(index.parent.glob("validations/**/all-parts.html"))
+    assert Path(validated.path).read_bytes() == written, "the data_docs task wrote the manifest"
+    assert (Path(step["docs_job"]).parent / DOCS_RECORD).is_file()
+    step = load_manifest(manifest.run_dir).steps["validate"]
+    assert step["docs_built_on"] == f"{data_docs.LATER}, process {os.getpid()}"
+    assert step["docs_seconds"] > 0 and step["docs_waited_seconds"] == 0.0
+    assert "docs_error" not in step
+    assert data_docs.build_left(manifest.run_dir) is None, "built twice"
 
     flow.publish_run(manifest.run_dir)
     assert flow.validate_and_gate(manifest.run_dir, docs_later=True)["published_earlier"]
-    data_docs.build_later(manifest.run_dir)  # published: validate did not run, nothing left
-    assert manifest.run_dir not in data_docs._builds
+    assert data_docs.build_left(manifest.run_dir) is None  # validate did not run again
     assert data_docs.on_cluster("tcp://127.0.0.1:8786", manifest.run_dir)
     assert not data_docs.on_cluster("tcp://127.0.0.1:8786", "s3://bucket/runs/ns/run-1")
     assert not data_docs.on_cluster("local", manifest.run_dir)
+
+
+def test_a_data_docs_task_whose_build_fails_records_why_and_the_run_goes_on(
+    one_file_per_shard: None, tmp_path: Path
+) -> None:
+    from jobs import data_docs
+
+    write(tmp_path / "in", "a.parquet", **{KEY: np.arange(ROWS)})
+    manifest = score(tmp_path / "in", "docs-broken")
+    flow.validate_and_gate(manifest.run_dir, docs_later=True)
+    job = Path(load_manifest(manifest.run_dir).steps["validate"]["docs_job"])
+    job.write_text(json.dumps({"docs_dir": str(job.parent.parent / "data_docs")}))
+    built = data_docs.build_left(manifest.run_dir)
+    assert built is not None and built["index"] is None
+    assert built["docs_error"].startswith("KeyError: ")
+    checked = load_manifest(manifest.run_dir)
+    assert checked.steps["validate"]["docs_error"] == built["docs_error"]
+    assert checked.steps["validate"]["success"] and "data_docs" not in checked.reports
+    flow.export_and_compare(manifest.run_dir)
+    assert flow.publish_run(manifest.run_dir)["version"] == 1

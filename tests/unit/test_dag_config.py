@@ -117,6 +117,23 @@ def test_a_step_without_a_timeout_has_none(
     }
 
 
+def test_the_data_docs_task_runs_beside_export_and_publish_under_the_validate_timeout(
+    dag_modules: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    """The validate step's Data Docs are a task of their own, after validate and beside
+    export → publish (nothing waits for them), under the validate step's timeout."""
+    config, pipeline = dag_modules["config"], dag_modules["pipeline"]
+    write(tmp_path, "daily.yaml", GOOD)
+    (job,) = config.load_jobs(tmp_path).jobs
+    dag = pipeline.build_dag(pipeline.job_spec(job))
+    docs = dag.get_task("data_docs")
+    assert docs.upstream_task_ids == {"validate"} and docs.downstream_task_ids == set()
+    assert dag.get_task("export").upstream_task_ids == {"validate"}
+    assert dag.get_task("publish").upstream_task_ids == {"export"}
+    assert docs.execution_timeout == dag.get_task("validate").execution_timeout
+    assert docs.execution_timeout == timedelta(minutes=20)
+
+
 @pytest.mark.parametrize(
     ("change", "field", "expected", "found"),
     [
@@ -503,7 +520,15 @@ def test_parsing_the_dags_folder_imports_nothing_heavy(
     assert f"{jobs / 'bad.yaml'}: field 'batch_size'" in error and "'lots'" in error
 
     daily = parsed["dags"]["score_daily"]
-    assert daily["tasks"] == ["resolve", "plan", "score", "validate", "export", "publish"]
+    assert daily["tasks"] == [
+        "resolve",
+        "plan",
+        "score",
+        "validate",
+        "export",
+        "publish",
+        "data_docs",
+    ]
     assert daily["pools"] == ["score"]
     assert daily["params"] == {
         "input_path": "/data/churn/dt={{ ds }}",
@@ -541,6 +566,7 @@ def test_parsing_the_dags_folder_imports_nothing_heavy(
         "validate": 20 * 60.0,
         "export": 2 * hour,
         "publish": 2 * hour,
+        "data_docs": 20 * 60.0,  # the validate step's pages: its timeout
     }
 
     chained = parsed["dags"]["score_chained"]
