@@ -52,6 +52,8 @@ from bench.score_bench import (  # noqa: E402
 BIN = Path(sys.executable).parent
 MODEL = "mlp-64-256-256-1"
 STEPS = ("resolve", "plan", "score", "validate", "drift", "export", "publish")
+# DAG tasks that run beside the chain resolve → … → publish, not on it
+BESIDE_THE_CHAIN = ("data_docs",)
 TITLE = "Default path at every size (make bench-score)"
 
 LOOP = """
@@ -437,13 +439,15 @@ def render(results: dict[str, Any], args: argparse.Namespace, seconds: float) ->
         rows = []
         for size in dag_sizes:
             dag, cli = best[f"dag-{size}"], best.get(f"cli-beside-dag-{size}")
-            busy = sum(dag["tasks"].values())
+            beside = {t: s for t, s in dag["tasks"].items() if t in BESIDE_THE_CHAIN}
+            busy = sum(dag["tasks"].values()) - sum(beside.values())
             rows.append(
                 [
                     f"{size:,}",
                     f"{dag['wall']:.2f}",
                     f"{busy:.2f}",
                     f"{dag['wall'] - busy:.2f}",
+                    ", ".join(f"{t} {s:.2f}" for t, s in sorted(beside.items())),
                     f"{cli['wall']:.2f}" if cli else "",
                     ratio(dag["wall"], cli["wall"]) if cli else "",
                 ]
@@ -453,8 +457,9 @@ def render(results: dict[str, Any], args: argparse.Namespace, seconds: float) ->
                 [
                     "rows",
                     "DAG run, trigger to success (s)",
-                    "its tasks' durations (s)",
-                    "scheduling between tasks (s)",
+                    "its chain's task durations (s)",
+                    "scheduling between them (s)",
+                    "beside the chain (s)",
                     "CLI run beside it (s)",
                     "DAG ÷ CLI",
                 ],

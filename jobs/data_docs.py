@@ -195,6 +195,10 @@ class DocsInBackground:
             },
         )
         self.job = job
+        # A validate step run again leaves a new job: an earlier build's record and mark
+        # are not this one's (the data_docs task builds the new one).
+        for stale in (DOCS_RECORD, DOCS_RUN_ENDED):
+            (job.parent / stale).unlink(missing_ok=True)
         index = docs_dir / "index.html"
         if self.later and success:
             self.built_on = LATER

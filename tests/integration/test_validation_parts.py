@@ -248,6 +248,10 @@ def test_the_dag_validate_task_leaves_its_data_docs_to_the_data_docs_task(
     assert step["docs_seconds"] > 0 and step["docs_waited_seconds"] == 0.0
     assert "docs_error" not in step
     assert data_docs.build_left(manifest.run_dir) is None, "built twice"
+    # A validate task run again (a clear) leaves a new job: the earlier record goes.
+    flow.validate_and_gate(manifest.run_dir, docs_later=True)
+    assert load_manifest(manifest.run_dir).steps["validate"]["docs_built_on"] == data_docs.LATER
+    assert data_docs.build_left(manifest.run_dir) is not None
 
     flow.publish_run(manifest.run_dir)
     assert flow.validate_and_gate(manifest.run_dir, docs_later=True)["published_earlier"]
