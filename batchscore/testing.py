@@ -401,7 +401,10 @@ class RedisClusterServers:
             "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"
         )  # fmt: skip
         self.wait_ok(seconds)
-        wait_until(self.replicated, what="the Redis Cluster's replicas", seconds=seconds)
+        try:
+            wait_until(self.replicated, what="the Redis Cluster's replicas", seconds=seconds)
+        except ServiceTimeout as exc:  # say how far each node got
+            raise ServiceTimeout(exc.what, exc.seconds, last=self._replication()) from None
 
     def _cli(self, *args: str, timeout: float = 300) -> str:
         auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
@@ -460,6 +463,23 @@ class RedisClusterServers:
         except (redis.RedisError, OSError):
             return False
         return bool(primaries)
+
+    def _replication(self) -> str:
+        """Each node's role and its replication's state, as it answers now."""
+        states = []
+        for node in self.nodes:
+            try:
+                with node.client(socket_timeout=2) as client:
+                    info = client.info("replication")
+                    slots = client.execute_command("CLUSTER SLOTS")
+            except (redis.RedisError, OSError) as exc:
+                states.append(f"{node.port}: {type(exc).__name__}: {exc}")
+                continue
+            fields = ("role", "connected_slaves", "slave0", "master_link_status", "master_port")
+            found = ", ".join(f"{k}={info[k]}" for k in fields if k in info)
+            listed = sum(1 for entry in slots if len(entry) >= 4)
+            states.append(f"{node.port}: {found}; slot ranges with a replica {listed}/{len(slots)}")
+        return "; ".join(states)
 
     def consistent(self, without: int | None = None) -> bool:
         """Every live node says ``cluster_state:ok`` and gives the same full slot map (in
