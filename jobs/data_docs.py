@@ -13,19 +13,20 @@ Data Docs, GX's HTML pages of that verdict, do, and importing GX costs seconds o
   is imported while the model is resolved, on the core that resolving leaves idle, and
   it builds them while the drift gate and the export run. The DAG's validate task
   leaves them to a task of their own (``later``: the job is written, nothing started):
-  ``data_docs``, beside the export and publish tasks, which imports GX and builds them
+  ``reports``, beside the export and publish tasks, which imports GX and builds them
   (``build_left``) while the version is exported and published, so that no task of the
-  run's critical path waits for GX's import. That task records the build in a file of
-  its own (``jobs.manifest.DOCS_RECORD``), which ``load_manifest`` merges into the
-  validate step: it runs beside the export task, and both rewriting the manifest would
-  lose one's update. The run's MLflow run logs the pages when they are there as it ends
-  (``jobs.tracking``); when they come later, the data_docs task logs them itself. A run
-  folder on an object store keeps them in the validate task (its local Data Docs folder
-  is on that task's host), and a validate task that fails after a passing verdict (the
-  drift gate) builds them before it ends, since no export follows. ``finish`` waits for
-  a background builder before the run's reports are recorded (the MLflow run logs the
-  pages) and notes in the validate step's record how long it took and how long the run
-  waited;
+  run's critical path waits for GX's import; it draws the drift gate's plot too, from
+  the samples the gate left (``jobs.drift_gate.plot_left``: matplotlib's import and the
+  drawing). That task records them in a file of its own (``jobs.manifest.DOCS_RECORD``),
+  which ``load_manifest`` merges into the validate and drift steps: it runs beside the
+  export task, and both rewriting the manifest would lose one's update. The run's MLflow
+  run logs them when they are there as it ends (``jobs.tracking``); when they come
+  later, the reports task logs them itself. A run folder on an object store keeps them
+  in the validate task (its local Data Docs folder is on that task's host), and a
+  validate task that fails after a passing verdict (the drift gate) builds them before
+  it ends, since no export follows. ``finish`` waits for a background builder before
+  the run's reports are recorded (the MLflow run logs the pages) and notes in the
+  validate step's record how long it took and how long the run waited;
 - **a failing verdict**: built before the validate step raises, whatever the cluster:
   the error message names the page, which must exist when it is read.
 
@@ -50,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from jobs.manifest import DOCS_LATER, DOCS_RECORD, DOCS_RUN_ENDED, load_manifest
 
 if TYPE_CHECKING:
-    from jobs.results import DocsBuilt
+    from jobs.results import ReportsBuilt
 
     # Arrow and numpy come with the validation package: every DAG task imports this module
     from scoring.validation.documents import ResultDocument
@@ -162,7 +163,7 @@ class DocsInBackground:
     """Builds the run's Data Docs in a process of their own (``python -m jobs.data_docs``,
     started earlier by ``prepare`` where the caller could): a passing run's while the
     caller goes on, to be waited for by ``finish(run_dir)``, or with ``later`` by the
-    DAG's data_docs task (``build_left``); a failing run's at once (its error message
+    DAG's reports task (``build_left``); a failing run's at once (its error message
     names the page). The index's path is returned before the pages exist."""
 
     def __init__(self, run_dir: str | Path, *, later: bool = False) -> None:
@@ -196,7 +197,7 @@ class DocsInBackground:
         )
         self.job = job
         # A validate step run again leaves a new job: an earlier build's record and mark
-        # are not this one's (the data_docs task builds the new one).
+        # are not this one's (the reports task builds the new one).
         for stale in (DOCS_RECORD, DOCS_RUN_ENDED):
             (job.parent / stale).unlink(missing_ok=True)
         index = docs_dir / "index.html"
@@ -214,7 +215,7 @@ class DocsInBackground:
 def build_later(run_dir: str | Path, by: str = "validate step") -> None:
     """Start building the Data Docs that the run's validate step left for later, in a
     process of their own (the DAG's validate task, when the drift gate blocks a passing
-    run: no data_docs task follows; ``finish`` waits for them); nothing to do for any
+    run: no reports task follows; ``finish`` waits for them); nothing to do for any
     other run, or when they are being built already. ``by`` names the step in the record
     (``docs_built_on``), which ``finish`` writes: until then the record says they are left
     for later."""
@@ -227,53 +228,80 @@ def build_later(run_dir: str | Path, by: str = "validate step") -> None:
     build.built_on = f"background process {build.process.pid} of the {by}"
 
 
-def build_left(run_dir: str | Path) -> DocsBuilt | None:
-    """The DAG's data_docs task: build, in this process, the Data Docs that the run's
-    validate step left for it, and record them (``DOCS_RECORD``: where they were built,
-    how long it took, or why they were not); None when nothing was left (the validate
-    step built them, or a run published earlier was not validated again). A build that
-    fails is a warning and ``docs_error`` in the record, as on every path: the verdict
-    stands and the run goes on. When the run's MLflow run ended before the pages were
-    there (``jobs.tracking``), they are logged to it here."""
+def build_left(run_dir: str | Path) -> ReportsBuilt | None:
+    """The DAG's reports task: build, in this process, the Data Docs that the run's
+    validate step left for it, and the drift plot its drift gate left (``plot_job``),
+    and record them (``DOCS_RECORD``: where and how long, or why not); None when nothing
+    was left (the validate step built them, or a run published earlier was not validated
+    again). A report that fails is a warning and ``docs_error`` or ``plot_error`` in the
+    record, as on every path: the verdict stands and the run goes on. When the run's
+    MLflow run ended before they were there (``jobs.tracking``), they are logged to it
+    here."""
     manifest = load_manifest(run_dir)
     step = manifest.steps.get("validate") or {}
     job = step.get("docs_job")
     if step.get("docs_built_on") != LATER or not job:
         return None
-    from scoring.validation import import_gx
     from scoring.validation.documents import write_json
 
     started = time.perf_counter()
-    error = None
-    index: Path | None = None
-    try:
-        import_gx()
-        index = build_from_job(Path(job))
-        if index is None:
-            error = "GX wrote no index page"
-    except Exception as exc:  # noqa: BLE001 - the verdict stands without its pages
-        error = f"{type(exc).__name__}: {exc}"
-    seconds = round(time.perf_counter() - started, 3)
-    built: DocsBuilt = {
+    index, error = _build_in_process(Path(job))
+    built: ReportsBuilt = {
         "run_dir": manifest.run_dir,
         "index": str(index) if index and error is None else None,
         "docs_built_on": f"{LATER}, process {os.getpid()}",
-        "docs_seconds": seconds,
+        "docs_seconds": round(time.perf_counter() - started, 3),
         "docs_waited_seconds": 0.0,  # no step of the run waited for them
+        "plot": None,
     }
     if error is not None:
         log.warning("the Data Docs of run %s were not built: %s", manifest.run_id, error)
         built["docs_error"] = error
-    record = {k: v for k, v in built.items() if k.startswith("docs_")}
+    record: dict[str, dict[str, Any]] = {
+        "validate": {k: v for k, v in built.items() if k.startswith("docs_")}
+    }
+    drift = manifest.steps.get("drift") or {}
+    if drift.get("plot_job"):
+        plot, built["plot_seconds"], plot_error = _plot_left(manifest.run_id, drift)
+        built["plot"] = plot
+        if plot_error is not None:
+            built["plot_error"] = plot_error
+        record["drift"] = {k: v for k, v in built.items() if k.startswith("plot_")}
     folder = Path(job).parent
     write_json(folder / DOCS_RECORD, record)
     # Written, then looked for: the run's end in MLflow marks itself, then looks for this
     # record (jobs.tracking), so of two that pass each other one at least sees the other.
-    if error is None and (folder / DOCS_RUN_ENDED).exists():
+    if (folder / DOCS_RUN_ENDED).exists():
         from jobs import tracking
 
-        tracking.log_data_docs(run_dir)
+        tracking.log_left_reports(run_dir)
     return built
+
+
+def _build_in_process(job: Path) -> tuple[Path | None, str | None]:
+    """The Data Docs of ``job``, built here: the index, or why there is none."""
+    from scoring.validation import import_gx
+
+    try:
+        import_gx()
+        index = build_from_job(job)
+    except Exception as exc:  # noqa: BLE001 - the verdict stands without its pages
+        return None, f"{type(exc).__name__}: {exc}"
+    return (index, None) if index is not None else (None, "GX wrote no index page")
+
+
+def _plot_left(run_id: str, drift: dict[str, Any]) -> tuple[str | None, float, str | None]:
+    """The drift plot the gate left: its path and seconds, or why it is missing."""
+    from jobs.drift_gate import plot_left
+
+    started = time.perf_counter()
+    try:
+        plot = str(plot_left(drift))
+    except Exception as exc:  # noqa: BLE001 - the gate's verdict stands without its plot
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("the drift plot of run %s was not drawn: %s", run_id, error)
+        return None, round(time.perf_counter() - started, 3), error
+    return plot, round(time.perf_counter() - started, 3), None
 
 
 def finish(run_dir: str | Path, timeout: float = BUILD_TIMEOUT, *, record: bool = True) -> None:

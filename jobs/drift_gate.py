@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from batchscore.core.settings import RunSettings
 from jobs.context import local_folder, open_run_store, quality_rules, require_scored
@@ -17,14 +17,20 @@ from jobs.manifest import Manifest, load_manifest
 from jobs.results import DriftResult
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from kv_export.store import VersionInfo
-    from scoring.drift import OutputDrift
+    from scoring.drift import OutputDrift, Samples
     from scoring.quality import DriftRules
 
 log = logging.getLogger("batchscore.jobs")
 
+PLOT_JOB = "distributions-job.npz"  # beside the PNG: the samples of a plot left for later
 
-def check_drift(run_dir: str | Path, settings: RunSettings | None = None) -> DriftResult:
+
+def check_drift(
+    run_dir: str | Path, settings: RunSettings | None = None, *, plot_later: bool = False
+) -> DriftResult:
     """Gate the run on drift against the namespace's live version; ``force`` overrides.
 
     Reads the live version's output parts (``VersionInfo.parts``) and this run's,
@@ -32,6 +38,12 @@ def check_drift(run_dir: str | Path, settings: RunSettings | None = None) -> Dri
     PNG of both, and records everything in ``manifest.drift``. No live version, or
     this run already live: nothing to compare, the gate passes. A blocked run keeps
     its output on disk; the live version is untouched.
+
+    With ``plot_later`` (the DAG's validate task, whose Data Docs its ``reports`` task
+    builds) a run the gate lets through leaves its plot to that task: the samples are
+    written beside the PNG to be (``plot_job``, ``plot_left``), and matplotlib's import
+    and drawing stay off the run's critical path. A blocked run's plot is drawn here:
+    its error names it.
     """
     from scoring.errors import DriftDetected
 
@@ -41,9 +53,18 @@ def check_drift(run_dir: str | Path, settings: RunSettings | None = None) -> Dri
     rules = quality_rules(manifest).drift
     live = _live_version(manifest, settings)
     compare = rules.enabled and live is not None and live.run_id != manifest.run_id
-    results, plot = _judge_outputs(manifest, live, compare, rules)
+    results, samples = _judge_outputs(manifest, live, compare, rules)
     drifted = [r for r in results if r.drifted]
     overridden = bool(drifted) and manifest.params.force
+    plot = local_folder(manifest, "reports") / "distributions.png"
+    title = f"{manifest.namespace}: live v{live.version if live else '-'} vs run {manifest.run_id}"
+    later: dict[str, str] = {}
+    if plot_later and (overridden or not drifted):
+        later["plot_job"] = str(_write_plot_job(plot, title, samples.new, samples.live))
+    else:
+        from scoring.reports import plot_distributions
+
+        plot_distributions(samples.new, samples.live, plot, title)
     manifest.reports["distributions_png"] = str(plot)
     manifest.drift = {
         "live_version": live.version if live is not None else None,
@@ -59,9 +80,10 @@ def check_drift(run_dir: str | Path, settings: RunSettings | None = None) -> Dri
         passed=not drifted,
         overridden=overridden,
         note=_drift_note(compare, results, overridden),
+        **later,
     )
     manifest.save()
-    log.info("drift plot: file://%s", plot)
+    log.info("drift plot: file://%s%s", plot, " (drawn by the reports task)" if later else "")
     if drifted and not overridden:
         raise DriftDetected(
             f"Output of run {manifest.run_id} drifted from live version "
@@ -86,11 +108,11 @@ def _live_version(manifest: Manifest, settings: RunSettings | None) -> VersionIn
 
 def _judge_outputs(
     manifest: Manifest, live: VersionInfo | None, compare: bool, rules: DriftRules
-) -> tuple[list[OutputDrift], Path]:
+) -> tuple[list[OutputDrift], Samples]:
     """Per output shared with ``live`` (when ``compare``), the gate's verdict; and the
-    plot of both distributions (the run's alone when not compared)."""
+    samples the plot of both distributions is drawn from (the run's alone when not
+    compared)."""
     from scoring.drift import judge, read_samples
-    from scoring.reports import plot_distributions
 
     key = manifest.params.key_column
     samples = read_samples(
@@ -108,13 +130,38 @@ def _judge_outputs(
         for o in manifest.model.outputs
         if compare and o in samples.live
     ]
-    plot = plot_distributions(
-        samples.new,
-        samples.live,
-        local_folder(manifest, "reports") / "distributions.png",
-        f"{manifest.namespace}: live v{live.version if live else '-'} vs run {manifest.run_id}",
-    )
-    return results, plot
+    return results, samples
+
+
+def _write_plot_job(
+    plot: Path, title: str, new: dict[str, np.ndarray], live: dict[str, np.ndarray]
+) -> Path:
+    """The samples a plot is drawn from, beside the PNG to be (``plot_left`` draws it):
+    one ``.npz`` of plain arrays, the PNG's path and title among them as text."""
+    import numpy as np
+
+    job = plot.with_name(PLOT_JOB)
+    job.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"png": np.array(str(plot)), "title": np.array(title)}
+    arrays |= {f"new:{name}": values for name, values in new.items()}
+    arrays |= {f"live:{name}": values for name, values in live.items()}
+    temporary = job.with_name(f".{job.name}.tmp.npz")
+    np.savez(temporary, allow_pickle=False, **arrays)
+    temporary.replace(job)  # a job that exists is complete
+    return job
+
+
+def plot_left(step: dict[str, Any]) -> Path:
+    """Draw the plot that the drift step left (``plot_job`` in its record: the DAG's
+    ``reports`` task, ``jobs.data_docs.build_left``); its path."""
+    import numpy as np
+
+    from scoring.reports import plot_distributions
+
+    with np.load(step["plot_job"], allow_pickle=False) as job:
+        new = {k.split(":", 1)[1]: job[k] for k in job.files if k.startswith("new:")}
+        live = {k.split(":", 1)[1]: job[k] for k in job.files if k.startswith("live:")}
+        return plot_distributions(new, live, Path(str(job["png"])), str(job["title"]))
 
 
 def run_reports(run_dir: str | Path) -> dict[str, str]:

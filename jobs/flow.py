@@ -166,16 +166,17 @@ def validate_and_gate(
     passing run's Data Docs are built by a process of their own meanwhile
     (``jobs.data_docs``), waited for before this returns, or with ``wait_for_docs``
     off, by the caller's ``jobs.data_docs.finish`` (``run_flow``'s, after the export).
-    With ``docs_later`` (the DAG's validate task), the DAG's data_docs task builds them
-    (``jobs.data_docs.build_left``) beside the export; if the drift gate then blocks the
-    run, no task follows, so they are built here before the error is raised.
+    With ``docs_later`` (the DAG's validate task), the DAG's reports task builds them
+    (``jobs.data_docs.build_left``) beside the export, and draws the drift gate's plot;
+    if the drift gate then blocks the run, no task follows, so they are built here
+    before the error is raised (and the plot drawn, which the error names).
     """
 
     def validate_then_gate() -> GateResult:
         try:
             return _validate_and_gate(run_dir, settings, docs_later)
         except BaseException:
-            if docs_later:  # no data_docs task follows to build them; finish waits below
+            if docs_later:  # no reports task follows to build them; finish waits below
                 data_docs.build_later(run_dir, by="validate step")
             raise
         finally:
@@ -201,8 +202,10 @@ def _validate_and_gate(
         log.info("shadow run: no drift gate; the export step compares it with the live version")
         return _gate(manifest.run_dir, validated["rows"])
     # The drift gate runs in the validate task so the DAG's task list stays the public
-    # one; it is its own step (drift_gate.check_drift) with its own manifest record.
-    gate = check_drift(run_dir, settings)
+    # one; it is its own step (drift_gate.check_drift) with its own manifest record. Its
+    # plot goes with the Data Docs where they were left to the reports task.
+    left = load_manifest(run_dir).steps["validate"].get("docs_built_on") == data_docs.LATER
+    gate = check_drift(run_dir, settings, plot_later=left)
     for name, path in run_reports(run_dir).items():
         log.info("report %s: file://%s", name, path)
     return _gate(manifest.run_dir, validated["rows"], gate["passed"], gate["overridden"])

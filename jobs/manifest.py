@@ -21,12 +21,12 @@ from batchscore.core.urls import public_url, split_password
 from jobs.errors import RunError
 
 MANIFEST = "manifest.json"
-# A passing run's Data Docs left by the DAG's validate task to its data_docs task
-# (``jobs.data_docs``): the validate step's ``docs_built_on`` until they are built. That
-# task records them beside the step's job for them (``docs_job``), not in the manifest
-# (see ``_read_docs_record``); the run's end in MLflow marks itself there too, so that
-# one of the two logs the pages (``jobs.tracking``).
-DOCS_LATER = "data_docs task"
+# A passing run's reports (GX Data Docs, the drift plot) left by the DAG's validate task to
+# its reports task (``jobs.data_docs``): the validate step's ``docs_built_on`` until they
+# are built. That task records them beside the step's job (``docs_job``), not in the
+# manifest (see ``_read_docs_record``); the run's end in MLflow marks itself there too, so
+# that one of the two logs them (``jobs.tracking``).
+DOCS_LATER = "reports task"
 DOCS_RECORD = "docs-record.json"
 DOCS_RUN_ENDED = "docs-run-ended"
 
@@ -330,13 +330,14 @@ def load_manifest(run_dir: str | Path) -> Manifest:
 
 
 def _read_docs_record(manifest: Manifest) -> None:
-    """Merge the DAG's data_docs task's record into the validate step, where every
-    reader looks for it (``docs_built_on``, ``docs_seconds``, ``docs_error``; a failed
-    build drops the report). That task runs beside the export task, and both rewriting
-    this one document would lose one of their updates, so it writes its record to a file
-    of its own beside the Data Docs job (a run folder on this host: a run folder on an
-    object store has its Data Docs built by the validate step). Only a step that left a
-    job has one to look for."""
+    """Merge the DAG's reports task's record into the steps whose reports it made, where
+    every reader looks for it (the validate step's ``docs_built_on``, ``docs_seconds``,
+    ``docs_error``; the drift step's ``plot_seconds``, ``plot_error``; a report that failed
+    is dropped). That task runs beside the export task, and both rewriting this one
+    document would lose one of their updates, so it writes its record to a file of its
+    own beside the Data Docs job (a run folder on this host: a run folder on an object
+    store has its reports made by the validate step). Only a step that left a job has
+    one to look for."""
     step = manifest.steps.get("validate")
     job = step.get("docs_job") if step else None
     if not job:
@@ -345,7 +346,11 @@ def _read_docs_record(manifest: Manifest) -> None:
         record = json.loads(Path(job).with_name(DOCS_RECORD).read_text())
     except FileNotFoundError:
         return
-    assert step is not None
-    step.update(record)
-    if "docs_error" in record:
+    if not all(isinstance(fields, dict) for fields in record.values()):
+        record = {"validate": record}  # its first form: the Data Docs' fields alone
+    for name, fields in record.items():
+        manifest.steps.setdefault(name, {}).update(fields)
+    if "docs_error" in record.get("validate", {}):
         manifest.reports.pop("data_docs", None)
+    if "plot_error" in record.get("drift", {}):
+        manifest.reports.pop("distributions_png", None)

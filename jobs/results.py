@@ -61,10 +61,10 @@ class DriftResult(TypedDict):
 
 
 @final
-class DocsBuilt(TypedDict):
-    """The DAG's data_docs task's result (``jobs.data_docs.build_left``): the run's Data
-    Docs index (None when they were not built, ``docs_error`` says why), where and how
-    long they took."""
+class ReportsBuilt(TypedDict):
+    """The DAG's reports task's result (``jobs.data_docs.build_left``): the run's Data
+    Docs index and drift plot (None when one was not made: ``docs_error`` or
+    ``plot_error`` says why; no plot when the gate drew it), where and how long."""
 
     run_dir: str
     index: str | None
@@ -72,9 +72,11 @@ class DocsBuilt(TypedDict):
     docs_seconds: float
     docs_waited_seconds: float
     docs_error: NotRequired[str]
+    plot: str | None
+    plot_seconds: NotRequired[float]
+    plot_error: NotRequired[str]
 
 
-@final
 class GateResult(TypedDict):
     """The validate task's result: the GX suite, then the drift gate (``jobs.flow``).
 

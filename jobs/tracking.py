@@ -395,23 +395,21 @@ def _log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -
         client.log_batch(run_id, metrics=batch[first : first + 1000])
 
 
-def log_data_docs(run_dir: str | Path, settings: RunSettings | None = None) -> None:
-    """Log the run's Data Docs to its MLflow run: the DAG's data_docs task, when the run
-    ended before the pages were there (``jobs.data_docs.build_left``)."""
+def log_left_reports(run_dir: str | Path, settings: RunSettings | None = None) -> None:
+    """Log the run's Data Docs and drift plot to its MLflow run: the DAG's reports task,
+    when the run ended before they were there (``jobs.data_docs.build_left``)."""
     manifest = load_manifest(run_dir)
-    index = manifest.reports.get("data_docs")
-    if manifest.mlflow_run_id is None or not index or not Path(index).is_file():
+    if manifest.mlflow_run_id is None:
         return
-    with _recording(manifest, "its Data Docs"):
+    with _recording(manifest, "its reports"):
         client = _client(settings or load_run_settings())
-        client.log_artifacts(
-            manifest.mlflow_run_id, str(Path(index).parent), artifact_path="data_docs"
-        )
+        others = set(manifest.reports) - {"data_docs", "distributions_png"}  # logged at the end
+        _log_reports(client, manifest.mlflow_run_id, manifest, skip=others)
 
 
 def _log_artifacts(client: MlflowClient, run_id: str, manifest: Manifest) -> None:
     """The manifest, and each report (Data Docs' folder, plots, the shadow comparison).
-    Data Docs that the DAG's data_docs task is still building are its to log."""
+    The reports that the DAG's reports task is still making are its to log."""
     if storage.is_remote(manifest.run_dir):  # a run folder on an object store: a local copy
         with tempfile.TemporaryDirectory() as folder:
             copy = Path(folder) / MANIFEST
@@ -419,22 +417,38 @@ def _log_artifacts(client: MlflowClient, run_id: str, manifest: Manifest) -> Non
             client.log_artifact(run_id, str(copy))
     else:
         client.log_artifact(run_id, str(manifest.path))
+    # Asked first, whatever is there: it marks the run's end.
+    if not _left_to_task(manifest.steps.get("validate")):
+        _log_reports(client, run_id, manifest)
+    else:  # the reports task logs what it makes; the others are logged here
+        left = {"data_docs"} | ({"distributions_png"} if _plot_left(manifest) else set())
+        _log_reports(client, run_id, manifest, skip=left)
+
+
+def _log_reports(
+    client: MlflowClient, run_id: str, manifest: Manifest, skip: set[str] | None = None
+) -> None:
+    """Each report that is there: Data Docs' folder, plots, the shadow comparison."""
     for name, path in manifest.reports.items():
         report = Path(path)
+        if name in (skip or set()) or not report.is_file():
+            continue
         if name == "data_docs":
-            # Asked first, whether the index is there or not: it marks the run's end.
-            left = _docs_left_to_task(manifest.steps.get("validate"))
-            if not left and report.is_file():
-                client.log_artifacts(run_id, str(report.parent), artifact_path="data_docs")
-        elif report.is_file():
+            client.log_artifacts(run_id, str(report.parent), artifact_path="data_docs")
+        else:
             client.log_artifact(run_id, str(report), artifact_path="reports")
 
 
-def _docs_left_to_task(step: dict[str, Any] | None) -> bool:
-    """Whether the Data Docs are still the DAG's data_docs task's to build, which then
+def _plot_left(manifest: Manifest) -> bool:
+    """Whether the drift step left its plot to the reports task (``plot_job``)."""
+    return bool((manifest.steps.get("drift") or {}).get("plot_job"))
+
+
+def _left_to_task(step: dict[str, Any] | None) -> bool:
+    """Whether the run's reports are still the DAG's reports task's to make, which then
     logs them itself (``jobs.data_docs.build_left``). Marks the run's end first, then
     looks for the task's record: each of the two writes its file and then looks for the
-    other's, so of two that pass each other one at least logs the pages. ``step`` is the
+    other's, so of two that pass each other one at least logs them. ``step`` is the
     validate step's record."""
     job = (step or {}).get("docs_job")
     if not job or not str((step or {}).get("docs_built_on", "")).startswith(DOCS_LATER):

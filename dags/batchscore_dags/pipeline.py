@@ -1,8 +1,8 @@
 """The scoring pipeline as a DAG, built by one function for the ad-hoc DAG and every job.
 
 resolve → plan → score → validate (GX suite, then the drift gate) → export → publish, and
-beside export and publish, data_docs (the validate step's GX Data Docs, built off the
-run's critical path: ``jobs.data_docs``); a shadow run skips the drift gate, writes its
+beside export and publish, reports (the validate step's GX Data Docs and the drift plot,
+made off the run's critical path: ``jobs.data_docs``); a shadow run skips the drift gate, writes its
 comparison with the live version after its export, and skips publish. Those rules live
 in ``jobs.flow``, which ``batchscore run`` runs too: each task is one call into it (or
 into ``jobs.steps``, ``jobs.data_docs``), and this module only translates (a skipped step
@@ -80,11 +80,11 @@ if TYPE_CHECKING:
 
     from jobs.results import (
         CanarySettled,
-        DocsBuilt,
         ExportResult,
         GateResult,
         PlanResult,
         PublishResult,
+        ReportsBuilt,
         ScoreResult,
         StartedRun,
     )
@@ -388,18 +388,19 @@ def _wire_tasks(
     def validate(scored: ScoreResult) -> GateResult:
         from jobs import flow
 
-        # A passing run's Data Docs are built by the data_docs task (docs_later), beside
-        # the export and the publish, rather than this task waiting seconds for GX.
+        # A passing run's Data Docs and drift plot are made by the reports task
+        # (docs_later), beside the export and the publish, rather than this task waiting
+        # seconds for GX and matplotlib.
         return flow.validate_and_gate(scored["run_dir"], docs_later=True)
 
     @task(multiple_outputs=True, **limits("export"))
     def export(validated: GateResult) -> ExportResult:
         return export_run(validated["run_dir"])
 
-    # Part of the validate step (its pages), so under its timeout.
+    # Part of the validate step (its reports), so under its timeout.
     @task(multiple_outputs=True, **limits("validate"))
-    def data_docs(validated: GateResult) -> DocsBuilt:
-        return docs_run(validated["run_dir"])
+    def reports(validated: GateResult) -> ReportsBuilt:
+        return reports_run(validated["run_dir"])
 
     @task(outlets=[PUBLISHED], multiple_outputs=True, **limits("publish"))
     def publish(exported: ExportResult) -> PublishResult:
@@ -408,7 +409,7 @@ def _wire_tasks(
     # Each task receives the upstream task's XCom value; here the calls wire XComArgs.
     validated = validate(score(plan(resolve())))  # type: ignore[arg-type]
     published = publish(export(validated))  # type: ignore[arg-type]
-    data_docs(validated)  # type: ignore[arg-type]
+    reports(validated)  # type: ignore[arg-type]
     if canary is not None:
         _wire_canary(published, canary, limits("publish"))
 
@@ -477,18 +478,18 @@ def export_run(run_dir: str) -> ExportResult:
     return result
 
 
-def docs_run(run_dir: str) -> DocsBuilt:
-    """``jobs.data_docs.build_left``: the Data Docs the validate task left for this task;
-    none left (the validate task built them) skips it. A build that failed is a warning
-    in the log and ``docs_error`` in the result, not a failed task: the verdict stands,
-    and the version is published either way."""
+def reports_run(run_dir: str) -> ReportsBuilt:
+    """``jobs.data_docs.build_left``: the Data Docs and the drift plot the validate task
+    left for this task; none left (the validate task made them) skips it. A report that
+    failed is a warning in the log and ``docs_error`` or ``plot_error`` in the result,
+    not a failed task: the verdict stands, and the version is published either way."""
     from airflow.sdk.exceptions import AirflowSkipException
 
     from jobs import data_docs
 
     built = data_docs.build_left(run_dir)
     if built is None:
-        raise AirflowSkipException("no Data Docs left to build: the validate task built them")
+        raise AirflowSkipException("no reports left to make: the validate task made them")
     return built
 
 

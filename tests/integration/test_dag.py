@@ -68,7 +68,7 @@ def test_dagbag_has_no_import_errors(airflow_home: Path) -> None:
         "validate",
         "export",
         "publish",
-        "data_docs",
+        "reports",
     ]
     assert {
         "input_path",
@@ -134,13 +134,16 @@ def test_airflow_dags_test_runs_the_pipeline(
     assert live is not None and live.run_id.startswith("batchscore__20")
     assert live.model_version == "1" and live.key_count == 12_000
     assert store.get_many("dagged", live, [b"1000000"])[0] is not None
-    # The validate task left the Data Docs to the data_docs task, which built them.
+    # The validate task left the Data Docs and the drift plot to the reports task.
     (ran,) = (Path(env["BATCHSCORE_HOME"]) / "runs" / "dagged").glob("*/manifest.json")
     manifest = load_manifest(ran.parent)
     validate = manifest.steps["validate"]
-    assert validate["docs_built_on"].startswith("data_docs task, process "), validate
+    assert validate["docs_built_on"].startswith("reports task, process "), validate
     assert validate["docs_seconds"] > 0 and "docs_error" not in validate
     assert Path(manifest.reports["data_docs"]).is_file()
+    drift = manifest.steps["drift"]
+    assert drift["plot_job"] and drift["plot_seconds"] > 0 and "plot_error" not in drift
+    assert Path(manifest.reports["distributions_png"]).is_file()
 
     dry = dags_test(airflow_home, env, conf | {"namespace": "dry", "dry_run": True})
     assert dry.returncode == 0, (dry.stdout + dry.stderr)[-5000:]
@@ -148,8 +151,8 @@ def test_airflow_dags_test_runs_the_pipeline(
     manifests = list((Path(env["BATCHSCORE_HOME"]) / "runs" / "dry").glob("*/manifest.json"))
     steps = load_manifest(manifests[0].parent).steps
     assert steps["validate"]["success"] is True and steps["export"]["skipped"] == "dry run"
-    # A dry run's export is skipped; the data_docs task still builds the Data Docs.
-    assert steps["validate"]["docs_built_on"].startswith("data_docs task, process ")
+    # A dry run's export is skipped; the reports task still builds the Data Docs.
+    assert steps["validate"]["docs_built_on"].startswith("reports task, process ")
     assert "docs_error" not in steps["validate"]
 
 

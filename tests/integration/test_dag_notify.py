@@ -284,5 +284,5 @@ def test_the_stored_dag_keeps_each_steps_timeout_and_its_failure_callbacks(runs:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     tasks = json.loads(done.stdout.strip().splitlines()[-1])
-    steps = ("resolve", "plan", "score", "validate", "export", "publish", "data_docs")
+    steps = ("resolve", "plan", "score", "validate", "export", "publish", "reports")
     assert tasks == {step: [3 if step == "score" else None, True] for step in steps}

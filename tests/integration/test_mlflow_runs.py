@@ -92,7 +92,7 @@ def test_a_published_run_is_a_finished_mlflow_run(
 
 def dag_like_run(dataset: Path, namespace: str) -> str:
     """resolve → plan → score → validate as the DAG's tasks call them: the validate task
-    leaves the Data Docs to the data_docs task."""
+    leaves the Data Docs and the drift plot to the reports task."""
     settings = load_settings(RunSettings)
     params = steps.make_params(
         settings,
@@ -113,9 +113,9 @@ def dag_like_run(dataset: Path, namespace: str) -> str:
 def test_the_data_docs_task_s_pages_reach_the_mlflow_run_whichever_ends_first(
     env: dict[str, str], registry: Registry, dataset: Path, docs_first: bool
 ) -> None:
-    """The DAG's data_docs task runs beside export and publish: its pages are logged by
-    the publish task's end of the MLflow run when they are there, else by the data_docs
-    task when it has built them."""
+    """The DAG's reports task runs beside export and publish: its pages and plot are
+    logged by the publish task's end of the MLflow run when they are there, else by the
+    reports task when it has made them."""
     from jobs import data_docs
 
     run_dir = dag_like_run(dataset, f"docs-{'first' if docs_first else 'last'}")
@@ -126,13 +126,15 @@ def test_the_data_docs_task_s_pages_reach_the_mlflow_run_whichever_ends_first(
     run_id = mlflow_run(registry.tracking_uri, manifest).info.run_id
     logged = artifacts(registry.tracking_uri, run_id)
     assert "manifest.json" in logged and ("data_docs" in logged) == docs_first
+    assert ("reports" in logged) == docs_first  # the drift plot, the only report here
     if not docs_first:
         assert data_docs.build_left(run_dir) is not None
     found = mlflow_run(registry.tracking_uri, load_manifest(run_dir))
     assert found.info.status == "FINISHED"
     assert "data_docs/index.html" in artifacts(registry.tracking_uri, run_id, "data_docs")
+    assert "reports/distributions.png" in artifacts(registry.tracking_uri, run_id, "reports")
     step = load_manifest(run_dir).steps["validate"]
-    assert step["docs_built_on"].startswith("data_docs task, process ") and "docs_error" not in step
+    assert step["docs_built_on"].startswith("reports task, process ") and "docs_error" not in step
 
 
 def test_a_failed_run_is_a_failed_mlflow_run_with_its_error(

@@ -253,9 +253,9 @@ def test_a_hard_shift_is_blocked_and_force_publishes_it(
 def test_a_dag_run_blocked_by_the_drift_gate_still_gets_its_data_docs(
     env: dict[str, str], dataset: Path, variants: dict[str, str]
 ) -> None:
-    """The DAG's validate task leaves a passing verdict's Data Docs to the data_docs task;
+    """The DAG's validate task leaves a passing verdict's Data Docs to the reports task;
     when its drift gate then blocks the run, no task follows, so it builds them itself
-    before it fails."""
+    before it fails, and draws the drift plot its error names."""
     from jobs import data_docs, flow
 
     run(dataset, "models:/churn/1", namespace="drift-docs")
@@ -278,3 +278,5 @@ def test_a_dag_run_blocked_by_the_drift_gate_still_gets_its_data_docs(
     assert step["docs_seconds"] > 0 and "docs_error" not in step
     assert Path(blocked.reports["data_docs"]).is_file() and run_dir not in data_docs._builds
     assert blocked.drift is not None and not blocked.drift["passed"] and not blocked.published
+    assert Path(blocked.reports["distributions_png"]).is_file()
+    assert "plot_job" not in blocked.steps["drift"]

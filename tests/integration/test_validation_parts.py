@@ -214,13 +214,14 @@ def test_data_docs_that_fail_to_build_leave_the_verdict_and_the_run_alone(
     assert flow.publish_run(manifest.run_dir)["version"] == 1
 
 
-def test_the_dag_validate_task_leaves_its_data_docs_to_the_data_docs_task(
+def test_the_dag_validate_task_leaves_its_reports_to_the_reports_task(
     one_file_per_shard: None, tmp_path: Path
 ) -> None:
-    """The DAG's validate task writes the Data Docs job and starts nothing (``docs_later``);
-    the data_docs task builds them beside the export (``build_left``) and records that in
-    a file of its own, which every reader of the manifest sees in the validate step, while
-    the manifest itself is the export's to write. A run published earlier builds nothing."""
+    """The DAG's validate task writes the Data Docs job and starts nothing (``docs_later``),
+    and its drift gate leaves the samples of its plot; the reports task makes both beside
+    the export (``build_left``) and records that in a file of its own, which every reader
+    of the manifest sees in the validate and drift steps, while the manifest itself is the
+    export's to write. A run published earlier makes nothing."""
     from jobs import data_docs
     from jobs.manifest import DOCS_RECORD
 
@@ -234,6 +235,8 @@ def test_the_dag_validate_task_leaves_its_data_docs_to_the_data_docs_task(
     assert step["docs_built_on"] == data_docs.LATER and Path(step["docs_job"]).is_file()
     index = Path(validated.reports["data_docs"])
     assert not index.exists(), "built by the validate task after all"
+    plot = Path(validated.reports["distributions_png"])
+    assert not plot.exists() and Path(validated.steps["drift"]["plot_job"]).is_file()
 
     flow.export_and_compare(manifest.run_dir)
     assert not index.exists(), "the export built or waited for them"
@@ -241,12 +244,15 @@ def test_the_dag_validate_task_leaves_its_data_docs_to_the_data_docs_task(
     built = data_docs.build_left(manifest.run_dir)
     assert built is not None and built["index"] == str(index) and "docs_error" not in built
     assert index.is_file() and next(index.parent.glob("validations/**/all-parts.html"))
-    assert Path(validated.path).read_bytes() == written, "the data_docs task wrote the manifest"
+    assert built["plot"] == str(plot) and plot.is_file() and "plot_error" not in built
+    assert Path(validated.path).read_bytes() == written, "the reports task wrote the manifest"
     assert (Path(step["docs_job"]).parent / DOCS_RECORD).is_file()
     step = load_manifest(manifest.run_dir).steps["validate"]
     assert step["docs_built_on"] == f"{data_docs.LATER}, process {os.getpid()}"
     assert step["docs_seconds"] > 0 and step["docs_waited_seconds"] == 0.0
     assert "docs_error" not in step
+    drift = load_manifest(manifest.run_dir).steps["drift"]
+    assert drift["plot_seconds"] > 0 and "plot_error" not in drift
     assert data_docs.build_left(manifest.run_dir) is None, "built twice"
     # A validate task run again (a clear) leaves a new job: the earlier record goes.
     flow.validate_and_gate(manifest.run_dir, docs_later=True)
@@ -261,7 +267,7 @@ def test_the_dag_validate_task_leaves_its_data_docs_to_the_data_docs_task(
     assert not data_docs.on_cluster("local", manifest.run_dir)
 
 
-def test_a_data_docs_task_whose_build_fails_records_why_and_the_run_goes_on(
+def test_a_reports_task_whose_reports_fail_records_why_and_the_run_goes_on(
     one_file_per_shard: None, tmp_path: Path
 ) -> None:
     from jobs import data_docs
@@ -271,11 +277,15 @@ def test_a_data_docs_task_whose_build_fails_records_why_and_the_run_goes_on(
     flow.validate_and_gate(manifest.run_dir, docs_later=True)
     job = Path(load_manifest(manifest.run_dir).steps["validate"]["docs_job"])
     job.write_text(json.dumps({"docs_dir": str(job.parent.parent / "data_docs")}))
+    Path(load_manifest(manifest.run_dir).steps["drift"]["plot_job"]).write_bytes(b"not a zip")
     built = data_docs.build_left(manifest.run_dir)
-    assert built is not None and built["index"] is None
+    assert built is not None and built["index"] is None and built["plot"] is None
     assert built["docs_error"].startswith("KeyError: ")
+    assert built["plot_error"].startswith("ValueError: ")  # numpy refuses what is no .npz
     checked = load_manifest(manifest.run_dir)
     assert checked.steps["validate"]["docs_error"] == built["docs_error"]
+    assert checked.steps["drift"]["plot_error"] == built["plot_error"]
     assert checked.steps["validate"]["success"] and "data_docs" not in checked.reports
+    assert "distributions_png" not in checked.reports
     flow.export_and_compare(manifest.run_dir)
     assert flow.publish_run(manifest.run_dir)["version"] == 1

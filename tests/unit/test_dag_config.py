@@ -117,16 +117,17 @@ def test_a_step_without_a_timeout_has_none(
     }
 
 
-def test_the_data_docs_task_runs_beside_export_and_publish_under_the_validate_timeout(
+def test_the_reports_task_runs_beside_export_and_publish_under_the_validate_timeout(
     dag_modules: dict[str, ModuleType], tmp_path: Path
 ) -> None:
-    """The validate step's Data Docs are a task of their own, after validate and beside
-    export → publish (nothing waits for them), under the validate step's timeout."""
+    """The validate step's reports (Data Docs, drift plot) are a task of their own, after
+    validate and beside export → publish (nothing waits for them), under the validate
+    step's timeout."""
     config, pipeline = dag_modules["config"], dag_modules["pipeline"]
     write(tmp_path, "daily.yaml", GOOD)
     (job,) = config.load_jobs(tmp_path).jobs
     dag = pipeline.build_dag(pipeline.job_spec(job))
-    docs = dag.get_task("data_docs")
+    docs = dag.get_task("reports")
     assert docs.upstream_task_ids == {"validate"} and docs.downstream_task_ids == set()
     assert dag.get_task("export").upstream_task_ids == {"validate"}
     assert dag.get_task("publish").upstream_task_ids == {"export"}
@@ -527,7 +528,7 @@ def test_parsing_the_dags_folder_imports_nothing_heavy(
         "validate",
         "export",
         "publish",
-        "data_docs",
+        "reports",
     ]
     assert daily["pools"] == ["score"]
     assert daily["params"] == {
@@ -566,7 +567,7 @@ def test_parsing_the_dags_folder_imports_nothing_heavy(
         "validate": 20 * 60.0,
         "export": 2 * hour,
         "publish": 2 * hour,
-        "data_docs": 20 * 60.0,  # the validate step's pages: its timeout
+        "reports": 20 * 60.0,  # the validate step's reports: its timeout
     }
 
     chained = parsed["dags"]["score_chained"]
