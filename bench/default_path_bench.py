@@ -53,7 +53,7 @@ BIN = Path(sys.executable).parent
 MODEL = "mlp-64-256-256-1"
 STEPS = ("resolve", "plan", "score", "validate", "drift", "export", "publish")
 # DAG tasks that run beside the chain resolve → … → publish, not on it
-BESIDE_THE_CHAIN = ("data_docs",)
+BESIDE_THE_CHAIN = ("reports",)
 TITLE = "Default path at every size (make bench-score)"
 
 LOOP = """
