@@ -346,8 +346,6 @@ def _read_docs_record(manifest: Manifest) -> None:
         record = json.loads(Path(job).with_name(DOCS_RECORD).read_text())
     except FileNotFoundError:
         return
-    if not all(isinstance(fields, dict) for fields in record.values()):
-        record = {"validate": record}  # its first form: the Data Docs' fields alone
     for name, fields in record.items():
         manifest.steps.setdefault(name, {}).update(fields)
     if "docs_error" in record.get("validate", {}):
