@@ -576,8 +576,8 @@ def gpu_bench(args: argparse.Namespace) -> None:
 
     from scoring.engine import ScoreJob, dask_client, run_shards
     from scoring.inputs import inspect_input
-    from scoring.model import read_model_spec
     from scoring.shards import plan_shards
+    from scoring.spec import read_model_spec
 
     cache = Path(args.cache)
     folder = dataset(cache, args.rows)

@@ -51,8 +51,8 @@ from jobs.results import PlanResult, RunRef, ScoreResult, ValidateResult
 if TYPE_CHECKING:
     from registry.mlflow_registry import MlflowRegistry, ModelPin
     from scoring.engine import ScoreJob, ShardResult
-    from scoring.model import ModelSpec
     from scoring.shards import Shard
+    from scoring.spec import ModelSpec
     from scoring.validation import PartChecks, PartReport, PartTarget
 
 __all__ = [
@@ -170,7 +170,7 @@ def _derived_run_id(params: RunParams, model_uri: str, *, shadow: bool) -> str:
 
 def _resume(run_dir: str, params: RunParams, settings: RunSettings) -> RunRef:
     """A run folder that exists keeps its model pin; the parameters of now apply."""
-    from scoring.model import check_trusted
+    from scoring.spec import check_trusted
 
     manifest = load_manifest(run_dir)
     # A retry re-enters here: the trust setting of now decides, not that of the first try.
@@ -310,7 +310,7 @@ def score(
     scores only what is missing.
     """
     from scoring.engine import existing_result
-    from scoring.model import read_model_spec
+    from scoring.spec import read_model_spec
 
     manifest = load_manifest(run_dir)
     if manifest.input is None:
@@ -608,7 +608,7 @@ def _check_parts_on_cluster(
 def _model_spec(
     model_dir: Path, params: RunParams, uri: str, allow_pickle: bool | None
 ) -> ModelSpec:
-    from scoring.model import check_loadable, read_model_spec
+    from scoring.spec import check_loadable, read_model_spec
 
     spec = read_model_spec(model_dir, tuple(params.features) if params.features else None)
     check_loadable(spec, uri, allow_pickle)
@@ -621,7 +621,7 @@ def _feature_types(manifest: Manifest) -> dict[str, str]:
     that a DAG's plan task otherwise does without)."""
     if manifest.model.feature_types is not None:
         return manifest.model.feature_types
-    from scoring.model import read_model_spec
+    from scoring.spec import read_model_spec
 
     model = manifest.model
     return read_model_spec(Path(model.local_dir), tuple(model.features)).feature_types

@@ -44,9 +44,10 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from batchscore.core import storage
 from batchscore.core.durable import sync
 from scoring.errors import ShardFailed
-from scoring.model import ModelSpec, Predictor, pick_device
+from scoring.model import Predictor, pick_device
 from scoring.reader import prefetch, read_row_groups
 from scoring.shards import Shard
+from scoring.spec import ModelSpec
 
 if TYPE_CHECKING:
     from scoring.validation.suite import PartChecks

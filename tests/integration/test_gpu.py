@@ -15,9 +15,10 @@ from batchscore.samples import feature_names
 from scoring.engine import ScoreJob, dask_client, resolve_cluster, run_shards
 from scoring.errors import ShardFailed
 from scoring.inputs import inspect_input
-from scoring.model import Predictor, read_model_spec
+from scoring.model import Predictor
 from scoring.reference import MLP
 from scoring.shards import plan_shards
+from scoring.spec import read_model_spec
 
 pytestmark = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")

@@ -218,7 +218,7 @@ def test_a_run_resolved_while_pickles_were_allowed_is_refused_after(
 def test_batchscore_setting_overrides_mlflow_switch_both_ways(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from scoring.model import pickle_allowed
+    from scoring.spec import pickle_allowed
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     assert load_settings(RunSettings).allow_pickle is None

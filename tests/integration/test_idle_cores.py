@@ -11,8 +11,8 @@ import pytest
 
 from scoring.engine import ScoreJob, dask_client, run_shards
 from scoring.inputs import inspect_input
-from scoring.model import read_model_spec
 from scoring.shards import plan_shards
+from scoring.spec import read_model_spec
 from tests.conftest import KEY, N_FEATURES
 from tests.integration.test_scoring_failures import write_input
 

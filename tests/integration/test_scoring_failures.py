@@ -29,8 +29,8 @@ from scoring.engine import (
 )
 from scoring.errors import ShardFailed
 from scoring.inputs import inspect_input
-from scoring.model import read_model_spec
 from scoring.shards import plan_shards
+from scoring.spec import read_model_spec
 from tests.conftest import KEY, N_FEATURES
 from tests.slow_model import SlowMLP
 

@@ -3,8 +3,9 @@ it does not need (MLflow, torch: seconds each) is paid on every run.
 
 The steps run as the DAG's tasks call them (``jobs.flow``), each in a fresh Python
 process, on a real run (a real MLflow registry, Dask, the embedded store). Resolve
-needs MLflow (it pins the model), score needs torch (and MLflow to load the model), and
-publish records the run's end in MLflow; plan, validate and export need neither.
+needs MLflow (it pins the model) but not torch (it reads and checks the model's spec:
+``scoring.spec``), score needs torch (and MLflow to load the model), and publish records
+the run's end in MLflow; plan, validate and export need neither.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,10 +32,38 @@ print(json.dumps([m for m in sys.argv[3].split(",") if m in sys.modules]))
 """
 
 
+# The DAG's resolve task: jobs.flow.start_run with the run's parameters (resolve_run)
+RESOLVE = """
+import json, sys
+from batchscore.core.settings import RunSettings, load_settings
+from jobs import flow, steps
+settings = load_settings(RunSettings)
+params = steps.make_params(
+    settings, input_path=sys.argv[1], model_uri="models:/churn/1", key_column=sys.argv[2],
+    namespace=sys.argv[3],
+)
+started = flow.start_run(settings, params)
+print(json.dumps([started["run_dir"], [m for m in sys.argv[4].split(",") if m in sys.modules]]))
+"""
+
+
 def run_task(step: str, run_dir: str, env: dict[str, str]) -> list[str]:
     """Run ``jobs.flow.<step>`` in a fresh process; the heavy modules it imported."""
+    found: list[str] = run_python(TASK, [step, run_dir, ",".join(HEAVY)], env)
+    return found
+
+
+def resolve_task(dataset: Path, env: dict[str, str], namespace: str) -> tuple[str, list[str]]:
+    """Resolve as the DAG's resolve task does, in a fresh process: the run folder, and the
+    heavy modules it imported."""
+    run_dir, imported = run_python(RESOLVE, [str(dataset), KEY, namespace, ",".join(HEAVY)], env)
+    return str(run_dir), list(imported)
+
+
+def run_python(code: str, args: list[str], env: dict[str, str]) -> Any:
+    """``code`` in a fresh Python process; the JSON of the last line it printed."""
     done = subprocess.run(
-        [str(BIN / "python"), "-c", TASK, step, run_dir, ",".join(HEAVY)],
+        [str(BIN / "python"), "-c", code, *args],
         env=env,
         capture_output=True,
         text=True,
@@ -53,11 +83,15 @@ def resolve(dataset: Path, env: dict[str, str], namespace: str) -> str:
     return str(json.loads(started.stdout[started.stdout.index("{") :])["run_dir"])
 
 
-def test_the_plan_validate_and_export_tasks_import_neither_mlflow_nor_torch(
+def test_each_task_imports_only_the_heavy_modules_it_needs(
     env: dict[str, str], registry: Registry, dataset: Path
 ) -> None:
-    run_dir = resolve(dataset, env, "imports")
+    run_dir, resolved = resolve_task(dataset, env, "imports")
+    assert resolved == ["mlflow"]
     assert load_manifest(run_dir).model.feature_types, "resolve recorded no feature types"
+    # a retried resolve finds the run folder and checks the pinned model's trust again
+    again, retried = resolve_task(dataset, env, "imports")
+    assert again == run_dir and "torch" not in retried
 
     imported = {
         step: run_task(step, run_dir, env)

@@ -14,8 +14,9 @@ import torch
 
 from scoring.core import gather_rows, score_batch, score_gathered
 from scoring.errors import UnsupportedModel
-from scoring.model import Predictor, feature_matrix, read_model_spec
+from scoring.model import Predictor, feature_matrix
 from scoring.reference import MLP
+from scoring.spec import read_model_spec
 
 FEATURES = ("a", "b", "c")
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from scoring.engine import ModelPlugin
-from scoring.model import ModelSpec
+from scoring.spec import ModelSpec
 
 
 def plugin(threads: int, slots: int, device: str = "cpu") -> ModelPlugin:
