@@ -42,10 +42,14 @@ def _instant(stamp: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _later(stamp: str, seconds: int) -> str:
-    return (datetime.fromisoformat(stamp) + timedelta(seconds=seconds)).isoformat(
-        timespec="seconds"
-    )
+def _expiry(moment: datetime, seconds: int) -> str:
+    """``seconds`` after ``moment``, rounded up to a whole second: a version lives at least
+    its TTL. (Adding the TTL to the completion's stamp, which has whole seconds, cut up to
+    a second off it: a version with a 1 s TTL could expire before its publish.)"""
+    at = moment + timedelta(seconds=seconds)
+    if at.microsecond:
+        at = at.replace(microsecond=0) + timedelta(seconds=1)
+    return at.isoformat(timespec="seconds")
 
 
 class PartInfo(BaseModel):
@@ -317,9 +321,10 @@ class NamespaceState(BaseModel):
         info = state._require(namespace, version)
         info.state = "complete"
         info.key_count = key_count
-        info.completed_at = utcnow()
+        now = datetime.now(UTC)
+        info.completed_at = now.isoformat(timespec="seconds")
         if state.ttl_seconds:
-            info.expires_at = _later(info.completed_at, state.ttl_seconds)
+            info.expires_at = _expiry(now, state.ttl_seconds)
         return state
 
     def set_ttl(self, ttl_seconds: int | None) -> NamespaceState:

@@ -165,6 +165,15 @@ def new_version(run: str, keys: int, outputs: tuple[str, ...] = ("p",)) -> NewVe
     )
 
 
+def wait_past(stamp: str) -> None:
+    """Sleep until the ISO instant ``stamp`` (a version's ``expires_at``) has passed."""
+    import time
+    from datetime import UTC, datetime
+
+    left = (datetime.fromisoformat(stamp) - datetime.now(UTC)).total_seconds()
+    time.sleep(max(left, 0.0) + 0.05)
+
+
 def load_version(store: PredictionStore, run: str, values: np.ndarray, *, chunk: int = 1000) -> int:
     """A complete, unpublished version of namespace "ns": the keys "0".."n-1" hold the rows
     of ``values`` (one output "p"), written ``chunk`` keys at a time; its number."""

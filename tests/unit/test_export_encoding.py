@@ -112,10 +112,13 @@ def test_gc_finishes_an_interrupted_delete() -> None:
 def test_a_ttl_stamps_each_version_completed_after_it() -> None:
     state, before = loaded(NamespaceState(), "r1")
     state = state.set_ttl(60)
+    started = datetime.now(UTC)
     state, after = loaded(state, "r2")
     assert state.versions[before].expires_at is None
     info = state.versions[after]
     assert info.expires_at is not None and not info.expired()
+    # at least the whole TTL from its completion: the stamp's second is rounded up, not down
+    assert datetime.fromisoformat(info.expires_at) >= started + timedelta(seconds=60)
     assert info.expired(datetime.now(UTC) + timedelta(seconds=61))
     state, _ = state.publish("ns", before, keep=5)
     later = datetime.now(UTC) + timedelta(seconds=61)
