@@ -486,31 +486,31 @@ def verdicts(results: dict[str, Any]) -> str:
         speed = (size / limits[size]) / score
         if size >= 2_000_000:
             line(
-                f"score step ≥ 0.85× the serial limit at {size:,} rows ({speed:.2f}×)",
+                f"score step ≥ 0.85× the serial limit at {size:,} rows ({speed:.3f}×)",
                 speed >= 0.85,
             )
         faster = loop["work"] / score
-        line(f"score step faster than the plain loop at {size:,} rows ({faster:.2f}×)", faster > 1)
+        line(f"score step faster than the plain loop at {size:,} rows ({faster:.3f}×)", faster > 1)
         whole = cli["wall"] / loop["wall"]
         if size == 2_000_000:
             line(
-                f"whole run ≤ 1.5× the plain loop process at 2,000,000 rows ({whole:.2f}×)",
+                f"whole run ≤ 1.5× the plain loop process at 2,000,000 rows ({whole:.3f}×)",
                 whole <= 1.5,
             )
         if size == 20_000_000:
             line(
-                f"whole run ≤ 1.2× the plain loop process at 20,000,000 rows ({whole:.2f}×)",
+                f"whole run ≤ 1.2× the plain loop process at 20,000,000 rows ({whole:.3f}×)",
                 whole <= 1.2,
             )
         nochecks = best.get(f"nochecks-{size}")
         if size == 2_000_000 and nochecks:
             added = max(score - nochecks["steps"]["score"], 0.0)
             share = (added + cli["steps"]["validate"] + cli["docs_waited_seconds"]) / score
-            line(f"validation ≤ 0.2× the score step at 2,000,000 rows ({share:.2f}×)", share <= 0.2)
+            line(f"validation ≤ 0.2× the score step at 2,000,000 rows ({share:.3f}×)", share <= 0.2)
         dag, beside = best.get(f"dag-{size}"), best.get(f"cli-beside-dag-{size}")
         if size == 2_000_000 and dag and beside:
             dag_ratio = dag["wall"] / beside["wall"]
-            line(f"DAG ≤ 2× the CLI run at 2,000,000 rows ({dag_ratio:.2f}×)", dag_ratio <= 2)
+            line(f"DAG ≤ 2× the CLI run at 2,000,000 rows ({dag_ratio:.3f}×)", dag_ratio <= 2)
     return "\n".join(out)
 
 
