@@ -4,7 +4,7 @@ Rows are read from the parts in Arrow batches, turned into text keys and a
 float32 matrix without a Python call per row, gathered into writes of about
 ``FLUSH_ROWS`` rows (so a Redis bucket receives many fields per HSET), and
 written by ``store.parallel_writers`` threads at once (each Redis writer uses
-its own connection; LMDB has one writer). With a Dask client, each worker
+its own connection), or, for LMDB, in one write transaction. With a Dask client, each worker
 loads the parts it is given straight into the store (``export_parts_on_dask``).
 """
 
@@ -73,9 +73,16 @@ def load_parts(
     flush_rows: int = FLUSH_ROWS,
     writers: int | None = None,
 ) -> int:
-    """Write the rows of ``parts`` into ``info``'s version; return the number of rows."""
-    threads = max(1, writers or getattr(store, "parallel_writers", 1))
+    """Write the rows of ``parts`` into ``info``'s version; return the number of rows.
+
+    A store that loads a version in one transaction (``write_all``: LMDB) is given every
+    flush in this thread; the others get each flush as a write of its own, from
+    ``parallel_writers`` threads."""
     columns = [info.key_column, *info.outputs]
+    write_all = getattr(store, "write_all", None)
+    if write_all is not None:
+        return int(write_all(namespace, info, _flushes(parts, columns, info.outputs, flush_rows)))
+    threads = max(1, writers or getattr(store, "parallel_writers", 1))
     total = 0
     pending: list[Future[None]] = []
     with ThreadPoolExecutor(max_workers=threads) as pool:

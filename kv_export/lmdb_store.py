@@ -10,7 +10,7 @@ deleting a version is a range delete.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
@@ -154,11 +154,31 @@ class LmdbStore(StateBackedStore):
     def write_columns(
         self, namespace: str, info: VersionInfo, keys: pa.BinaryArray, values: np.ndarray
     ) -> None:
-        """One write transaction per call; full keys are built by Arrow, not per key."""
-        prefix = lmdb_version_prefix(namespace, info.version)
-        full = pc.binary_join_element_wise(prefix, keys, b"").to_pylist()
+        """One write transaction per call."""
         with self._env.begin(write=True, db=self._data_db) as txn:
-            txn.cursor().putmulti(zip(full, pack_values(values), strict=True))
+            _put(txn.cursor(), lmdb_version_prefix(namespace, info.version), keys, values)
+
+    def write_all(
+        self,
+        namespace: str,
+        info: VersionInfo,
+        flushes: Iterable[tuple[pa.BinaryArray, np.ndarray]],
+    ) -> int:
+        """A whole version's load (``kv_export.export.load_parts``) in one write
+        transaction; returns its rows. Its keys come from parts in any order, so each
+        transaction of a load made of many touched most of the B-tree's pages and copied
+        them again (copy-on-write): 20M keys of the bench's parts took 30.9 s and left a
+        2.5 GB file; in one transaction, each flush's keys put in byte order, 14.6 s and
+        0.95 GB. Other writers of the store wait for it meanwhile; readers never do. A load
+        that fails writes nothing."""
+        prefix = lmdb_version_prefix(namespace, info.version)
+        rows = 0
+        with self._env.begin(write=True, db=self._data_db) as txn:
+            cursor = txn.cursor()
+            for keys, values in flushes:
+                _put(cursor, prefix, keys, values)
+                rows += len(keys)
+        return rows
 
     def get_many(
         self, namespace: str, info: VersionInfo, keys: Sequence[bytes]
@@ -195,6 +215,15 @@ class LmdbStore(StateBackedStore):
 
     def close(self) -> None:
         """Environments are shared per process and closed at exit."""
+
+
+def _put(cursor: lmdb.Cursor, prefix: bytes, keys: pa.BinaryArray, values: np.ndarray) -> None:
+    """Put ``keys`` (under ``prefix``) and their values in the keys' byte order, the
+    B-tree's: each put lands on or next to the page of the one before. Full keys are
+    built by Arrow, not per key."""
+    order = pc.sort_indices(keys)
+    full = pc.binary_join_element_wise(prefix, keys.take(order), b"").to_pylist()
+    cursor.putmulti(zip(full, pack_values(values[order.to_numpy()]), strict=True))
 
 
 @lru_cache(maxsize=4096)
