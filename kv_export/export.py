@@ -4,8 +4,9 @@ Rows are read from the parts in Arrow batches, turned into text keys and a
 float32 matrix without a Python call per row, gathered into writes of about
 ``FLUSH_ROWS`` rows (so a Redis bucket receives many fields per HSET), and
 written by ``store.parallel_writers`` threads at once (each Redis writer uses
-its own connection), or, for LMDB, in one write transaction. With a Dask client, each worker
-loads the parts it is given straight into the store (``export_parts_on_dask``).
+its own connection), or, for LMDB, all in one write transaction. With a Dask
+client, each worker loads the parts it is given straight into the store
+(``export_parts_on_dask``).
 """
 
 from __future__ import annotations

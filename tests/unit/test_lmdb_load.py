@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kv_export.encoding import bucket_count, encode_keys, unpack_value
-from kv_export.export import export_parts
+from kv_export.export import export_parts, load_parts
 from kv_export.lmdb_store import LmdbStore
 from kv_export.state import NewVersion
 
@@ -47,8 +47,6 @@ def test_a_load_of_many_flushes_is_one_transaction_and_comes_back_whole(tmp_path
     parts = interleaved_parts(tmp_path / "parts")
     info = store.begin_version("ns", new("run-1"))
     before = store._env.info()["last_txnid"]
-    from kv_export.export import load_parts
-
     assert load_parts(store, "ns", info, parts, flush_rows=700) == ROWS  # 5 flushes
     assert store._env.info()["last_txnid"] == before + 1
     keys = list(range(ROWS))
